@@ -1,0 +1,123 @@
+"""The Broker interface: how pods share events, history and liveness, and its contract."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a channel's stream stands: the offset of its newest event within an epoch.
+
+    Offsets start at 1 and grow by exactly 1 per published event. The epoch changes
+    whenever the history is lost (an empty Redis, a restarted in-process broker), so
+    a position from another epoch cannot be resumed.
+    """
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One published event as the broker stores and delivers it."""
+
+    channel: str
+    offset: int
+    epoch: str
+    # The event as the publisher encoded it (UTF-8 JSON object); the broker never parses it.
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What `Broker.history` found after a position."""
+
+    # Events after the asked position, oldest first, with contiguous offsets.
+    envelopes: list[Envelope]
+    # The channel's newest position when the history was read.
+    position: Position
+    # False when the asked position is older than the retained window or from another
+    # epoch: the events in between are gone and the client must refetch its state.
+    recovered: bool
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take this call now (e.g. Redis is down); the caller may retry later."""
+
+
+MessageHandler = Callable[[Envelope], None]
+"""Called on the event loop for every live event of a subscribed channel; must not block."""
+
+ResubscribedHandler = Callable[[list[str]], None]
+"""Called after the broker lost and regained its subscriptions (e.g. Redis reconnect).
+
+Events published in between were not delivered live; the hub catches up from history.
+"""
+
+
+class Broker(abc.ABC):
+    """Moves events between publishers and the pods whose clients want them.
+
+    Contract, checked by tests/broker_contract.py against every implementation:
+    - `publish` assigns the next offset of the channel, appends the event to the
+      channel's bounded history and delivers it to every pod subscribed to the channel,
+      atomically: an event is in history if and only if it got an offset.
+    - Once `subscribe(channel)` has returned, every event published on that channel
+      afterwards reaches the message handler, in offset order, until `unsubscribe`.
+      Live delivery is at most once; gaps (after an outage) are healed from `history`.
+    - Interest is a set, not a count: the hub reference-counts local subscriptions and
+      calls `subscribe` for a channel's first and `unsubscribe` for its last.
+    - When the connection to the shared backend is lost, the broker keeps the wanted
+      set, reconnects with capped jittered backoff, resubscribes everything still
+      wanted, then calls the resubscribed handler so gaps can be filled from history.
+    """
+
+    def __init__(self) -> None:
+        self._on_message: MessageHandler = lambda envelope: None
+        self._on_resubscribed: ResubscribedHandler = lambda channels: None
+
+    def set_handlers(self, *, on_message: MessageHandler, on_resubscribed: ResubscribedHandler) -> None:
+        """Install the hub's callbacks; called once before `start`."""
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and start delivering; raise BrokerUnavailable if the backend cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop delivering and release every connection; idempotent."""
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, payload: bytes) -> Position:
+        """Append and deliver one event; return its position. Raise BrokerUnavailable fast."""
+
+    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
+        """Publish several events, in order; implementations may pipeline."""
+        return [await self.publish(channel, payload) for channel, payload in items]
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start live delivery for a channel; returns once delivery is in effect."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop live delivery for a channel; unknown channels are ignored."""
+
+    @abc.abstractmethod
+    async def history(self, channel: str, since: Position | None) -> History:
+        """Events after `since` (None: no events, only the current position)."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True while live delivery can be trusted (connected, subscriptions in effect)."""
+
+    @property
+    @abc.abstractmethod
+    def subscribed_channels(self) -> frozenset[str]:
+        """Channels whose subscription is in effect right now."""

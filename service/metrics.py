@@ -1,0 +1,126 @@
+"""Every Prometheus metric of a pod, declared once; no user, customer or channel ids as labels."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE: Final = "eva_ws"
+
+# One registry per process, so tests that build several apps do not collide on names.
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS_ACTIVE: Final = Gauge(
+    "connections_active", "Open WebSocket connections on this pod.", namespace=NAMESPACE, registry=REGISTRY
+)
+CONNECTIONS_OPENED: Final = Counter(
+    "connections_opened_total", "WebSocket connections accepted.", namespace=NAMESPACE, registry=REGISTRY
+)
+HANDSHAKES_REJECTED: Final = Counter(
+    "handshakes_rejected_total",
+    "Upgrade requests refused before the socket opened, by reason.",
+    ["reason"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+RECONNECTS: Final = Counter(
+    "reconnects_total",
+    "Connections that resumed an earlier session (a subscribe carrying a position, or ?reconnect=N).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+DISCONNECTS: Final = Counter(
+    "disconnects_total",
+    "Closed connections by close reason (see docs/protocol.md).",
+    ["reason"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CONNECTION_DURATION: Final = Histogram(
+    "connection_duration_seconds",
+    "How long WebSocket connections stayed open.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(1, 10, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
+)
+MESSAGES_RECEIVED: Final = Counter(
+    "messages_received_total", "Client messages received, by type.", ["type"], namespace=NAMESPACE, registry=REGISTRY
+)
+MESSAGES_SENT: Final = Counter(
+    "messages_sent_total", "Messages queued to clients, by type.", ["type"], namespace=NAMESPACE, registry=REGISTRY
+)
+ERRORS: Final = Counter(
+    "errors_total", "Error replies sent to clients, by code.", ["code"], namespace=NAMESPACE, registry=REGISTRY
+)
+EVENTS_CONFLATED: Final = Counter(
+    "events_conflated_total",
+    "Queued transaction_update events replaced by a newer update of the same transaction.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+PUBLISHED: Final = Counter(
+    "published_total",
+    "Events published through this pod, by result (ok, invalid, unavailable).",
+    ["result"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+PUBLISH_DURATION: Final = Histogram(
+    "publish_duration_seconds",
+    "Time for the broker to accept one publish (history append + fan-out).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+DELIVERY_LAG: Final = Histogram(
+    "delivery_lag_seconds",
+    "From an event's publish timestamp to its fan-out on this pod.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)
+EVENTS_REPLAYED: Final = Counter(
+    "events_replayed_total",
+    "Events sent from history (resume or gap repair) instead of live.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+RESUMES: Final = Counter(
+    "resumes_total",
+    "Subscribe requests carrying a position, by outcome (recovered, unrecovered).",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+HUB_CHANNELS: Final = Gauge(
+    "hub_channels", "Channels with at least one local subscription.", namespace=NAMESPACE, registry=REGISTRY
+)
+HUB_SUBSCRIPTIONS: Final = Gauge(
+    "hub_subscriptions", "Client subscriptions on this pod.", namespace=NAMESPACE, registry=REGISTRY
+)
+BROKER_READY: Final = Gauge(
+    "broker_ready", "1 while the broker's live delivery can be trusted.", namespace=NAMESPACE, registry=REGISTRY
+)
+BROKER_CONNECTS: Final = Counter(
+    "broker_connects_total",
+    "Broker (re)connections to Redis, by outcome (ok, failed).",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+BROKER_SUBSCRIPTIONS_WANTED: Final = Gauge(
+    "broker_subscriptions_wanted", "Channels this pod wants from Redis.", namespace=NAMESPACE, registry=REGISTRY
+)
+BROKER_SUBSCRIPTIONS_ACTUAL: Final = Gauge(
+    "broker_subscriptions_actual",
+    "Channels whose Redis subscription is in effect.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+BROKER_INVALID_MESSAGES: Final = Counter(
+    "broker_invalid_messages_total",
+    "Messages on a subscribed channel that were not valid events (dropped, logged).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
