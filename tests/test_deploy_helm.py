@@ -375,7 +375,10 @@ def test_prometheus_rule_has_the_documented_alerts(all_manifests: list[Manifest]
     assert "eva_ws_broker_ready" in rules["EvaWsPodDeafToRedis"]["expr"]
     assert "eva_ws_broker_subscriptions_wanted" in rules["EvaWsPodDeafToRedis"]["expr"]
     assert 'reason="slow_consumer"' in rules["EvaWsSlowConsumers"]["expr"]
-    assert "eva_ws_errors_total" in rules["EvaWsErrorRepliesHigh"]["expr"]
+    assert (
+        'eva_ws_errors_total{namespace="push",job="eva-eva-ws",code!="token_expiring"}'
+        in rules["EvaWsErrorRepliesHigh"]["expr"]
+    )
     assert "eva_ws_handshakes_rejected_total" in rules["EvaWsHandshakesRejected"]["expr"]
     assert f'job="{FULLNAME}"' in rules["EvaWsSlowConsumers"]["expr"]
     # Prometheus templates in annotations survive helm's own templating.
