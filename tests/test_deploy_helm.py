@@ -433,6 +433,12 @@ def test_chart_readme_lists_every_value() -> None:
     params = re.findall(r"^\s*## @param (\S+)", (CHART / "values.yaml").read_text(), re.MULTILINE)
     missing = [p for p in params if f"`{p}`" not in readme]
     assert missing == []
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path, default in re.findall(r"^\| `([\w.]+)` \| .* \| `(.*)` \|$", readme, re.MULTILINE):
+        node = values
+        for part in path.split("."):
+            node = node[part]
+        assert json.loads(default) == node, f"README default of {path} differs from values.yaml"
     for topic in ("helm install", "existingSecret", "redis+cluster://", "Gateway API", "upstream-hash-by"):
         assert topic in readme
 
