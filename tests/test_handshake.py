@@ -34,7 +34,8 @@ async def _status(client, token: str | None, headers=None) -> int:
     )
     if response.status != 101:
         body = await response.json()
-        assert body["error"] and body["message"]
+        assert body["error"]
+        assert body["message"]
     return response.status
 
 
@@ -51,7 +52,7 @@ async def _status(client, token: str | None, headers=None) -> int:
         ("no sub", jwt.encode(_claims(sub=None), SECRET, algorithm="HS256")),
         ("no iat", jwt.encode(_claims(iat=None), SECRET, algorithm="HS256")),
         ("algorithm outside the allow-list", jwt.encode(_claims(), SECRET, algorithm="HS512")),
-        ("alg none", jwt.encode(_claims(), None, algorithm="none")),
+        ("alg none", jwt.encode(_claims(), "", algorithm="none")),
         ("aud without configured audience", jwt.encode(_claims(aud="other"), SECRET, algorithm="HS256")),
         ("sub with glob characters", jwt.encode(_claims(sub="u*"), SECRET, algorithm="HS256")),
         ("customerIds not a list", jwt.encode(_claims(customerIds="C1"), SECRET, algorithm="HS256")),
