@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
+from tests.protocol_schemas import assert_client_message, assert_server_message
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -73,6 +74,8 @@ async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5
     message = await ws.receive(timeout=timeout_s)
     assert message.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {message.type} {message.data!r}"
     result: dict[str, Any] = message.json()
+    # Every server message the suite reads must match its schema in docs/schemas.
+    assert_server_message(result)
     return result
 
 
@@ -86,7 +89,9 @@ async def receive_type(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout_s
 async def subscribe(
     ws: aiohttp.ClientWebSocketResponse, channel: str = "transactions", **fields: Any
 ) -> dict[str, Any]:
-    await ws.send_json({"type": "subscribe", "channel": channel, **fields})
+    request = {"type": "subscribe", "channel": channel, **fields}
+    assert_client_message(request)
+    await ws.send_json(request)
     return await receive_json(ws)
 
 
