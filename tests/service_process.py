@@ -100,7 +100,7 @@ class ServiceProcess:
             except OSError:
                 return False
         try:
-            with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as response:  # noqa: S310
+            with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -124,7 +124,7 @@ class ServiceProcess:
         return result.stdout.strip()
 
     def publish(self, event: dict[str, Any], token: str) -> dict[str, Any]:
-        request = urllib.request.Request(  # noqa: S310
+        request = urllib.request.Request(
             f"{self.base_url}/api/v1/publish",
             data=json.dumps(event).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
@@ -135,7 +135,7 @@ class ServiceProcess:
             # The test certificate names the public host; the test reaches it at 127.0.0.1.
             context = ssl.create_default_context(cafile=self.settings.tls_cert)
             context.check_hostname = False
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             assert response.status == 202, response.status
             result: dict[str, Any] = json.loads(response.read())
             return result

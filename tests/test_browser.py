@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,7 +151,8 @@ async ({ customer, mint }) => {
   client.on('error', (d) => log.errors.push(d.code));
   client.on('tokenrefreshed', (d) => log.refreshed.push(d.expiresAt));
   const sub = client.subscribe('transactions', { customerId: customer }, {
-    onEvent: (m) => log.events.push({ id: m.data.id, offset: m.offset, epoch: m.epoch, correlationId: m.correlationId }),
+    onEvent: (m) => log.events.push({ id: m.data.id, offset: m.offset, epoch: m.epoch,
+                                      correlationId: m.correlationId }),
   });
   await sub.ready;
 }
@@ -232,7 +232,9 @@ def test_client_resumes_after_a_dropped_connection_with_each_event_once(logs, ne
             page = new_page()
             page.goto(f"http://127.0.0.1:{proxy.port}/healthz")
             page.evaluate(HARNESS, {"customer": "CUST-001", "mint": False})
-            sent = [service.publish(txn_event("transaction_new", f"T{i}"), publisher)["correlationId"] for i in range(2)]
+            sent = [
+                service.publish(txn_event("transaction_new", f"T{i}"), publisher)["correlationId"] for i in range(2)
+            ]
             wait_in_page(page, "() => window.log.events.length >= 2", "the first two events")
 
             # Drop the connection and hold the reconnect while more events are published.
@@ -353,9 +355,7 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 
@@ -383,9 +383,7 @@ def test_the_specifications_example_client_receives_an_event_verbatim(playwright
         page.add_script_tag(content=SPEC_EXAMPLE.read_text())
         wait_until(page, lambda: any(f["type"] == "subscribed" for f in frames), "the subscription ack")
         published = service.publish(txn_event("transaction_new", "TXN-SPEC"), service.publisher_token())
-        event = wait_until(
-            page, lambda: next((f for f in frames if f["type"] == "transaction_new"), None), "the event"
-        )
+        event = wait_until(page, lambda: next((f for f in frames if f["type"] == "transaction_new"), None), "the event")
         for frame in frames:
             assert_server_message(frame)
         assert event["data"]["id"] == "TXN-SPEC"
@@ -394,5 +392,3 @@ def test_the_specifications_example_client_receives_an_event_verbatim(playwright
     finally:
         browser.close()
         service.stop()
-
-

@@ -16,6 +16,12 @@ export const TOKEN_EXPIRED_CODE = 4001;
 // Errors after which a subscribe is worth retrying later; every other error code is final.
 const RETRYABLE_SUBSCRIBE_ERRORS = new Set(['unavailable', 'rate_limited', 'internal_error']);
 
+// CustomEvent where the runtime has it (browsers, Node >= 19); an Event with `detail` elsewhere.
+function makeEvent(type, detail) {
+  if (typeof CustomEvent === 'function') return new CustomEvent(type, { detail });
+  return Object.assign(new Event(type), { detail });
+}
+
 /** The states a client moves through; `closed` is final until connect() or setToken(). */
 export const State = Object.freeze({
   IDLE: 'idle',
@@ -383,7 +389,8 @@ export class EvaWsClient extends EventTarget {
     sub.active = true;
     const resumed = ack.recovered === true;
     if (resumed) {
-      // The server replays from our own position; the `replayed` missed events follow the ack.
+      // The `replayed` missed events follow the ack. Its position is the one after them, so it
+      // must not be adopted here or the replayed events would be dropped as duplicates.
       this.emit('resumed', { subscription: sub, replayed: ack.replayed });
       sub.handlers.onResumed?.(ack.replayed);
     } else {
@@ -519,7 +526,7 @@ export class EvaWsClient extends EventTarget {
   }
 
   emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
+    this.dispatchEvent(makeEvent(type, detail));
   }
 }
 

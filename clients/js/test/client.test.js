@@ -214,7 +214,8 @@ describe('reconnect and resume', () => {
     second.open();
     const subscribes = second.sentOf('subscribe');
     assert.deepEqual(subscribes.map((m) => m.since), [{ offset: 4, epoch: 'e1' }, { offset: 7, epoch: 'e1' }]);
-    second.ack(subscribes[0], { recovered: true, replayed: 2 });
+    // As the server does, the ack states the position after the two replayed events.
+    second.ack(subscribes[0], { recovered: true, replayed: 2, position: { offset: 6, epoch: 'e1' } });
     second.receive(event(4)); // a duplicate of what arrived before the restart
     second.receive(event(5));
     second.receive(event(6));

@@ -51,13 +51,13 @@ export class FakeWebSocket {
   }
 
   /** Acknowledge the client's last subscribe the way the server does. */
-  ack(subscribe, { offset = 0, epoch = 'e1', recovered, replayed = 0, key } = {}) {
+  ack(subscribe, { offset = 0, epoch = 'e1', recovered, replayed = 0, key, position } = {}) {
     const ack = {
       type: 'subscribed',
       channel: subscribe.channel,
       subscription: key ?? `${subscribe.channel}:${subscribe.filters?.customerId ?? 'C1'}`,
       filters: subscribe.filters ?? {},
-      position: subscribe.since && recovered ? subscribe.since : { offset, epoch },
+      position: position ?? (subscribe.since && recovered ? subscribe.since : { offset, epoch }),
       correlationId: subscribe.correlationId,
       timestamp: new Date().toISOString(),
     };
