@@ -167,6 +167,9 @@ export class EvaWsClient extends EventTarget {
     if (this.state === State.CONNECTING || this.state === State.OPEN) return;
     this.clearTimers();
     this.attempt = 0;
+    // While reconnecting this retries at once; after close() it is a new session (that still
+    // resumes every wanted subscription from its position).
+    if (this.state !== State.RECONNECTING) this.reconnects = 0;
     this.open('connect');
   }
 
