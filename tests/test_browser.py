@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, Playwright, WebSocket, sync_playw
 
 from tests.protocol_schemas import assert_server_message
 from tests.service_process import ROOT, ServiceProcess, free_port
-from tests.tcp_proxy import TcpProxy
+from tests.drop_proxy import DropProxy
 
 CHROMIUM: Final = os.environ.get("EVA_WS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS: Final = [
@@ -223,7 +223,7 @@ def test_dashboard_shows_published_transactions_in_place_with_presence_and_filte
 
 
 def test_client_resumes_after_a_dropped_connection_with_each_event_once(logs, new_page):
-    with TcpProxy(free_port()) as proxy:
+    with DropProxy(free_port()) as proxy:
         # The browser reaches the service only through the proxy, so the test can cut the network.
         service = ServiceProcess(logs, port=proxy.target_port, allowed_origins=f"http://127.0.0.1:{proxy.port}")
         service.start()

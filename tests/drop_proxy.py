@@ -1,4 +1,4 @@
-"""A TCP forwarder that a test can cut, to drop connections the way a network failure does."""
+"""A TCP forwarder that drops every open connection on demand, as a network failure does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import TracebackType
 from tests.service_process import free_port
 
 
-class TcpProxy:
+class DropProxy:
     """Forwards 127.0.0.1:<port> to a target; `cut()` resets every open connection at once."""
 
     def __init__(self, target_port: int) -> None:
@@ -35,7 +35,7 @@ class TcpProxy:
         self._listener.close()
         self.cut()
 
-    def __enter__(self) -> TcpProxy:
+    def __enter__(self) -> DropProxy:
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
