@@ -26,6 +26,7 @@ _SENT_COUNTERS: Final = {kind.value: metrics.MESSAGES_SENT.labels(kind.value) fo
 _REPAIR_RETRY_MAX_S: Final = 5.0
 # Bounds the resume catch-up loop; reached only if publishing outpaces history reads forever.
 _MAX_CATCH_UP_ROUNDS: Final = 50
+_MAX_LOGGED_IDS: Final = 100
 
 
 class Recipient(Protocol):
@@ -90,6 +91,7 @@ class _Decoded:
     frame: bytes
     conflation_key: str | None
     sent_counter: Any
+    correlation_id: str
 
 
 class _ChannelState:
@@ -288,11 +290,11 @@ class Hub:
                 frames.append(decoded)
         return frames
 
-    def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> None:
+    def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> _Decoded | None:
         state.last_offset = envelope.offset
         decoded = _decode(envelope, measure_lag=live)
         if decoded is None:
-            return
+            return None
         # The hot loop: per recipient a few attribute reads and one non-blocking enqueue.
         offset, data, frame, key = envelope.offset, decoded.data, decoded.frame, decoded.conflation_key
         sent = 0
@@ -306,6 +308,7 @@ class Hub:
             decoded.sent_counter.inc(sent)
             if not live:
                 metrics.EVENTS_REPLAYED.inc(sent)
+        return decoded
 
     def _start_repair(self, key: str, state: _ChannelState) -> None:
         if state.repair is None:
@@ -333,11 +336,21 @@ class Hub:
                         if sub.live:
                             self._resync(sub, history.position)
                     continue
-                for envelope in history.envelopes:
-                    if envelope.offset > state.last_offset:
-                        self._fan_out(state, envelope, live=False)
-                if history.envelopes:
-                    log.info("channel_repaired", channel=key, up_to=state.last_offset, count=len(history.envelopes))
+                replayed = [
+                    decoded.correlation_id
+                    for envelope in history.envelopes
+                    if envelope.offset > state.last_offset
+                    and (decoded := self._fan_out(state, envelope, live=False)) is not None
+                ]
+                if replayed:
+                    # Which events reached clients late, so they can be traced across pods.
+                    log.info(
+                        "channel_repaired",
+                        channel=key,
+                        up_to=state.last_offset,
+                        count=len(replayed),
+                        correlation_ids=replayed[:_MAX_LOGGED_IDS],
+                    )
                 if state.max_seen > history.position.offset:
                     # A live event beyond what history held: another epoch or a lagging read.
                     state.max_seen = history.position.offset
@@ -392,4 +405,10 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
         )
     )
     conflation_key = f"{envelope.channel}|{data.get('id')}" if kind == EventType.TRANSACTION_UPDATE else None
-    return _Decoded(data=data, frame=frame, conflation_key=conflation_key, sent_counter=_SENT_COUNTERS[kind])
+    return _Decoded(
+        data=data,
+        frame=frame,
+        conflation_key=conflation_key,
+        sent_counter=_SENT_COUNTERS[kind],
+        correlation_id=str(correlation_id),
+    )
