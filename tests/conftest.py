@@ -15,7 +15,7 @@ from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
 
-SECRET = "test-secret-" + "x" * 40
+SECRET = "test-secret-" + "x" * 60
 
 BASE_ENV = {
     "EVA_WS_MODE": "production",
