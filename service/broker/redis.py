@@ -1,0 +1,446 @@
+"""The Redis broker: one Lua script per publish, a per-channel stream as history, one owned PUB/SUB connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from service import metrics
+from service.broker import redis_wire as wire
+from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+
+log = structlog.get_logger("eva_ws.broker")
+
+# One SUBSCRIBE/UNSUBSCRIBE command carries at most this many channels, so a pod that
+# resubscribes thousands of channels after a reconnect sends a few large commands
+# instead of one per channel, without building a single multi-megabyte request.
+SUBSCRIBE_BATCH_MAX: Final = 500
+
+
+def _keepalive_options(idle_s: int) -> dict[int, int]:
+    # Explicit, so behaviour does not follow redis-py's changing defaults (pitfall R4).
+    options: dict[int, int] = {}
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", max(1, idle_s // 3)), ("TCP_KEEPCNT", 3)):
+        constant = getattr(socket, name, None)
+        if constant is not None:
+            options[constant] = value
+    return options
+
+
+def client_options(
+    *, connect_timeout_s: float, command_timeout_s: float, keepalive_idle_s: int, client_name: str
+) -> dict[str, Any]:
+    """redis-py options pinned explicitly: timeouts, keepalive, RESP2, no hidden retries."""
+    return {
+        "socket_timeout": command_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": _keepalive_options(keepalive_idle_s),
+        # No retries inside redis-py: a retried publish script could run twice, and
+        # the subscriber's reconnects belong to one loop that also resubscribes.
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        "protocol": 2,
+        "client_name": client_name,
+    }
+
+
+class RedisBroker(Broker):
+    """Broker over one Redis: see Broker for the contract and docs/redis-wire-format.md for the format.
+
+    Live events arrive on one PUB/SUB connection owned by a single task: `subscribe`
+    and `unsubscribe` only change the wanted set and wake that task, which batches the
+    difference into SUBSCRIBE/UNSUBSCRIBE commands, reads with a bounded
+    `get_message` timeout, PINGs the connection to detect half-open sockets, and
+    rebuilds the connection with capped, jittered backoff whenever it fails.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str = "",
+        history_size: int = 1000,
+        history_ttl_s: int = 86_400,
+        pod_id: str = "pod",
+        connect_timeout_s: float = 1.0,
+        command_timeout_s: float = 1.0,
+        keepalive_idle_s: int = 10,
+        ping_interval_s: float = 1.0,
+        pong_timeout_s: float = 2.0,
+        subscribe_timeout_s: float = 5.0,
+        reconnect_min_s: float = 0.05,
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        """Options: `pong_timeout_s` bounds how long a PING on the subscriber connection
+        may stay unanswered before it is treated as half-open and rebuilt;
+        `subscribe_timeout_s` bounds how long `subscribe` waits for Redis to confirm.
+        """
+        super().__init__()
+        self._prefix = prefix
+        self._history_size = history_size
+        self._history_ttl_s = history_ttl_s
+        self._pod_id = pod_id
+        self._ping_interval_s = ping_interval_s
+        self._pong_timeout_s = pong_timeout_s
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._reconnect_min_s = reconnect_min_s
+        self._reconnect_max_s = reconnect_max_s
+        self._timeout_s = connect_timeout_s + command_timeout_s
+        options = client_options(
+            connect_timeout_s=connect_timeout_s,
+            command_timeout_s=command_timeout_s,
+            keepalive_idle_s=keepalive_idle_s,
+            client_name=f"eva-ws:{pod_id}:cmd",
+        )
+        self._client: Redis = Redis.from_url(url, **options)
+        options["client_name"] = f"eva-ws:{pod_id}:sub"
+        self._sub_client: Redis = Redis.from_url(url, **options)
+        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
+        self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
+
+        # Subscriber state, written only by the owner task except `_wanted` and `_waiters`.
+        self._wanted: set[str] = set()
+        self._server: set[str] = set()  # what Redis will have once every sent command is applied
+        self._actual: set[str] = set()  # what Redis confirmed on the current connection
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._connected = False
+        self._ping_sent_at: float | None = None
+        self._wake_scope: asyncio.Timeout | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._closed = False
+        self._prefix_bytes = prefix.encode()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """See Broker.start; waits for the subscriber connection before returning."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self.close()
+            raise BrokerUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
+        self._owner = asyncio.create_task(self._run(), name="redis-broker-subscriber")
+        deadline = time.monotonic() + self._timeout_s + self._subscribe_timeout_s
+        while not self._connected:
+            if time.monotonic() > deadline or self._owner.done():
+                await self.close()
+                raise BrokerUnavailable("redis subscriber connection did not come up")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        """See Broker.close."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner is not None:
+            # Cancel until it sticks: on Python 3.11 asyncio.wait_for (used by redis-py
+            # to send) can swallow a cancellation that races with its completion.
+            while not self._owner.done():
+                self._owner.cancel()
+                await asyncio.wait({self._owner}, timeout=0.1)
+            self._owner = None
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable("broker closed"))
+        self._waiters.clear()
+        await self._sub_client.aclose()
+        await self._client.aclose()
+        self._set_connected(False)
+
+    # -- publishing and history -----------------------------------------------------------
+
+    def _script_args(self, channel: str, payload: bytes) -> tuple[list[str], list[Any]]:
+        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
+        args: list[Any] = [
+            wire.new_epoch(),
+            self._history_ttl_s,
+            wire.pubsub_channel(self._prefix, channel),
+            self._history_size,
+            payload,
+        ]
+        return keys, args
+
+    async def publish(self, channel: str, payload: bytes) -> Position:
+        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been published."""
+        keys, args = self._script_args(channel, payload)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                offset, epoch = await self._publish_script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+        return Position(offset=int(offset), epoch=epoch.decode())
+
+    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
+        """See Broker.publish_many: one pipelined round trip, scripts loaded first if Redis lost them."""
+        batch = list(items)
+        if not batch:
+            return []
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
+                for channel, payload in batch:
+                    keys, args = self._script_args(channel, payload)
+                    await self._publish_script(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+        return [Position(offset=int(offset), epoch=epoch.decode()) for offset, epoch in results]
+
+    async def history(self, channel: str, since: Position | None) -> History:
+        """See Broker.history. Reading a channel that never had events fixes its epoch, so a
+        position handed out now stays resumable once events arrive."""
+        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
+        asked_epoch = since.epoch if since is not None else ""
+        first = str(since.offset + 1) if since is not None else ""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                raw_epoch, offset, entries = await self._history_script(
+                    keys=keys, args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
+        epoch = raw_epoch.decode()
+        position = Position(offset=int(offset), epoch=epoch)
+        if since is None:
+            return History(envelopes=[], position=position, recovered=True)
+        if since.epoch != epoch or since.offset > position.offset:
+            return History(envelopes=[], position=position, recovered=False)
+        envelopes = [
+            Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_payload(fields))
+            for entry_id, fields in entries
+        ]
+        expected = range(since.offset + 1, position.offset + 1)
+        recovered = [e.offset for e in envelopes] == list(expected)
+        return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """See Broker.ready: connected, every wanted channel confirmed, and the last PING answered in time."""
+        return self._connected and self._actual == self._wanted and not self._pong_late()
+
+    @property
+    def subscribed_channels(self) -> frozenset[str]:
+        return frozenset(self._actual & self._wanted)
+
+    async def subscribe(self, channel: str) -> None:
+        """See Broker.subscribe. Raises BrokerUnavailable (and forgets the channel) if Redis
+        does not confirm within `subscribe_timeout_s`."""
+        if self._closed:
+            raise BrokerUnavailable("broker closed")
+        self._wanted.add(channel)
+        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
+        if channel in self._actual and channel in self._server:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        self._wake()
+        try:
+            async with asyncio.timeout(self._subscribe_timeout_s):
+                await waiter
+        except TimeoutError:
+            self._drop_waiter(channel, waiter)
+            if channel not in self._actual and not self._waiters.get(channel):
+                self._wanted.discard(channel)
+                metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
+                self._wake()
+            raise BrokerUnavailable("subscription not confirmed by redis") from None
+
+    async def unsubscribe(self, channel: str) -> None:
+        """See Broker.unsubscribe; a subscribe still waiting for this channel returns at once."""
+        if channel not in self._wanted:
+            return
+        self._wanted.discard(channel)
+        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
+        self._resolve(channel)
+        self._wake()
+
+    def _drop_waiter(self, channel: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(channel, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiters.pop(channel, None)
+
+    def _resolve(self, channel: str) -> None:
+        for waiter in self._waiters.pop(channel, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake(self) -> None:
+        # Cuts the owner's current get_message wait short so it applies the change now.
+        if self._wake_scope is not None and not self._wake_scope.expired():
+            self._wake_scope.reschedule(asyncio.get_running_loop().time())
+
+    def _pong_late(self) -> bool:
+        return self._ping_sent_at is not None and time.monotonic() - self._ping_sent_at > self._pong_timeout_s
+
+    def _set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        metrics.BROKER_READY.set(1 if self.ready else 0)
+
+    # -- the owner task ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Keep one PUB/SUB session alive forever: connect, serve, back off, repeat."""
+        attempt = 0
+        sessions = 0
+        while not self._closed:
+            pubsub = self._sub_client.pubsub()
+            healthy = False
+            try:
+                await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
+                sessions += 1
+                log.info("broker_connected", pod_id=self._pod_id, session=sessions)
+                healthy = True
+                await self._serve(pubsub, notify_resubscribed=sessions > 1)
+            except (RedisError, OSError, TimeoutError, _Deaf) as exc:
+                if not healthy:
+                    metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
+                log.warning("broker_disconnected", pod_id=self._pod_id, error=type(exc).__name__, detail=str(exc))
+            except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
+                log.exception("broker_subscriber_failed", pod_id=self._pod_id)
+            finally:
+                was_ready = self._connected
+                self._reset_session()
+                # aclose() cannot hang on a half-open socket: it does not wait for the peer (R10).
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if was_ready:
+                    log.warning("broker_deaf", pod_id=self._pod_id, wanted=len(self._wanted))
+            attempt = 0 if healthy else attempt + 1
+            await asyncio.sleep(self._backoff_s(attempt))
+
+    def _backoff_s(self, attempt: int) -> float:
+        # Equal jitter: never zero (no hot loop), never synchronised across pods.
+        cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _reset_session(self) -> None:
+        self._server.clear()
+        self._actual.clear()
+        self._ping_sent_at = None
+        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(0)
+        self._set_connected(False)
+
+    async def _serve(self, pubsub: PubSub, *, notify_resubscribed: bool) -> None:
+        ping_token = f"eva-ws-watchdog:{self._pod_id}".encode()
+        next_ping = time.monotonic()
+        self._set_connected(True)
+        pending_notice = notify_resubscribed
+        while not self._closed:
+            await self._reconcile(pubsub)
+            now = time.monotonic()
+            if self._ping_sent_at is None and now >= next_ping:
+                self._ping_sent_at = now
+                await pubsub.ping(ping_token)
+            if self._pong_late():
+                raise _Deaf(f"no PONG within {self._pong_timeout_s}s")
+            if pending_notice and self._actual == self._server == self._wanted:
+                pending_notice = False
+                log.info("broker_recovered", pod_id=self._pod_id, channels=len(self._actual))
+                self._call_resubscribed(sorted(self._actual))
+            metrics.BROKER_READY.set(1 if self.ready else 0)
+            if self._ping_sent_at is not None:
+                wait_s = self._ping_sent_at + self._pong_timeout_s - now
+            else:
+                wait_s = next_ping - now
+            message: Mapping[str, Any] | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None) as scope:
+                    self._wake_scope = scope
+                    message = await pubsub.get_message(timeout=max(0.001, wait_s))
+            self._wake_scope = None
+            if message is None:
+                continue
+            if message["type"] == "pong":
+                if message["data"] == ping_token:
+                    self._ping_sent_at = None
+                    next_ping = time.monotonic() + self._ping_interval_s
+                continue
+            self._handle(message)
+
+    async def _reconcile(self, pubsub: PubSub) -> None:
+        """Send the difference between the wanted set and what Redis will have, batched."""
+        to_subscribe = sorted(self._wanted - self._server)
+        to_unsubscribe = sorted(self._server - self._wanted)
+        for start in range(0, len(to_unsubscribe), SUBSCRIBE_BATCH_MAX):
+            batch = to_unsubscribe[start : start + SUBSCRIBE_BATCH_MAX]
+            await pubsub.unsubscribe(*(wire.pubsub_channel(self._prefix, c) for c in batch))
+            self._server.difference_update(batch)
+        for start in range(0, len(to_subscribe), SUBSCRIBE_BATCH_MAX):
+            batch = to_subscribe[start : start + SUBSCRIBE_BATCH_MAX]
+            await pubsub.subscribe(*(wire.pubsub_channel(self._prefix, c) for c in batch))
+            self._server.update(batch)
+
+    def _channel_of(self, raw: bytes) -> str | None:
+        if not raw.startswith(self._prefix_bytes):
+            return None
+        try:
+            return raw[len(self._prefix_bytes) :].decode()
+        except UnicodeDecodeError:
+            return None
+
+    def _handle(self, message: Mapping[str, Any]) -> None:
+        kind = message["type"]
+        channel = self._channel_of(message["channel"])
+        if channel is None:
+            return
+        if kind == "subscribe":
+            self._actual.add(channel)
+            metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
+            if channel in self._wanted and channel in self._server:
+                self._resolve(channel)
+        elif kind == "unsubscribe":
+            self._actual.discard(channel)
+            metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
+        elif kind == "message" and channel in self._wanted:
+            try:
+                event = wire.decode_envelope(message["data"])
+            except wire.MalformedEnvelope as exc:
+                metrics.BROKER_INVALID_MESSAGES.inc()
+                # The channel name is routing data, not payload; the payload is never logged.
+                log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
+                return
+            envelope = Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload)
+            try:
+                self._on_message(envelope)
+            except Exception:  # one failing handler must not stop delivery of the rest
+                log.exception("broker_handler_failed", channel=channel, offset=event.offset)
+
+    def _call_resubscribed(self, channels: list[str]) -> None:
+        try:
+            self._on_resubscribed(channels)
+        except Exception:  # same reason as in _handle
+            log.exception("broker_resubscribed_handler_failed", channels=len(channels))
+
+
+class _Deaf(Exception):
+    """The subscriber connection stopped answering: rebuild it."""
+
+
+def _payload(fields: list[bytes]) -> bytes:
+    # Stream entries are flat [field, value, ...]; the payload is field `p`.
+    for index in range(0, len(fields) - 1, 2):
+        if fields[index] == b"p":
+            return fields[index + 1]
+    return b""
