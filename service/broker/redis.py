@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import time
@@ -365,11 +364,14 @@ class RedisBroker(Broker):
             else:
                 wait_s = next_ping - now
             message: Mapping[str, Any] | None = None
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(None) as scope:
                     self._wake_scope = scope
                     message = await pubsub.get_message(timeout=max(0.001, wait_s))
-            self._wake_scope = None
+            except TimeoutError:
+                pass  # woken by _wake: a subscription changed
+            finally:
+                self._wake_scope = None
             if message is None:
                 continue
             if message["type"] == "pong":
