@@ -72,8 +72,9 @@ async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def pubsub_channels(raw: Redis, prefix: str) -> set[str]:
-    channels: list[bytes] = await raw.pubsub_channels(f"{prefix}*")
-    return {c.decode()[len(prefix) :] for c in channels}
+    channels = await raw.pubsub_channels(f"{prefix}*")
+    names = [c.decode() if isinstance(c, bytes) else c for c in channels]
+    return {name[len(prefix) :] for name in names}
 
 
 def prefix_of(broker: Broker) -> str:
