@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,8 +16,9 @@ from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
 from tests.protocol_schemas import assert_client_message, assert_server_message
+from tests.redis_server import RedisServer
 
-SECRET = "test-secret-" + "x" * 40
+SECRET = "test-secret-" + "x" * 60
 
 BASE_ENV = {
     "EVA_WS_MODE": "production",
@@ -96,11 +98,13 @@ async def subscribe(
 
 
 async def wait_closed(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 10.0) -> int | None:
-    """Read until the server closes; return the close code."""
+    """Read until the server closes; return the close code it sent (None if it sent none)."""
     async with asyncio.timeout(timeout_s):
         while True:
             message = await ws.receive()
-            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            if message.type is aiohttp.WSMsgType.CLOSE:
+                return int(message.data)
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return ws.close_code
             if message.type is aiohttp.WSMsgType.ERROR:
                 return ws.close_code
@@ -132,3 +136,21 @@ def metric_value(text: str, name: str) -> float:
 
 def txn(txn_id: str = "T1", customer: str = "C1", **fields: Any) -> dict[str, Any]:
     return {"id": txn_id, "customerId": customer, "status": "pending", "stage": "kyc", **fields}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server without persistence, stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Like `redis_server`, but every acknowledged write survives a restart or kill -9."""
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    yield server
+    server.kill()
