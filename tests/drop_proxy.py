@@ -7,7 +7,7 @@ import socket
 import threading
 from types import TracebackType
 
-from tests.service_process import free_port
+from tests.process import free_port
 
 
 class DropProxy:

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from playwright.sync_api import Browser, Page, Playwright, WebSocket, sync_playwright
 
-from tests.protocol_schemas import assert_server_message
-from tests.service_process import ROOT, ServiceProcess, free_port
 from tests.drop_proxy import DropProxy
+from tests.protocol_schemas import assert_server_message
+from tests.service_process import ROOT, DevService
 
 CHROMIUM: Final = os.environ.get("EVA_WS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS: Final = [
@@ -90,8 +90,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def service(logs: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(logs)
+def service(logs: Path) -> Iterator[DevService]:
+    process = DevService(logs)
     process.start()
     yield process
     process.stop()
@@ -159,8 +159,8 @@ async ({ customer, mint }) => {
 """
 
 
-def open_harness(page: Page, service: ServiceProcess, *, customer: str = "CUST-001", mint: bool = False) -> None:
-    page.goto(f"{service.base_url}/healthz")
+def open_harness(page: Page, service: DevService, *, customer: str = "CUST-001", mint: bool = False) -> None:
+    page.goto(f"{service.url}/healthz")
     page.evaluate(HARNESS, {"customer": customer, "mint": mint})
 
 
@@ -172,11 +172,11 @@ def events_seen(page: Page) -> list[dict[str, Any]]:
 def test_dashboard_shows_published_transactions_in_place_with_presence_and_filter(service, new_page):
     publisher = service.publisher_token()
     page = new_page()
-    page.goto(f"{service.base_url}/")
+    page.goto(f"{service.url}/")
     wait_in_page(page, "() => document.querySelector('#status').textContent === 'connected'", "connected")
 
     other = new_page()  # another user of the same customer
-    other.goto(f"{service.base_url}/#token={service.token(sub='alice', customers=['CUST-001'])}")
+    other.goto(f"{service.url}/#token={service.token(sub='alice', customers=['CUST-001'])}")
     wait_in_page(other, "() => document.querySelector('#status').textContent === 'connected'", "alice connected")
 
     service.publish(txn_event("transaction_new", "TXN-1001", amount="250.00 EUR", updatedBy="alice"), publisher)
@@ -223,9 +223,10 @@ def test_dashboard_shows_published_transactions_in_place_with_presence_and_filte
 
 
 def test_client_resumes_after_a_dropped_connection_with_each_event_once(logs, new_page):
-    with DropProxy(free_port()) as proxy:
+    service = DevService(logs)
+    with DropProxy(service.port) as proxy:
         # The browser reaches the service only through the proxy, so the test can cut the network.
-        service = ServiceProcess(logs, port=proxy.target_port, allowed_origins=f"http://127.0.0.1:{proxy.port}")
+        service.env["EVA_WS_ALLOWED_ORIGINS"] = f"http://127.0.0.1:{proxy.port}"
         service.start()
         try:
             publisher = service.publisher_token()
@@ -263,7 +264,7 @@ def test_client_and_dashboard_survive_a_server_restart(service, new_page):
     page = new_page()
     open_harness(page, service)
     dashboard = new_page()
-    dashboard.goto(f"{service.base_url}/")
+    dashboard.goto(f"{service.url}/")
     wait_in_page(dashboard, "() => document.querySelector('#status').textContent === 'connected'", "connected")
     before = [service.publish(txn_event("transaction_new", f"R{i}"), publisher)["correlationId"] for i in range(3)]
     wait_in_page(page, "() => window.log.events.length >= 3", "events before the restart")
@@ -289,11 +290,11 @@ def test_client_and_dashboard_survive_a_server_restart(service, new_page):
 
 
 def test_client_refreshes_an_expiring_token_without_reconnecting(logs, new_page):
-    service = ServiceProcess(logs, token_refresh_grace_s="3")
+    service = DevService(logs, token_refresh_grace_s="3")
     service.start()
     try:
         page = new_page()
-        page.goto(f"{service.base_url}/healthz")
+        page.goto(f"{service.url}/healthz")
         page.expose_function("mintToken", lambda reason: service.token(customers=["CUST-001"], ttl_s=2))
         page.evaluate(HARNESS, {"customer": "CUST-001", "mint": True})
         wait_in_page(page, "() => window.log.refreshed.length >= 2", "two token refreshes")
@@ -309,11 +310,11 @@ def test_client_refreshes_an_expiring_token_without_reconnecting(logs, new_page)
 
 
 def test_client_reconnects_with_a_fresh_token_after_the_server_closes_with_4001(logs, new_page):
-    service = ServiceProcess(logs, token_refresh_grace_s="1")
+    service = DevService(logs, token_refresh_grace_s="1")
     service.start()
     try:
         page = new_page()
-        page.goto(f"{service.base_url}/healthz")
+        page.goto(f"{service.url}/healthz")
 
         def mint(reason: str) -> str:
             if reason == "expiring":
@@ -363,12 +364,9 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
 def test_the_specifications_example_client_receives_an_event_verbatim(playwright, logs, tls_files):
     """The example runs unchanged: the browser resolves api.eva-platform.com to the test server."""
     cert, key = tls_files
-    port = free_port()
-    service = ServiceProcess(
-        logs, port=port, tls_cert=str(cert), tls_key=str(key), allowed_origins="https://api.eva-platform.com"
-    )
+    service = DevService(logs, tls_cert=str(cert), tls_key=str(key), allowed_origins="https://api.eva-platform.com")
     service.start()
-    browser = launch(playwright, f"--host-resolver-rules=MAP api.eva-platform.com 127.0.0.1:{port}")
+    browser = launch(playwright, f"--host-resolver-rules=MAP api.eva-platform.com 127.0.0.1:{service.port}")
     try:
         context = browser.new_context(ignore_https_errors=True)
         page = context.new_page()
