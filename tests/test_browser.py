@@ -131,12 +131,12 @@ def screenshot(page: Page, name: str) -> Path:
 
 # A test page on the service's origin that runs the client and records what it reports.
 HARNESS: Final = """
-async ({ customer, mint }) => {
+async ({ customer, mint, pingIntervalMs = 30000, pongTimeoutMs = 10000 }) => {
   const { EvaWsClient } = await import('/static/eva-ws-client.js');
   const log = window.log = { events: [], states: [], resyncs: [], reconnected: [], resumed: [], errors: [],
                              tokenReasons: [], refreshed: [], sockets: 0 };
   const client = window.client = new EvaWsClient({
-    url: '/ws/transactions', customerId: customer, initialDelayMs: 200, maxDelayMs: 1000,
+    url: '/ws/transactions', customerId: customer, initialDelayMs: 200, maxDelayMs: 1000, pingIntervalMs, pongTimeoutMs,
     token: async ({ reason }) => {
       log.tokenReasons.push(reason);
       if (window.holdTokens) await new Promise((resolve) => { window.releaseTokens = resolve; });
@@ -255,6 +255,34 @@ def test_client_resumes_after_a_dropped_connection_with_each_event_once(logs, ne
             assert log["resumed"] == [3]
             assert log["resyncs"] == []
             assert log["tokenReasons"] == ["connect", "reconnect"]
+        finally:
+            service.stop()
+
+
+def test_client_replaces_a_silently_dead_connection_and_resumes(logs, new_page):
+    service = DevService(logs)
+    with DropProxy(service.port) as proxy:
+        service.env["EVA_WS_ALLOWED_ORIGINS"] = f"http://127.0.0.1:{proxy.port}"
+        service.start()
+        try:
+            publisher = service.publisher_token()
+            page = new_page()
+            page.goto(f"http://127.0.0.1:{proxy.port}/healthz")
+            # Tokens come from the test, not over HTTP: the frozen proxy would also hang pooled HTTP connections.
+            page.expose_function("mintToken", lambda reason: service.token(customers=["CUST-001"]))
+            options = {"customer": "CUST-001", "mint": True, "pingIntervalMs": 300, "pongTimeoutMs": 1000}
+            page.evaluate(HARNESS, options)
+            sent = [service.publish(txn_event("transaction_new", "D1"), publisher)["correlationId"]]
+            wait_in_page(page, "() => window.log.events.length >= 1", "the first event")
+
+            # The connection stays open but nothing passes: no close event will ever come.
+            proxy.freeze()
+            sent.append(service.publish(txn_event("transaction_update", "D1"), publisher)["correlationId"])
+            wait_in_page(page, "() => window.log.reconnected.length === 1", "a new connection after missed pongs")
+            wait_in_page(page, "() => window.log.events.length >= 2", "the event sent into the dead connection")
+            log = page.evaluate("() => window.log")
+            assert [e["correlationId"] for e in log["events"]] == sent
+            assert log["reconnected"] == [{"missed": 1, "resynced": 0}]
         finally:
             service.stop()
 
