@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -48,7 +47,7 @@ class DevService(ServiceProcess):
         result = subprocess.run(
             [sys.executable, "-m", "service", "token", "--sub", "backend", "--role", "publisher"],
             cwd=ROOT,
-            env={**os.environ, **self.env},
+            env=self.env,  # the environment without the caller's EVA_WS_* variables
             capture_output=True,
             text=True,
             check=True,
