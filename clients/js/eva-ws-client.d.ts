@@ -68,6 +68,8 @@ export interface EvaWsClientOptions {
   pingIntervalMs?: number;
   /** Abandon the socket when nothing arrives this long after a ping. Default 10000. */
   pongTimeoutMs?: number;
+  /** A token function that has not answered after this long counts as failed (retried with backoff). Default 15000. */
+  tokenTimeoutMs?: number;
   /** A WebSocket class, for runtimes without a global one. */
   WebSocket?: unknown;
   /** Source of randomness for the jitter, for tests. Default Math.random. */

@@ -140,6 +140,7 @@ export class EvaWsClient extends EventTarget {
       maxDelayMs: 30000,
       pingIntervalMs: 30000,
       pongTimeoutMs: 10000,
+      tokenTimeoutMs: 15000,
       random: Math.random,
       ...options,
     };
@@ -259,7 +260,16 @@ export class EvaWsClient extends EventTarget {
   async currentToken(reason) {
     const provider = this.options.token;
     if (typeof provider !== 'function') return this.token;
-    this.token = await provider({ reason });
+    // A provider stuck on a dead HTTP connection must not stall reconnecting forever.
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error('the token provider timed out')), this.options.tokenTimeoutMs);
+    });
+    try {
+      this.token = await Promise.race([provider({ reason }), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
     if (typeof this.token !== 'string' || !this.token) throw new Error('the token provider returned no token');
     return this.token;
   }

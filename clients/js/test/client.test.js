@@ -350,6 +350,18 @@ describe('tokens', () => {
   });
 });
 
+test('a provider that never answers is given up on and asked again', async () => {
+  let calls = 0;
+  const client = makeClient({
+    tokenTimeoutMs: 20,
+    token: () => { calls += 1; return calls === 1 ? new Promise(() => {}) : 'tok'; },
+  });
+  const errors = record(client, 'error');
+  const ws = await until(() => FakeWebSocket.last, 'a socket after the first provider call hung');
+  assert.equal(ws.url.searchParams.get('token'), 'tok');
+  assert.equal(errors[0].message, 'the token provider timed out');
+});
+
 describe('subscribe errors', () => {
   test('a forbidden subscription fails for good', async () => {
     const client = makeClient();
