@@ -74,7 +74,7 @@ async def send(ws: aiohttp.ClientWebSocketResponse, message: dict[str, Any]) -> 
     await ws.send_json(message)
 
 
-async def test_every_message_type_of_a_real_session_matches_its_schema(aiohttp_client: Any) -> None:
+async def test_every_message_type_of_a_real_connection_matches_its_schema(aiohttp_client: Any) -> None:
     """Drive each client and server message through the app; conftest.receive_json validates each reply."""
     settings = make_settings(token_refresh_grace_s="30")
     broker = MemoryBroker(history_size=1)

@@ -6,7 +6,7 @@
 
 /** Close codes after which reconnecting would not help (or is forbidden for a while). */
 export const NO_RECONNECT_CODES = Object.freeze(new Set([
-  1000, // normal: the client or the server ended the session on purpose
+  1000, // normal: the client or the server ended the connection on purpose
   1008, // policy violation: sustained rate-limit abuse; reconnecting at once would be abuse again
   1009, // message too big: this client sent an oversized frame; resending it would fail the same way
 ]));
@@ -168,7 +168,7 @@ export class EvaWsClient extends EventTarget {
     if (this.state === State.CONNECTING || this.state === State.OPEN) return;
     this.clearTimers();
     this.attempt = 0;
-    // While reconnecting this retries at once; after close() it is a new session (that still
+    // While reconnecting this retries at once; after close() it starts afresh (and still
     // resumes every wanted subscription from its position).
     if (this.state !== State.RECONNECTING) this.reconnects = 0;
     this.open('connect');
