@@ -286,6 +286,7 @@ async def test_resume_replays_missed_events_in_order_without_duplicates(app_clie
     resumed = await receive_type(again, "subscribed")
     assert resumed["recovered"] is True
     assert resumed["replayed"] == 4
+    assert resumed["position"] == last
     replayed = [await receive_json(again) for _ in range(4)]
     assert [e["data"]["id"] for e in replayed] == ["T3", "T4", "T5", "T6"]
     assert [e["offset"] for e in replayed] == [4, 5, 6, 7]

@@ -401,13 +401,12 @@ export class EvaWsClient extends EventTarget {
     sub.key = ack.subscription;
     sub.active = true;
     const resumed = ack.recovered === true;
+    // The ack's position is where the subscription starts (after a resume: the `since` sent);
+    // the `replayed` missed events follow it.
+    sub.position.reset(ack.position);
     if (resumed) {
-      // The `replayed` missed events follow the ack. Its position is the one after them, so it
-      // must not be adopted here or the replayed events would be dropped as duplicates.
       this.emit('resumed', { subscription: sub, replayed: ack.replayed });
       sub.handlers.onResumed?.(ack.replayed);
-    } else {
-      sub.position.reset(ack.position);
     }
     if (ack.recovered === false) this.resync(sub, ack.position, 'not_recovered');
     this.settleReconnect(sub, resumed ? ack.replayed : 0, ack.recovered === false ? 1 : 0);

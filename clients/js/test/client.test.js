@@ -214,12 +214,12 @@ describe('reconnect and resume', () => {
     second.open();
     const subscribes = second.sentOf('subscribe');
     assert.deepEqual(subscribes.map((m) => m.since), [{ offset: 4, epoch: 'e1' }, { offset: 7, epoch: 'e1' }]);
-    // As the server does, the ack states the position after the two replayed events.
-    second.ack(subscribes[0], { recovered: true, replayed: 2, position: { offset: 6, epoch: 'e1' } });
+    // As the server does, the ack repeats the `since` it was sent; the replayed events follow.
+    second.ack(subscribes[0], { recovered: true, replayed: 2, position: { offset: 4, epoch: 'e1' } });
     second.receive(event(4)); // a duplicate of what arrived before the restart
     second.receive(event(5));
     second.receive(event(6));
-    second.ack(subscribes[1], { recovered: true, replayed: 0 });
+    second.ack(subscribes[1], { recovered: true, replayed: 0, position: { offset: 7, epoch: 'e1' } });
     assert.deepEqual(seen.map((d) => d.message.offset), [4, 7, 5, 6]);
     assert.deepEqual(resumed.map((r) => r.replayed), [2, 0]);
     assert.deepEqual(reconnected, [{ missed: 2, resynced: 0 }]);
