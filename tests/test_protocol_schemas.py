@@ -128,8 +128,8 @@ async def test_every_message_type_of_a_real_connection_matches_its_schema(aiohtt
     epoch = ack["position"]["epoch"]
     other = await connect(client, token_for(settings, sub="alice", customers=["C1"]))
     resumed = await subscribe(other, since={"offset": 7, "epoch": epoch})
-    # The ack states the position after the replayed events that follow it.
-    assert (resumed["recovered"], resumed["replayed"], resumed["position"]) == (True, 1, {"offset": 8, "epoch": epoch})
+    # The ack repeats the position it resumes from; the replayed events follow it.
+    assert (resumed["recovered"], resumed["replayed"], resumed["position"]) == (True, 1, {"offset": 7, "epoch": epoch})
     assert (await receive_json(other))["offset"] == 8
     await send(other, {"type": "unsubscribe", "channel": "transactions"})
     assert (await receive_json(other))["type"] == "unsubscribed"
