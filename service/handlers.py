@@ -106,6 +106,11 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
     )
     if not ws.can_prepare(request).ok:
         return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        # aiohttp also speaks the hybi-08 draft; RFC 6455 §4.4 answers 426 with the version we speak.
+        response = _reject("websocket_version", 426, "upgrade_required", "only WebSocket version 13 is supported")
+        response.headers["Sec-WebSocket-Version"] = "13"
+        return response
     await ws.prepare(request)
 
     conn = Connection(
