@@ -17,6 +17,8 @@ from service.broker.base import Broker
 from service.config import Settings
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
+from service.jwks import JwksClient
+from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter
 from service.log import get_logger
 from service.presence import Presence
 from service.protocol import CloseCode
@@ -30,12 +32,27 @@ STATIC_DIR: Final = resources.files("service") / "static"
 
 
 def create_app(
-    settings: Settings, *, broker: Broker | None = None, presence: Presence | None = None
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    presence: Presence | None = None,
+    connection_counter: ConnectionCounter | None = None,
 ) -> web.Application:
-    """The whole service; `broker` and `presence` default to what the settings select."""
+    """The whole service; `broker`, `presence` and `connection_counter` default to what the settings select."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[keys.SETTINGS] = settings
-    app[keys.VERIFIER] = TokenVerifier(settings)
+    jwks = None
+    if settings.jwks_url is not None:
+        jwks = app[keys.JWKS] = JwksClient(
+            settings.jwks_url, cooldown_s=settings.jwks_cooldown_s, max_age_s=settings.jwks_max_age_s
+        )
+        app.cleanup_ctx.append(_jwks_ctx)
+    app[keys.VERIFIER] = TokenVerifier(settings, jwks=jwks)
+    app[keys.CONNECTION_LIMITS] = ConnectionLimits(
+        connection_counter or LocalConnectionCounter(),
+        per_user=settings.max_connections_per_user,
+        per_ip=settings.max_connections_per_ip,
+    )
     app[keys.LIFECYCLE] = keys.Lifecycle()
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.PRESENCE] = presence or create_presence(settings)
@@ -78,6 +95,14 @@ async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(str(STATIC_DIR / "index.html"))
 
 
+async def _jwks_ctx(app: web.Application) -> AsyncIterator[None]:
+    jwks = app[keys.JWKS]
+    # A failed first fetch is logged and retried on demand: the pod still starts.
+    await jwks.start()
+    yield
+    await jwks.close()
+
+
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker, presence, hub = app[keys.BROKER], app[keys.PRESENCE], app[keys.HUB]
     await broker.start()
@@ -87,6 +112,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.close()
     await presence.close()
     await broker.close()
+    await app[keys.CONNECTION_LIMITS].counter.close()
 
 
 async def _close_remaining_sockets(app: web.Application) -> None:

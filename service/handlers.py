@@ -14,11 +14,13 @@ from service import keys, metrics
 from service.auth import AuthError, Principal, mint_token, token_from_request
 from service.broker.base import BrokerUnavailable
 from service.connection import CLOSE_TIMEOUT_S, Connection
+from service.limits import client_ip
 from service.log import get_logger
 from service.presence import PresenceEntry
 from service.protocol import CloseCode, is_valid_id, iso_utc
 from service.publisher import InvalidEvent, PreparedEvent, prepare_event
 from service.session import Session
+from service.websocket import ServerWebSocketResponse
 
 log = get_logger("eva_ws.handlers")
 
@@ -38,11 +40,11 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return "*" in allowed or origin.lower() in allowed
 
 
-def _authenticate(request: web.Request) -> Principal:
+async def _authenticate(request: web.Request) -> Principal:
     token = token_from_request(request)
     if token is None:
         raise AuthError("missing", "a token is required (?token= or Authorization: Bearer)")
-    return request.app[keys.VERIFIER].verify(token)
+    return await request.app[keys.VERIFIER].verify(token)
 
 
 def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
@@ -51,8 +53,15 @@ def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
     return _json_error(status, error, message)
 
 
+def _too_many(reason: str, what: str) -> web.Response:
+    response = _reject(reason, 429, "too_many_connections", f"too many open connections for this {what}")
+    # Clients that honour it back off instead of retrying in a tight loop.
+    response.headers["Retry-After"] = "10"
+    return response
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """Authenticate, then upgrade; the socket lives until either side closes it."""
+    """Authenticate and apply the connection caps, then upgrade; the socket lives until either side closes it."""
     app = request.app
     settings = app[keys.SETTINGS]
     lifecycle = app[keys.LIFECYCLE]
@@ -60,25 +69,53 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return _reject("draining", 503, "draining", "this pod is shutting down; reconnect")
     if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
+    limits = app[keys.CONNECTION_LIMITS]
+    conn_id = uuid.uuid4().hex
+    ip = client_ip(request, settings.client_ip_header)
+    # Before the token check: a flood from one address is refused without spending CPU on signatures.
+    if not await limits.acquire_ip(conn_id, ip):
+        return _too_many("ip_connection_limit", "address")
+    user_id: str | None = None
     try:
-        principal = _authenticate(request)
-    except AuthError as error:
-        return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+        try:
+            principal = await _authenticate(request)
+        except AuthError as error:
+            return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+        if not await limits.acquire_user(conn_id, principal.user_id):
+            return _too_many("user_connection_limit", "user")
+        user_id = principal.user_id
+        return await _serve_socket(request, conn_id, principal)
+    finally:
+        await limits.release(conn_id, ip=ip, user_id=user_id)
 
-    ws = web.WebSocketResponse(
+
+async def _serve_socket(request: web.Request, conn_id: str, principal: Principal) -> web.StreamResponse:
+    app = request.app
+    settings = app[keys.SETTINGS]
+    lifecycle = app[keys.LIFECYCLE]
+    ws = ServerWebSocketResponse(
         heartbeat=settings.heartbeat_s,
         max_msg_size=settings.max_message_bytes,
-        # Compression costs ~256 KiB per socket and forbids sharing one frame across clients.
+        # Compression costs ~256 KiB per socket, forbids sharing one frame across clients
+        # and opens the door to decompression bombs: never negotiated.
         compress=False,
+        # Control frames from the client go through the read loop, so pings count against
+        # the rate limit instead of being answered without limit.
+        autoping=False,
         timeout=CLOSE_TIMEOUT_S,
     )
     if not ws.can_prepare(request).ok:
         return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        # aiohttp also speaks the hybi-08 draft; RFC 6455 §4.4 answers 426 with the version we speak.
+        response = _reject("websocket_version", 426, "upgrade_required", "only WebSocket version 13 is supported")
+        response.headers["Sec-WebSocket-Version"] = "13"
+        return response
     await ws.prepare(request)
 
     conn = Connection(
         ws,
-        conn_id=uuid.uuid4().hex,
+        conn_id=conn_id,
         principal=principal,
         send_queue_size=settings.send_queue_size,
         transport=request.transport,
@@ -104,12 +141,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
         except BrokerUnavailable:
             log.warning("presence_unavailable")
-        async for message in ws:
+        while True:
+            message = await ws.receive()
             if message.type is WSMsgType.TEXT:
                 await session.on_text(message.data)
             elif message.type is WSMsgType.BINARY:
                 session.on_binary()
-            else:  # ERROR: a protocol violation; aiohttp already sent the close frame
+            elif message.type is WSMsgType.PING:
+                await session.on_ping(message.data)
+            elif message.type is not WSMsgType.PONG:
+                # CLOSE (answered by aiohttp), CLOSING, CLOSED, or ERROR: a protocol
+                # violation for which aiohttp already sent the close frame.
                 break
     finally:
         await session.close()
@@ -156,7 +198,7 @@ def close_reason(code: int | None, *, server_initiated: bool) -> str:
 async def publish(request: web.Request) -> web.Response:
     """POST /api/v1/publish: one event object, or {"events": [...]}; role `publisher`."""
     try:
-        principal = _authenticate(request)
+        principal = await _authenticate(request)
     except AuthError as error:
         return _json_error(401, "unauthorized", error.message)
     if not principal.is_publisher:
@@ -216,7 +258,7 @@ def _prepare(item: Any, index: int) -> PreparedEvent:
 async def presence(request: web.Request) -> web.Response:
     """GET /api/v1/presence/{customerId}: who is online for a customer, and on which pod."""
     try:
-        principal = _authenticate(request)
+        principal = await _authenticate(request)
     except AuthError as error:
         return _json_error(401, "unauthorized", error.message)
     customer_id = request.match_info["customer_id"]

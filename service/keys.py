@@ -12,6 +12,8 @@ from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Connection
 from service.hub import Hub
+from service.jwks import JwksClient
+from service.limits import ConnectionLimits
 from service.presence import Presence
 from service.publisher import Publisher
 
@@ -31,3 +33,6 @@ HUB: Final = web.AppKey("hub", Hub)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 PRESENCE: Final = web.AppKey("presence", Presence)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+CONNECTION_LIMITS: Final = web.AppKey("connection_limits", ConnectionLimits)
+# Present only when EVA_WS_JWKS_URL is set.
+JWKS: Final = web.AppKey("jwks", JwksClient)

@@ -83,6 +83,20 @@ class Session:
         except ProtocolError as error:
             self._reply_error(error)
 
+    async def on_ping(self, payload: bytes) -> None:
+        """A WebSocket PING control frame: rate-limited like any message, then answered.
+
+        The pong is written from the read loop, so a client that pings without reading
+        its pongs stalls its own reads (TCP backpressure) instead of growing a backlog.
+        """
+        if not self._admit():
+            return
+        metrics.MESSAGES_RECEIVED.labels("ws_ping").inc()
+        try:
+            await self._conn.ws.pong(payload)
+        except ConnectionError:
+            return  # the read loop sees the close next
+
     def on_binary(self) -> None:
         if not self._admit():
             return
@@ -160,7 +174,7 @@ class Session:
         assert message.token is not None
         cid = message.correlation_id
         try:
-            principal = self._verifier.verify(message.token)
+            principal = await self._verifier.verify(message.token)
         except AuthError as error:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, error.message, cid) from None
         if principal.user_id != self._conn.principal.user_id:
