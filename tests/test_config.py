@@ -44,7 +44,7 @@ def test_lists_and_files_are_read(tmp_path):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({}, "EVA_WS_JWT_SECRET is required in production"),
+        ({}, "EVA_WS_JWT_SECRET (or EVA_WS_JWT_KEYS) is required in production"),
         ({"EVA_WS_JWT_SECRET": "short"}, "at least 32 bytes"),
         ({"EVA_WS_PORT": "http"}, "EVA_WS_PORT='http' is not an integer"),
         ({"EVA_WS_PORT": "70000"}, "between 0 and 65535"),

@@ -57,7 +57,7 @@ def test_token_command_without_a_secret_explains_what_to_set():
 def test_serve_refuses_bad_settings_with_exit_code_2():
     result = _cli("serve", EVA_WS_MODE="production")
     assert result.returncode == 2
-    assert "configuration error: EVA_WS_JWT_SECRET is required in production" in result.stderr
+    assert "configuration error: EVA_WS_JWT_SECRET (or EVA_WS_JWT_KEYS) is required in production" in result.stderr
 
 
 async def test_sigterm_drains_readiness_then_closes_sockets_with_1012_and_exits(tmp_path):
