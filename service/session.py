@@ -14,6 +14,7 @@ from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
 from service.log import get_logger
 from service.protocol import (
     ClientMessage,
+    channel_of_key,
     CloseCode,
     ErrorCode,
     ProtocolError,
@@ -182,8 +183,23 @@ class Session:
         self._conn.principal = principal
         # Subscriptions were authorized with the old token; drop those the new one no longer allows.
         for key in [k for k in self._subscriptions if not entitled_to_key(principal, k)]:
-            await self._hub.unsubscribe(self._subscriptions.pop(key))
-            self._reply_error(ProtocolError(ErrorCode.FORBIDDEN, f"the new token does not allow {key!r}", cid))
+            sub = self._subscriptions.pop(key)
+            await self._hub.unsubscribe(sub)
+            self._conn.send(
+                encode(
+                    {
+                        "type": "unsubscribed",
+                        "channel": channel_of_key(key).value,
+                        "subscription": key,
+                        "filters": sub.filters.to_json(),
+                        # Ended by the server, not asked for: the new token does not allow it.
+                        "reason": "forbidden",
+                        "correlationId": cid,
+                        "timestamp": utc_now_iso(),
+                    }
+                ),
+                "unsubscribed",
+            )
         self._schedule_expiry(principal)
         self._conn.send(
             encode(

@@ -364,7 +364,8 @@ async def test_refresh_with_fewer_customers_drops_those_subscriptions(app_client
     await subscribe(ws, filters={"customerId": "C1"})
     await subscribe(ws, filters={"customerId": "C2"})
     await ws.send_json({"type": "refresh", "token": token_for(settings, sub="alice", customers=["C2"])})
-    assert (await receive_type(ws, "error"))["code"] == "forbidden"
+    dropped = await receive_type(ws, "unsubscribed")
+    assert (dropped["subscription"], dropped["reason"]) == ("transactions:C1", "forbidden")
     assert (await receive_type(ws, "refreshed"))["type"] == "refreshed"
     await publish(client, settings, {"type": "transaction_new", "data": txn("T1", "C1")})
     await publish(client, settings, {"type": "transaction_new", "data": txn("T2", "C2")})

@@ -117,7 +117,8 @@ export interface ClientEventMap {
   resumed: { subscription: Subscription; replayed: number };
   resync: { subscription: Subscription; position: StreamPosition; reason: ResyncReason };
   reconnected: { missed: number; resynced: number };
-  unsubscribed: { subscription: string };
+  /** `reason` is set when the server ended the subscription (a refreshed token no longer allows it). */
+  unsubscribed: { subscription: string; reason?: 'forbidden' };
   tokenrefreshed: { expiresAt: string };
   tokenexpiring: Record<string, never>;
   error: { code: string; message: string; correlationId?: string | null; subscription?: Subscription };

@@ -378,10 +378,23 @@ export class EvaWsClient extends EventTarget {
     this.handleMessage(message);
   }
 
+  onUnsubscribed(message) {
+    if (message.reason) {
+      // The server ended it (a refreshed token no longer allows it): stop wanting it, so a
+      // reconnect does not ask for it again.
+      const sub = [...this.wanted].find((s) => s.key === message.subscription);
+      if (sub) {
+        sub.active = false; // already gone on the server: nothing to send
+        this.unsubscribe(sub);
+      }
+    }
+    this.emit('unsubscribed', { subscription: message.subscription, reason: message.reason });
+  }
+
   handleMessage(message) {
     switch (message.type) {
       case 'subscribed': return this.onSubscribed(message);
-      case 'unsubscribed': return this.emit('unsubscribed', { subscription: message.subscription });
+      case 'unsubscribed': return this.onUnsubscribed(message);
       case 'resync': return this.onResync(message);
       case 'error': return this.onError(message);
       case 'refreshed': return this.emit('tokenrefreshed', { expiresAt: message.expiresAt });

@@ -389,3 +389,16 @@ describe('subscribe errors', () => {
     assert.equal((await sub.ready).subscription, 'transactions:C1');
   });
 });
+
+describe('server-ended subscriptions', () => {
+  test('an unsubscribed with a reason stops wanting the subscription', async () => {
+    const client = makeClient({ token: 't' });
+    const ended = record(client, 'unsubscribed');
+    client.subscribe('transactions', { customerId: 'C1' });
+    const socket = await openAndAck(client, { offset: 0 });
+    socket.receive({ type: 'unsubscribed', channel: 'transactions', subscription: 'transactions:C1', filters: { customerId: 'C1' }, reason: 'forbidden', correlationId: null, timestamp: '2026-01-01T00:00:00.000Z' });
+    assert.deepEqual(ended, [{ subscription: 'transactions:C1', reason: 'forbidden' }]);
+    assert.equal(client.wanted.size, 0);
+    assert.equal(socket.sentOf('unsubscribe').length, 0);
+  });
+});
