@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
+from service.broker.canary import CANARY_CHANNEL_PART
 from service.broker.redis import RedisBroker
 from service.config import Settings
 from service.presence import PresenceEntry
@@ -83,9 +84,10 @@ async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def pubsub_channels(raw: Redis, prefix: str) -> set[str]:
+    """The broker channels subscribed in Redis, without the pods' private canary channels."""
     channels = await raw.pubsub_channels(f"{prefix}*")
     names = [c.decode() if isinstance(c, bytes) else c for c in channels]
-    return {name[len(prefix) :] for name in names}
+    return {name[len(prefix) :] for name in names if not name[len(prefix) :].startswith(CANARY_CHANNEL_PART)}
 
 
 def prefix_of(broker: Broker) -> str:
