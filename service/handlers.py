@@ -102,8 +102,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         try:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
+        except BrokerUnavailable as error:
+            # The connection works without presence; the heartbeat writes the entry later.
+            _presence_unavailable("add", error)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await session.on_text(message.data)
@@ -117,8 +118,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         lifecycle.connections.discard(conn)
         try:
             await presence.remove(customers, conn.conn_id)
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
+        except BrokerUnavailable as error:
+            # The entry dies with this pod's heartbeat at the latest.
+            _presence_unavailable("remove", error)
         code = int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
@@ -128,6 +130,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
         structlog.contextvars.unbind_contextvars("conn_id", "user_id")
     return ws
+
+
+def _presence_unavailable(operation: str, error: BrokerUnavailable) -> None:
+    metrics.PRESENCE_UNAVAILABLE.labels(operation).inc()
+    log.warning("presence_unavailable", operation=operation, error=str(error))
 
 
 _SERVER_REASONS: Final = {
@@ -226,7 +233,8 @@ async def presence(request: web.Request) -> web.Response:
         return _json_error(403, "forbidden", "not allowed to see this customer")
     try:
         entries = await request.app[keys.PRESENCE].list(customer_id)
-    except BrokerUnavailable:
+    except BrokerUnavailable as error:
+        _presence_unavailable("list", error)
         return _json_error(503, "unavailable", "presence is unavailable; retry")
     return web.json_response(
         {
