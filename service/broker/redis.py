@@ -115,6 +115,7 @@ class RedisBroker(Broker):
         # When live delivery stopped being trustworthy (the start counts); None while ready.
         self._deaf_since: float | None = time.monotonic()
         self._deaf_logged = False
+        self._seen_disconnects = 0
         self._closed = False
 
     @classmethod
@@ -145,8 +146,10 @@ class RedisBroker(Broker):
         reconnecting in the background until Redis appears."""
         self._canary.start()
         try:
-            await self._subscriber.start(timeout_s=self._timeout_s + self._subscribe_timeout_s)
-            async with asyncio.timeout(self._timeout_s + self._canary.max_lag_s):
+            # Bounded by one connect + command timeout each, so a pod without Redis starts
+            # (not ready) within seconds and its probes can report why.
+            await self._subscriber.start(timeout_s=self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
                 await self._canary.round_trip()
         except (BrokerUnavailable, TimeoutError):
             self._deaf_logged = True
@@ -194,6 +197,18 @@ class RedisBroker(Broker):
             metrics.BROKER_READY.set(0 if reasons else 1)
             metrics.BROKER_CANARY_LAG.set(self._canary.lag_s)
             now = time.monotonic()
+            if self._subscriber.disconnects != self._seen_disconnects:
+                self._seen_disconnects = self._subscriber.disconnects
+                if not self._deaf_logged:
+                    # Even a reconnect that finished between two looks lost live events.
+                    self._deaf_since = self._deaf_since or self._subscriber.disconnected_at
+                    self._deaf_logged = True
+                    log.error(
+                        "broker_deaf",
+                        pod_id=self._pod_id,
+                        reasons=reasons or ["broker_not_ready"],
+                        channels=self._subscriber.wanted_count,
+                    )
             if reasons and not self._deaf_logged:
                 self._deaf_since = self._deaf_since or now
                 self._deaf_logged = True

@@ -79,6 +79,10 @@ class Subscriber:
         # Wanted channels not confirmed by Redis yet, with when they were first asked for.
         self._unconfirmed_since: dict[str, float] = {}
         self._connected = False
+        # Connections lost or failed so far, and when the last one was, so that readiness
+        # reporting sees a reconnect even when it was over before anyone looked.
+        self.disconnects = 0
+        self.disconnected_at = 0.0
         self._up = asyncio.Event()  # set while `_connected`
         self._reached_ready = False  # the current connection had every wanted channel confirmed
         self._ping_sent_at: float | None = None
@@ -222,6 +226,8 @@ class Subscriber:
             except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
                 log.exception("broker_subscriber_failed", pod_id=self._pod_id)
             finally:
+                self.disconnects += 1
+                self.disconnected_at = time.monotonic()
                 self._reset_connection_state()
                 # aclose() cannot hang on a half-open socket: it does not wait for the peer.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
