@@ -153,7 +153,7 @@ class RedisBroker(Broker):
                 await self._canary.round_trip()
         except (BrokerUnavailable, TimeoutError):
             self._deaf_logged = True
-            log.warning("broker_deaf", pod_id=self._pod_id, reasons=self.not_ready_reasons(), at_start=True)
+            log.error("broker_deaf", pod_id=self._pod_id, reasons=self.not_ready_reasons(), at_start=True)
         self._watch_task = asyncio.create_task(self._watch(), name="redis-broker-readiness")
 
     async def close(self) -> None:
