@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any
 
-import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -15,15 +14,10 @@ from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.broker.canary import Canary, canary_channel, new_instance
+from service.broker.readiness import ReadinessLog
 from service.broker.redis_subscriber import Subscriber
 from service.config import Settings
-from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
-
-log = structlog.get_logger("eva_ws.broker")
-
-# How often readiness is re-evaluated for the log and the gauge (the /readyz answer is
-# computed on every request); short enough that a deaf pod is logged within a second.
-_WATCH_INTERVAL_S: Final = 0.25
+from service.redis_client import client_name_part, client_options, command_client
 
 
 class RedisBroker(Broker):
@@ -91,7 +85,6 @@ class RedisBroker(Broker):
         self._sub_client: Redis = Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
-        self._pod_id = pod_id
         self._canary_channel = canary_channel(prefix, client_name_part(new_instance(pod_id)))
         self._canary = Canary(publish=self._publish_canary, interval_s=canary_interval_s, max_lag_s=canary_max_lag_s)
 
@@ -111,11 +104,13 @@ class RedisBroker(Broker):
             canary_channel=self._canary_channel,
         )
         self._subscribe_timeout_s = subscribe_timeout_s
-        self._watch_task: asyncio.Task[None] | None = None
-        # When live delivery stopped being trustworthy (the start counts); None while ready.
-        self._deaf_since: float | None = time.monotonic()
-        self._deaf_logged = False
-        self._seen_disconnects = 0
+        self._readiness_log = ReadinessLog(
+            pod_id=pod_id,
+            reasons=self.not_ready_reasons,
+            disconnects=lambda: (self._subscriber.disconnects, self._subscriber.disconnected_at),
+            canary_lag_s=lambda: self._canary.lag_s,
+            channels=lambda: self._subscriber.wanted_count,
+        )
         self._closed = False
 
     @classmethod
@@ -152,17 +147,15 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self._timeout_s):
                 await self._canary.round_trip()
         except (BrokerUnavailable, TimeoutError):
-            self._deaf_logged = True
-            log.error("broker_deaf", pod_id=self._pod_id, reasons=self.not_ready_reasons(), at_start=True)
-        self._watch_task = asyncio.create_task(self._watch(), name="redis-broker-readiness")
+            self._readiness_log.deaf_at_start()
+        self._readiness_log.start()
 
     async def close(self) -> None:
         """See Broker.close."""
         if self._closed:
             return
         self._closed = True
-        if self._watch_task is not None:
-            await cancel_and_wait(self._watch_task)
+        await self._readiness_log.close()
         await self._canary.close()
         await self._subscriber.close()
         await self._sub_client.aclose()
@@ -189,41 +182,6 @@ class RedisBroker(Broker):
                 await self._client.publish(self._canary_channel, data)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"canary not sent: {type(exc).__name__}") from exc
-
-    async def _watch(self) -> None:
-        """Log every change of readiness once, and keep the readiness gauges current."""
-        while True:
-            reasons = self.not_ready_reasons()
-            metrics.BROKER_READY.set(0 if reasons else 1)
-            metrics.BROKER_CANARY_LAG.set(self._canary.lag_s)
-            now = time.monotonic()
-            if self._subscriber.disconnects != self._seen_disconnects:
-                self._seen_disconnects = self._subscriber.disconnects
-                if not self._deaf_logged:
-                    # Even a reconnect that finished between two looks lost live events.
-                    self._deaf_since = self._deaf_since or self._subscriber.disconnected_at
-                    self._deaf_logged = True
-                    log.error(
-                        "broker_deaf",
-                        pod_id=self._pod_id,
-                        reasons=reasons or ["broker_not_ready"],
-                        channels=self._subscriber.wanted_count,
-                    )
-            if reasons and not self._deaf_logged:
-                self._deaf_since = self._deaf_since or now
-                self._deaf_logged = True
-                log.error("broker_deaf", pod_id=self._pod_id, reasons=reasons, channels=self._subscriber.wanted_count)
-            elif not reasons and self._deaf_since is not None:
-                deaf_s = round(now - self._deaf_since, 3)
-                if self._deaf_logged:
-                    # deaf_s: how long clients of this pod got no live events.
-                    channels = self._subscriber.wanted_count
-                    log.info("broker_recovered", pod_id=self._pod_id, deaf_s=deaf_s, channels=channels)
-                else:
-                    log.info("broker_ready", pod_id=self._pod_id, after_s=deaf_s)
-                self._deaf_since = None
-                self._deaf_logged = False
-            await asyncio.sleep(_WATCH_INTERVAL_S)
 
     # -- publishing and history -----------------------------------------------------------
 
