@@ -46,6 +46,14 @@ class Settings:
     redis_prefix: str = ""
     history_size: int = 1000
     history_ttl_s: int = 86_400
+    # Upper bound of the jittered backoff between attempts to reach Redis again.
+    redis_reconnect_max_s: float = 5.0
+    # Each pod publishes a canary through Redis to itself this often...
+    broker_canary_interval_s: float = 1.0
+    # ...and is not ready while none sent within this many seconds came back.
+    broker_canary_max_lag_s: float = 5.0
+    # A pod's presence entries outlive a crash of the pod by at most this long.
+    presence_ttl_s: float = 30.0
 
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_secret: str | None = None
@@ -294,6 +302,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{ENV_PREFIX}POD_ID must be printable and at most 128 characters")
 
     burst = _int(env, "rate_limit_burst", 40, minimum=1, maximum=100_000)
+    canary_interval_s = _float(env, "broker_canary_interval_s", 1.0, minimum=0.05, maximum=60.0)
+    canary_max_lag_s = _float(env, "broker_canary_max_lag_s", 5.0, minimum=0.1, maximum=600.0)
+    if canary_max_lag_s <= canary_interval_s:
+        raise ConfigError(
+            f"{ENV_PREFIX}BROKER_CANARY_MAX_LAG_S must be longer than {ENV_PREFIX}BROKER_CANARY_INTERVAL_S"
+        )
     return Settings(
         mode=mode,  # type: ignore[arg-type]  # narrowed by the check above
         host=_get(env, "host") or "0.0.0.0",
@@ -304,6 +318,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_prefix=_get(env, "redis_prefix") or "",
         history_size=_int(env, "history_size", 1000, minimum=1, maximum=1_000_000),
         history_ttl_s=_int(env, "history_ttl_s", 86_400, minimum=1, maximum=30 * 86_400),
+        redis_reconnect_max_s=_float(env, "redis_reconnect_max_s", 5.0, minimum=0.1, maximum=300.0),
+        broker_canary_interval_s=canary_interval_s,
+        broker_canary_max_lag_s=canary_max_lag_s,
+        presence_ttl_s=_float(env, "presence_ttl_s", 30.0, minimum=1.0, maximum=3600.0),
         jwt_algorithms=algorithms,
         jwt_secret=secret,
         jwt_public_key=public_key,

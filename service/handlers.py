@@ -139,8 +139,9 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
     try:
         try:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
+        except BrokerUnavailable as error:
+            # The connection works without presence; the heartbeat writes the entry later.
+            _presence_unavailable("add", error)
         while True:
             message = await ws.receive()
             if message.type is WSMsgType.TEXT:
@@ -159,8 +160,9 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         lifecycle.connections.discard(conn)
         try:
             await presence.remove(customers, conn.conn_id)
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
+        except BrokerUnavailable as error:
+            # The entry dies with this pod's heartbeat at the latest.
+            _presence_unavailable("remove", error)
         code = int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
@@ -170,6 +172,11 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
         structlog.contextvars.unbind_contextvars("conn_id", "user_id")
     return ws
+
+
+def _presence_unavailable(operation: str, error: BrokerUnavailable) -> None:
+    metrics.PRESENCE_UNAVAILABLE.labels(operation).inc()
+    log.warning("presence_unavailable", operation=operation, error=str(error))
 
 
 _SERVER_REASONS: Final = {
@@ -268,7 +275,8 @@ async def presence(request: web.Request) -> web.Response:
         return _json_error(403, "forbidden", "not allowed to see this customer")
     try:
         entries = await request.app[keys.PRESENCE].list(customer_id)
-    except BrokerUnavailable:
+    except BrokerUnavailable as error:
+        _presence_unavailable("list", error)
         return _json_error(503, "unavailable", "presence is unavailable; retry")
     return web.json_response(
         {

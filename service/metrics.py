@@ -102,6 +102,12 @@ HUB_SUBSCRIPTIONS: Final = Gauge(
 BROKER_READY: Final = Gauge(
     "broker_ready", "1 while the broker's live delivery can be trusted.", namespace=NAMESPACE, registry=REGISTRY
 )
+BROKER_CANARY_LAG: Final = Gauge(
+    "broker_canary_lag_seconds",
+    "Age of the newest canary that came back through Redis to this pod (about the canary interval while healthy).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 BROKER_CONNECTS: Final = Counter(
     "broker_connects_total",
     "Broker (re)connections to Redis, by outcome (ok, failed).",
@@ -115,6 +121,13 @@ BROKER_SUBSCRIPTIONS_WANTED: Final = Gauge(
 BROKER_SUBSCRIPTIONS_ACTUAL: Final = Gauge(
     "broker_subscriptions_actual",
     "Channels whose Redis subscription is in effect.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+PRESENCE_UNAVAILABLE: Final = Counter(
+    "presence_unavailable_total",
+    "Presence updates or reads that failed because Redis could not answer, by operation (add, remove, list).",
+    ["operation"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

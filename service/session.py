@@ -14,10 +14,10 @@ from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
 from service.log import get_logger
 from service.protocol import (
     ClientMessage,
-    channel_of_key,
     CloseCode,
     ErrorCode,
     ProtocolError,
+    channel_of_key,
     encode,
     error_message,
     iso_utc,

@@ -23,4 +23,4 @@ def create_presence(settings: Settings) -> Presence:
         return MemoryPresence()
     from service.presence_redis import RedisPresence
 
-    return RedisPresence.from_settings(settings)
+    return RedisPresence.from_settings(settings, heartbeat_ttl_s=settings.presence_ttl_s)
