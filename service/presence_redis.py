@@ -29,7 +29,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.broker.redis import client_options
+from service.broker.redis import client_name_part, client_options
 from service.presence import Presence, PresenceEntry
 
 log = structlog.get_logger("eva_ws.presence")
@@ -107,7 +107,7 @@ class RedisPresence(Presence):
                 connect_timeout_s=connect_timeout_s,
                 command_timeout_s=command_timeout_s,
                 keepalive_idle_s=10,
-                client_name=f"eva-ws:{pod_id}:presence",
+                client_name=f"eva-ws:{client_name_part(pod_id)}:presence",
             ),
         )
         self._add_script = self._client.register_script(_ADD)

@@ -33,11 +33,17 @@ def redis_factory(server: RedisServer, **defaults: Any) -> BrokerFactory:
     prefix = f"t{uuid.uuid4().hex[:6]}:"
 
     def make(**options: Any) -> Broker:
-        settings: dict[str, Any] = {"url": server.url, "prefix": prefix, "history_size": 1000, "history_ttl_s": 600}
+        settings: dict[str, Any] = {
+            "url": server.url,
+            "prefix": prefix,
+            "pod_id": f"pod-{uuid.uuid4().hex[:6]}",
+            "history_size": 1000,
+            "history_ttl_s": 600,
+        }
         settings.update(FAST)
         settings.update(defaults)
         settings.update(options)
-        return RedisBroker(pod_id=f"pod-{uuid.uuid4().hex[:6]}", **settings)
+        return RedisBroker(**settings)
 
     return make
 
@@ -325,3 +331,11 @@ async def test_close_leaves_no_tasks_and_no_connections(redis_server: RedisServe
     assert await raw.pubsub_numsub(prefix_of(started.broker) + channel) == [
         ((prefix_of(started.broker) + channel).encode(), 0)
     ]
+
+
+async def test_pod_id_with_spaces_still_connects(pods: Callable[..., Any]) -> None:
+    pod = await pods(pod_id="node 1 (eu-west)")
+    channel = new_channel()
+    await pod.broker.subscribe(channel)
+    await pod.broker.publish(channel, payload(1))
+    await eventually(lambda: len(pod.recorder.envelopes) == 1, "event not delivered")

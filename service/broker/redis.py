@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,11 @@ def _keepalive_options(idle_s: int) -> dict[int, int]:
         if constant is not None:
             options[constant] = value
     return options
+
+
+def client_name_part(text: str) -> str:
+    """`text` made safe for CLIENT SETNAME, which refuses spaces and newlines."""
+    return re.sub(r"[^0-9A-Za-z._:/-]", "_", text)[:64]
 
 
 def client_options(
@@ -102,10 +108,10 @@ class RedisBroker(Broker):
             connect_timeout_s=connect_timeout_s,
             command_timeout_s=command_timeout_s,
             keepalive_idle_s=keepalive_idle_s,
-            client_name=f"eva-ws:{pod_id}:cmd",
+            client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
         self._client: Redis = Redis.from_url(url, **options)
-        options["client_name"] = f"eva-ws:{pod_id}:sub"
+        options["client_name"] = f"eva-ws:{client_name_part(pod_id)}:sub"
         self._sub_client: Redis = Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
@@ -116,6 +122,8 @@ class RedisBroker(Broker):
         self._actual: set[str] = set()  # what Redis confirmed on the current connection
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._connected = False
+        self._up = asyncio.Event()  # set while `_connected`
+        self._reached_ready = False  # the current session had every wanted channel confirmed
         self._ping_sent_at: float | None = None
         self._wake_scope: asyncio.Timeout | None = None
         self._owner: asyncio.Task[None] | None = None
@@ -133,12 +141,12 @@ class RedisBroker(Broker):
             await self.close()
             raise BrokerUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
         self._owner = asyncio.create_task(self._run(), name="redis-broker-subscriber")
-        deadline = time.monotonic() + self._timeout_s + self._subscribe_timeout_s
-        while not self._connected:
-            if time.monotonic() > deadline or self._owner.done():
-                await self.close()
-                raise BrokerUnavailable("redis subscriber connection did not come up")
-            await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(self._timeout_s + self._subscribe_timeout_s):
+                await self._up.wait()
+        except TimeoutError:
+            await self.close()
+            raise BrokerUnavailable("redis subscriber connection did not come up") from None
 
     async def close(self) -> None:
         """See Broker.close."""
@@ -295,6 +303,10 @@ class RedisBroker(Broker):
 
     def _set_connected(self, connected: bool) -> None:
         self._connected = connected
+        if connected:
+            self._up.set()
+        else:
+            self._up.clear()
         metrics.BROKER_READY.set(1 if self.ready else 0)
 
     # -- the owner task ------------------------------------------------------------------
@@ -305,16 +317,17 @@ class RedisBroker(Broker):
         sessions = 0
         while not self._closed:
             pubsub = self._sub_client.pubsub()
-            healthy = False
+            connected = False
+            self._reached_ready = False
             try:
                 await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
                 sessions += 1
                 log.info("broker_connected", pod_id=self._pod_id, session=sessions)
-                healthy = True
+                connected = True
                 await self._serve(pubsub, notify_resubscribed=sessions > 1)
             except (RedisError, OSError, TimeoutError, _Deaf) as exc:
-                if not healthy:
+                if not connected:
                     metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
                 log.warning("broker_disconnected", pod_id=self._pod_id, error=type(exc).__name__, detail=str(exc))
             except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
@@ -326,7 +339,9 @@ class RedisBroker(Broker):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
                 if was_ready:
                     log.warning("broker_deaf", pod_id=self._pod_id, wanted=len(self._wanted))
-            attempt = 0 if healthy else attempt + 1
+            # Reset only after a session that was fully subscribed, so a connection that
+            # fails right after connecting (e.g. SUBSCRIBE refused) still backs off.
+            attempt = 0 if self._reached_ready else attempt + 1
             await asyncio.sleep(self._backoff_s(attempt))
 
     def _backoff_s(self, attempt: int) -> float:
@@ -354,7 +369,9 @@ class RedisBroker(Broker):
                 await pubsub.ping(ping_token)
             if self._pong_late():
                 raise _Deaf(f"no PONG within {self._pong_timeout_s}s")
-            if pending_notice and self._actual == self._server == self._wanted:
+            if self._actual == self._server == self._wanted:
+                self._reached_ready = True
+            if pending_notice and self._reached_ready:
                 pending_notice = False
                 log.info("broker_recovered", pod_id=self._pod_id, channels=len(self._actual))
                 self._call_resubscribed(sorted(self._actual))
