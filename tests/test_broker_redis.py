@@ -339,3 +339,20 @@ async def test_pod_id_with_spaces_still_connects(pods: Callable[..., Any]) -> No
     await pod.broker.subscribe(channel)
     await pod.broker.publish(channel, payload(1))
     await eventually(lambda: len(pod.recorder.envelopes) == 1, "event not delivered")
+
+
+async def test_a_failing_message_handler_does_not_stop_delivery(pods: Callable[..., Any]) -> None:
+    pod = await pods()
+    channel = new_channel()
+    delivered: list[int] = []
+
+    def flaky(envelope: Any) -> None:
+        delivered.append(envelope.offset)
+        if envelope.offset == 1:
+            raise RuntimeError("handler bug")
+
+    pod.broker.set_handlers(on_message=flaky, on_resubscribed=pod.recorder.on_resubscribed)
+    await pod.broker.subscribe(channel)
+    await pod.broker.publish_many([(channel, payload(1)), (channel, payload(2))])
+    await eventually(lambda: delivered == [1, 2], lambda: f"delivered {delivered}")
+    assert pod.broker.ready

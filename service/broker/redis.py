@@ -126,6 +126,7 @@ class RedisBroker(Broker):
         self._reached_ready = False  # the current session had every wanted channel confirmed
         self._ping_sent_at: float | None = None
         self._wake_scope: asyncio.Timeout | None = None
+        self._dirty = False  # the wanted set changed since the owner last reconciled
         self._owner: asyncio.Task[None] | None = None
         self._closed = False
         self._prefix_bytes = prefix.encode()
@@ -294,6 +295,7 @@ class RedisBroker(Broker):
                 waiter.set_result(None)
 
     def _wake(self) -> None:
+        self._dirty = True
         # Cuts the owner's current get_message wait short so it applies the change now.
         if self._wake_scope is not None and not self._wake_scope.expired():
             self._wake_scope.reschedule(asyncio.get_running_loop().time())
@@ -361,21 +363,32 @@ class RedisBroker(Broker):
         next_ping = time.monotonic()
         self._set_connected(True)
         pending_notice = notify_resubscribed
+        self._dirty = True  # a new connection has no subscriptions yet
+        changed = True
         while not self._closed:
-            await self._reconcile(pubsub)
+            if self._dirty:
+                self._dirty = False
+                await self._reconcile(pubsub)
+                changed = True
             now = time.monotonic()
             if self._ping_sent_at is None and now >= next_ping:
                 self._ping_sent_at = now
                 await pubsub.ping(ping_token)
             if self._pong_late():
                 raise _Deaf(f"no PONG within {self._pong_timeout_s}s")
-            if self._actual == self._server == self._wanted:
-                self._reached_ready = True
-            if pending_notice and self._reached_ready:
-                pending_notice = False
-                log.info("broker_recovered", pod_id=self._pod_id, channels=len(self._actual))
-                self._call_resubscribed(sorted(self._actual))
-            metrics.BROKER_READY.set(1 if self.ready else 0)
+            # Set comparisons cost O(channels): only after something that can change them,
+            # never per delivered event.
+            if changed:
+                changed = False
+                if self._actual == self._server == self._wanted:
+                    self._reached_ready = True
+                    if pending_notice:
+                        pending_notice = False
+                        log.info("broker_recovered", pod_id=self._pod_id, channels=len(self._actual))
+                        self._call_resubscribed(sorted(self._actual))
+                metrics.BROKER_READY.set(1 if self.ready else 0)
+            if self._dirty:
+                continue  # changed while we were sending: reconcile before blocking
             if self._ping_sent_at is not None:
                 wait_s = self._ping_sent_at + self._pong_timeout_s - now
             else:
@@ -391,12 +404,17 @@ class RedisBroker(Broker):
                 self._wake_scope = None
             if message is None:
                 continue
-            if message["type"] == "pong":
+            kind = message["type"]
+            if kind == "message":
+                self._deliver(message)
+            elif kind == "pong":
                 if message["data"] == ping_token:
                     self._ping_sent_at = None
                     next_ping = time.monotonic() + self._ping_interval_s
-                continue
-            self._handle(message)
+                    changed = True
+            else:
+                self._confirm(kind, message)
+                changed = True
 
     async def _reconcile(self, pubsub: PubSub) -> None:
         """Send the difference between the wanted set and what Redis will have, batched."""
@@ -419,32 +437,34 @@ class RedisBroker(Broker):
         except UnicodeDecodeError:
             return None
 
-    def _handle(self, message: Mapping[str, Any]) -> None:
-        kind = message["type"]
+    def _confirm(self, kind: str, message: Mapping[str, Any]) -> None:
         channel = self._channel_of(message["channel"])
         if channel is None:
             return
         if kind == "subscribe":
             self._actual.add(channel)
-            metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
             if channel in self._wanted and channel in self._server:
                 self._resolve(channel)
         elif kind == "unsubscribe":
             self._actual.discard(channel)
-            metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
-        elif kind == "message" and channel in self._wanted:
-            try:
-                event = wire.decode_envelope(message["data"])
-            except wire.MalformedEnvelope as exc:
-                metrics.BROKER_INVALID_MESSAGES.inc()
-                # The channel name is routing data, not payload; the payload is never logged.
-                log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
-                return
-            envelope = Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload)
-            try:
-                self._on_message(envelope)
-            except Exception:  # one failing handler must not stop delivery of the rest
-                log.exception("broker_handler_failed", channel=channel, offset=event.offset)
+        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
+
+    def _deliver(self, message: Mapping[str, Any]) -> None:
+        channel = self._channel_of(message["channel"])
+        if channel is None or channel not in self._wanted:
+            return  # unsubscribed while the message was on its way
+        try:
+            event = wire.decode_envelope(message["data"])
+        except wire.MalformedEnvelope as exc:
+            metrics.BROKER_INVALID_MESSAGES.inc()
+            # The channel name is routing data, not payload; the payload is never logged.
+            log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
+            return
+        envelope = Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload)
+        try:
+            self._on_message(envelope)
+        except Exception:  # one failing handler must not stop delivery of the rest
+            log.exception("broker_handler_failed", channel=channel, offset=event.offset)
 
     def _call_resubscribed(self, channels: list[str]) -> None:
         try:
