@@ -19,7 +19,6 @@ reader. Entries of a customer nobody reads again stay until they are read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from typing import Any, Final
@@ -29,7 +28,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.broker.redis import client_name_part, client_options
+from service.broker.redis import cancel_and_wait, client_name_part, client_options
 from service.presence import Presence, PresenceEntry
 
 log = structlog.get_logger("eva_ws.presence")
@@ -136,9 +135,7 @@ class RedisPresence(Presence):
     async def close(self) -> None:
         """See Presence.close."""
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
         try:
             async with asyncio.timeout(self._timeout_s):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -356,3 +357,39 @@ async def test_a_failing_message_handler_does_not_stop_delivery(pods: Callable[.
     await pod.broker.publish_many([(channel, payload(1)), (channel, payload(2))])
     await eventually(lambda: delivered == [1, 2], lambda: f"delivered {delivered}")
     assert pod.broker.ready
+
+
+async def test_subscription_churn_during_traffic_ends_with_redis_matching_the_wanted_set(
+    pods: Callable[..., Any], raw: Redis
+) -> None:
+    listener, publisher = await pods(), await pods()
+    prefix = prefix_of(listener.broker)
+    steady = new_channel()
+    await listener.broker.subscribe(steady)
+    pool = [new_channel() for _ in range(30)]
+    rng = random.Random(7)
+    wanted: set[str] = {steady}
+
+    async def churn() -> None:
+        for _ in range(300):
+            channel = rng.choice(pool)
+            if channel in wanted:
+                wanted.discard(channel)
+                await listener.broker.unsubscribe(channel)
+            else:
+                wanted.add(channel)
+                await listener.broker.subscribe(channel)
+
+    async def traffic() -> list[Position]:
+        return [await publisher.broker.publish(steady, payload(n)) for n in range(1, 201)]
+
+    _, positions = await asyncio.gather(churn(), traffic())
+    await eventually(lambda: listener.broker.ready, "broker not ready after churn")
+    assert await pubsub_channels(raw, prefix) == wanted
+    assert listener.broker.subscribed_channels == wanted
+    await eventually(
+        lambda: len(listener.recorder.on(steady)) == 200,
+        lambda: f"{len(listener.recorder.on(steady))} of 200 on the steady channel",
+    )
+    received = listener.recorder.on(steady)
+    assert [e.offset for e in received] == [p.offset for p in positions] == list(range(1, 201))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from service.broker.redis import cancel_and_wait
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
 from tests.redis_server import RedisServer
@@ -27,9 +26,7 @@ def entry(pod_id: str, user_id: str = "u1", *, at: float | None = None) -> Prese
 async def simulate_kill(presence: RedisPresence) -> None:
     """As kill -9 would: the heartbeat stops and nothing is cleaned up."""
     assert presence._heartbeat is not None
-    presence._heartbeat.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await presence._heartbeat
+    await cancel_and_wait(presence._heartbeat)
     presence._heartbeat = None
     presence._local.clear()
 

@@ -39,6 +39,15 @@ def _keepalive_options(idle_s: int) -> dict[int, int]:
     return options
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has really stopped."""
+    # Cancel until it sticks: on Python 3.11 asyncio.wait_for (redis-py sends with it)
+    # can swallow a cancellation that races with the send completing.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+
+
 def client_name_part(text: str) -> str:
     """`text` made safe for CLIENT SETNAME, which refuses spaces and newlines."""
     return re.sub(r"[^0-9A-Za-z._:/-]", "_", text)[:64]
@@ -155,11 +164,7 @@ class RedisBroker(Broker):
             return
         self._closed = True
         if self._owner is not None:
-            # Cancel until it sticks: on Python 3.11 asyncio.wait_for (used by redis-py
-            # to send) can swallow a cancellation that races with its completion.
-            while not self._owner.done():
-                self._owner.cancel()
-                await asyncio.wait({self._owner}, timeout=0.1)
+            await cancel_and_wait(self._owner)
             self._owner = None
         for waiters in self._waiters.values():
             for waiter in waiters:
