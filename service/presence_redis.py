@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.broker.redis import cancel_and_wait, client_name_part, client_options
+from service.config import Settings
 from service.presence import Presence, PresenceEntry
 
 log = structlog.get_logger("eva_ws.presence")
@@ -127,10 +128,19 @@ class RedisPresence(Presence):
     def _heartbeat_prefix(self) -> str:
         return f"{self._prefix}presence_pod:"
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> RedisPresence:
+        """The presence a pod runs with these settings; `options` are the tunables above."""
+        if settings.redis_url is None:
+            raise ValueError("RedisPresence needs EVA_WS_REDIS_URL")
+        return cls(url=settings.redis_url, prefix=settings.redis_prefix, pod_id=settings.pod_id, **options)
+
     async def start(self) -> None:
-        """Write the first heartbeat and keep it alive until `close`."""
-        await self._beat()
-        self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
+        """Write the first heartbeat and keep it alive until `close`; `add` does it if not done yet."""
+        if self._heartbeat is None:
+            async with asyncio.timeout(self._timeout_s):
+                await self._beat()
+            self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
 
     async def close(self) -> None:
         """See Presence.close."""
@@ -157,6 +167,8 @@ class RedisPresence(Presence):
                 "instance": self._instance,
             }
         )
+        if self._heartbeat is None:
+            await self.start()  # without a heartbeat, readers would drop the entry at once
         self._local[entry.conn_id] = (tuple(customer_ids), entry)
         async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
             for customer_id in customer_ids:

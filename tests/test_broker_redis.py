@@ -15,6 +15,7 @@ from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.redis import RedisBroker
+from service.config import Settings
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.redis_server import RedisServer
 from tests.waiting import eventually
@@ -393,3 +394,17 @@ async def test_subscription_churn_during_traffic_ends_with_redis_matching_the_wa
     )
     received = listener.recorder.on(steady)
     assert [e.offset for e in received] == [p.offset for p in positions] == list(range(1, 201))
+
+
+async def test_broker_from_settings_uses_prefix_and_history_size(redis_server: RedisServer, raw: Redis) -> None:
+    settings = Settings(redis_url=redis_server.url, redis_prefix="app1:", pod_id="pod-s", history_size=50)
+    broker = RedisBroker.from_settings(settings, **FAST)
+    await broker.start()
+    try:
+        position = await broker.publish("transactions:C1", payload(1))
+        assert position.offset == 1
+        assert await raw.xlen("app1:history:{transactions:C1}") == 1
+        assert await raw.hget("app1:meta:{transactions:C1}", "epoch") == position.epoch.encode()
+        assert 0 < await raw.ttl("app1:history:{transactions:C1}") <= settings.history_ttl_s
+    finally:
+        await broker.close()

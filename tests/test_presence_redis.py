@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service.broker.redis import cancel_and_wait
+from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
 from tests.redis_server import RedisServer
@@ -136,3 +137,21 @@ async def test_a_pod_restarted_under_the_same_name_does_not_revive_old_entries(p
         return bool(await reader.count("c1") == 0)
 
     await eventually(gone, "the previous life's entry was kept alive by the new heartbeat")
+
+
+async def test_presence_from_settings_works_without_an_explicit_start(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_server.url, redis_prefix="s:", pod_id="pod-s")
+    writer, reader = RedisPresence.from_settings(settings), RedisPresence.from_settings(settings)
+    try:
+        connection = entry("pod-s")
+        await writer.add(["c1"], connection)
+        assert await reader.list("c1") == [connection]
+        assert await reader.count("c1") == 1
+    finally:
+        await writer.close()
+        await reader.close()
+    later = RedisPresence.from_settings(settings)
+    try:
+        assert await later.count("c1") == 0, "close did not remove the pod's entries"
+    finally:
+        await later.close()

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import structlog
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.config import Settings
 
 log = structlog.get_logger("eva_ws.broker")
 
@@ -68,6 +70,7 @@ def client_options(
         "health_check_interval": 0,
         "protocol": 2,
         "client_name": client_name,
+        "parser_class": _AsyncHiredisParser,
     }
 
 
@@ -85,10 +88,10 @@ class RedisBroker(Broker):
         self,
         *,
         url: str,
-        prefix: str = "",
-        history_size: int = 1000,
-        history_ttl_s: int = 86_400,
-        pod_id: str = "pod",
+        prefix: str,
+        history_size: int,
+        history_ttl_s: int,
+        pod_id: str,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
         keepalive_idle_s: int = 10,
@@ -98,9 +101,18 @@ class RedisBroker(Broker):
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
     ) -> None:
-        """Options: `pong_timeout_s` bounds how long a PING on the subscriber connection
-        may stay unanswered before it is treated as half-open and rebuilt;
-        `subscribe_timeout_s` bounds how long `subscribe` waits for Redis to confirm.
+        """`url`, `prefix`, `history_size`, `history_ttl_s` and `pod_id` are the EVA_WS_* settings.
+
+        Tunables:
+        - `connect_timeout_s`, `command_timeout_s`: bound every TCP connect and every command;
+          `publish` and `history` give up after their sum and raise BrokerUnavailable.
+        - `keepalive_idle_s`: TCP keepalive idle time (probes every third of it, 3 probes).
+        - `ping_interval_s`: how often the subscriber connection is PINGed.
+        - `pong_timeout_s`: how long a PING may stay unanswered before the connection is
+          treated as half-open, reported not ready, and rebuilt.
+        - `subscribe_timeout_s`: how long `subscribe` waits for Redis to confirm.
+        - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
+          from min up to max, jittered, reset after a fully subscribed session.
         """
         super().__init__()
         self._prefix = prefix
@@ -139,6 +151,20 @@ class RedisBroker(Broker):
         self._owner: asyncio.Task[None] | None = None
         self._closed = False
         self._prefix_bytes = prefix.encode()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **tunables: Any) -> RedisBroker:
+        """The broker a pod runs with these settings; `tunables` are the timing options above."""
+        if settings.redis_url is None:
+            raise ValueError("RedisBroker needs EVA_WS_REDIS_URL")
+        return cls(
+            url=settings.redis_url,
+            prefix=settings.redis_prefix,
+            history_size=settings.history_size,
+            history_ttl_s=settings.history_ttl_s,
+            pod_id=settings.pod_id,
+            **tunables,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
