@@ -28,9 +28,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.broker.redis import cancel_and_wait, client_name_part, client_options
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
+from service.redis_client import cancel_and_wait, client_name_part, client_options
 
 log = structlog.get_logger("eva_ws.presence")
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from service.broker.redis import cancel_and_wait
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
+from service.redis_client import cancel_and_wait
 from tests.redis_server import RedisServer
 from tests.waiting import eventually
 

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
-import socket
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import structlog
-from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.config import Settings
+from service.redis_client import cancel_and_wait, client_name_part, client_options
 
 log = structlog.get_logger("eva_ws.broker")
 
@@ -29,49 +25,6 @@ log = structlog.get_logger("eva_ws.broker")
 # resubscribes thousands of channels after a reconnect sends a few large commands
 # instead of one per channel, without building a single multi-megabyte request.
 SUBSCRIBE_BATCH_MAX: Final = 500
-
-
-def _keepalive_options(idle_s: int) -> dict[int, int]:
-    # Explicit, so behaviour does not follow redis-py's changing defaults (pitfall R4).
-    options: dict[int, int] = {}
-    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", max(1, idle_s // 3)), ("TCP_KEEPCNT", 3)):
-        constant = getattr(socket, name, None)
-        if constant is not None:
-            options[constant] = value
-    return options
-
-
-async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel a background task and wait until it has really stopped."""
-    # Cancel until it sticks: on Python 3.11 asyncio.wait_for (redis-py sends with it)
-    # can swallow a cancellation that races with the send completing.
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-
-
-def client_name_part(text: str) -> str:
-    """`text` made safe for CLIENT SETNAME, which refuses spaces and newlines."""
-    return re.sub(r"[^0-9A-Za-z._:/-]", "_", text)[:64]
-
-
-def client_options(
-    *, connect_timeout_s: float, command_timeout_s: float, keepalive_idle_s: int, client_name: str
-) -> dict[str, Any]:
-    """redis-py options pinned explicitly: timeouts, keepalive, RESP2, no hidden retries."""
-    return {
-        "socket_timeout": command_timeout_s,
-        "socket_connect_timeout": connect_timeout_s,
-        "socket_keepalive": True,
-        "socket_keepalive_options": _keepalive_options(keepalive_idle_s),
-        # No retries inside redis-py: a retried publish script could run twice, and
-        # the subscriber's reconnects belong to one loop that also resubscribes.
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
-        "protocol": 2,
-        "client_name": client_name,
-        "parser_class": _AsyncHiredisParser,
-    }
 
 
 class RedisBroker(Broker):
@@ -112,7 +65,7 @@ class RedisBroker(Broker):
           treated as half-open, reported not ready, and rebuilt.
         - `subscribe_timeout_s`: how long `subscribe` waits for Redis to confirm.
         - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
-          from min up to max, jittered, reset after a fully subscribed session.
+          from min up to max, jittered, reset after a connection that got fully subscribed.
         """
         super().__init__()
         self._prefix = prefix
@@ -144,7 +97,7 @@ class RedisBroker(Broker):
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._connected = False
         self._up = asyncio.Event()  # set while `_connected`
-        self._reached_ready = False  # the current session had every wanted channel confirmed
+        self._reached_ready = False  # the current connection had every wanted channel confirmed
         self._ping_sent_at: float | None = None
         self._wake_scope: asyncio.Timeout | None = None
         self._dirty = False  # the wanted set changed since the owner last reconciled
@@ -345,9 +298,9 @@ class RedisBroker(Broker):
     # -- the owner task ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Keep one PUB/SUB session alive forever: connect, serve, back off, repeat."""
+        """Keep one PUB/SUB connection alive forever: connect, serve, back off, repeat."""
         attempt = 0
-        sessions = 0
+        connections = 0
         while not self._closed:
             pubsub = self._sub_client.pubsub()
             connected = False
@@ -355,10 +308,10 @@ class RedisBroker(Broker):
             try:
                 await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
-                sessions += 1
-                log.info("broker_connected", pod_id=self._pod_id, session=sessions)
+                connections += 1
+                log.info("broker_connected", pod_id=self._pod_id, connection=connections)
                 connected = True
-                await self._serve(pubsub, notify_resubscribed=sessions > 1)
+                await self._serve(pubsub, notify_resubscribed=connections > 1)
             except (RedisError, OSError, TimeoutError, _Deaf) as exc:
                 if not connected:
                     metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
@@ -367,12 +320,12 @@ class RedisBroker(Broker):
                 log.exception("broker_subscriber_failed", pod_id=self._pod_id)
             finally:
                 was_ready = self._connected
-                self._reset_session()
-                # aclose() cannot hang on a half-open socket: it does not wait for the peer (R10).
+                self._reset_connection_state()
+                # aclose() cannot hang on a half-open socket: it does not wait for the peer.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-                if was_ready:
+                if was_ready and not self._closed:
                     log.warning("broker_deaf", pod_id=self._pod_id, wanted=len(self._wanted))
-            # Reset only after a session that was fully subscribed, so a connection that
+            # Reset only after a connection that got fully subscribed, so a connection that
             # fails right after connecting (e.g. SUBSCRIBE refused) still backs off.
             attempt = 0 if self._reached_ready else attempt + 1
             await asyncio.sleep(self._backoff_s(attempt))
@@ -382,7 +335,7 @@ class RedisBroker(Broker):
         cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    def _reset_session(self) -> None:
+    def _reset_connection_state(self) -> None:
         self._server.clear()
         self._actual.clear()
         self._ping_sent_at = None
