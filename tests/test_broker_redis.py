@@ -196,6 +196,12 @@ async def test_subscriber_survives_redis_faults_mid_stream(fault: str, persisten
         )
         history = await subscriber.broker.history(channel, Position(offset=0, epoch=last.epoch))
         assert history.recovered
+        raw = Redis.from_url(persistent_redis_server.url)
+        try:
+            redis_channel = prefix_of(subscriber.broker) + channel
+            assert await raw.pubsub_numsub(redis_channel) == [(redis_channel.encode(), 1)]
+        finally:
+            await raw.aclose()
         assert_complete(subscriber.recorder.on(channel), history.envelopes, total + 1)
     finally:
         await subscriber.broker.close()
@@ -408,3 +414,21 @@ async def test_broker_from_settings_uses_prefix_and_history_size(redis_server: R
         assert 0 < await raw.ttl("app1:history:{transactions:C1}") <= settings.history_ttl_s
     finally:
         await broker.close()
+
+
+async def test_history_lost_in_a_restart_without_persistence_is_reported_unrecovered(
+    pods: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    listener, publisher = await pods(), await pods()
+    channel = new_channel()
+    await listener.broker.subscribe(channel)
+    before = await publisher.broker.publish(channel, payload(1))
+    redis_server.restart()
+    await eventually(lambda: listener.recorder.resubscribed != [], "resubscribed handler did not fire")
+    await eventually(lambda: listener.broker.ready, "listener not ready after the restart")
+    history = await listener.broker.history(channel, before)
+    assert not history.recovered
+    assert history.position.epoch != before.epoch
+    after = await publisher.broker.publish(channel, payload(2))
+    assert (after.offset, after.epoch) == (1, history.position.epoch)
+    await eventually(lambda: len(listener.recorder.on(channel)) == 2, "no live delivery after the restart")
