@@ -18,6 +18,7 @@ from service.broker.redis import RedisBroker
 from service.config import Settings
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.redis_server import RedisServer
+from tests.tcp_proxy import BlackholeProxy
 from tests.waiting import eventually
 
 # Short watchdog and backoff so faults are noticed quickly; correctness never depends on them.
@@ -432,3 +433,32 @@ async def test_history_lost_in_a_restart_without_persistence_is_reported_unrecov
     after = await publisher.broker.publish(channel, payload(2))
     assert (after.offset, after.epoch) == (1, history.position.epoch)
     await eventually(lambda: len(listener.recorder.on(channel)) == 2, "no live delivery after the restart")
+
+
+async def test_silently_dropped_connection_is_rebuilt_while_redis_stays_up(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    proxy = BlackholeProxy(redis_server.port)
+    await proxy.start()
+    factory = redis_factory(redis_server)
+    listener = await start_broker(factory, url=proxy.url)
+    publisher = await start_broker(factory)
+    try:
+        channel = new_channel()
+        await listener.broker.subscribe(channel)
+        redis_channel = prefix_of(listener.broker) + channel
+        proxy.blackhole()
+        await eventually(lambda: not listener.broker.ready, "a silent connection was not noticed")
+        await eventually(lambda: listener.broker.ready, "the connection was not rebuilt")
+        await eventually(lambda: listener.recorder.resubscribed != [], "resubscribed handler did not fire")
+        # The frozen connection still counts as a subscriber in Redis; the new one must too.
+        assert (await raw.pubsub_numsub(redis_channel))[0][1] >= 1
+        position = await publisher.broker.publish(channel, payload(1))
+        await eventually(
+            lambda: [e.offset for e in listener.recorder.on(channel)] == [position.offset],
+            "no delivery on the rebuilt connection",
+        )
+    finally:
+        await listener.broker.close()
+        await publisher.broker.close()
+        await proxy.close()
