@@ -24,11 +24,11 @@ from tests.waiting import eventually
 # Short watchdog and backoff so faults are noticed quickly; correctness never depends on them.
 FAST: dict[str, Any] = {
     "ping_interval_s": 0.2,
-    "pong_timeout_s": 1.0,
+    "pong_timeout_s": 1.5,
     "reconnect_min_s": 0.02,
     "reconnect_max_s": 0.5,
-    "connect_timeout_s": 0.5,
-    "command_timeout_s": 0.5,
+    "connect_timeout_s": 1.0,
+    "command_timeout_s": 1.0,
 }
 
 
