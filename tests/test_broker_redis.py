@@ -462,3 +462,28 @@ async def test_silently_dropped_connection_is_rebuilt_while_redis_stays_up(
         await listener.broker.close()
         await publisher.broker.close()
         await proxy.close()
+
+
+async def test_a_cancelled_publish_does_not_mix_up_later_replies(
+    pods: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    pod = await pods(command_timeout_s=30.0)
+    channel = new_channel()
+    redis_server.pause()
+    try:
+        stuck = asyncio.create_task(pod.broker.publish(channel, payload(1)))
+        await asyncio.sleep(0.2)  # let it send and wait for the reply
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+    finally:
+        redis_server.resume()
+    position = await pod.broker.publish(channel, payload(2))
+    history = await pod.broker.history(channel, None)
+    assert history.position == position
+    assert position.offset in (1, 2)  # the cancelled publish may or may not have run
+
+
+def test_cluster_urls_are_refused_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cluster"):
+        RedisBroker(url="redis+cluster://127.0.0.1:1", prefix="", history_size=1, history_ttl_s=1, pod_id="p")

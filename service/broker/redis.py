@@ -68,6 +68,9 @@ class RedisBroker(Broker):
           from min up to max, jittered, reset after a connection that got fully subscribed.
         """
         super().__init__()
+        if url.startswith("redis+cluster://"):
+            # Cluster needs sharded PUB/SUB (SSUBSCRIBE); the keys are already hash-tagged for it.
+            raise ValueError("RedisBroker talks to one Redis server, not a cluster")
         self._prefix = prefix
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
