@@ -90,7 +90,7 @@ class RedisPresence(Presence):
         self,
         *,
         url: str,
-        prefix: str = "",
+        prefix: str,
         pod_id: str,
         heartbeat_ttl_s: float = 30.0,
         connect_timeout_s: float = 1.0,
@@ -117,6 +117,8 @@ class RedisPresence(Presence):
         # This pod's own entries, re-added if its heartbeat ever lapsed (e.g. a long stall).
         self._local: dict[str, tuple[tuple[str, ...], PresenceEntry]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        self._starting = asyncio.Lock()  # concurrent first `add`s start one heartbeat, not several
 
     def _entries_key(self, customer_id: str) -> str:
         return f"{self._prefix}presence:{customer_id}"
@@ -137,21 +139,29 @@ class RedisPresence(Presence):
 
     async def start(self) -> None:
         """Write the first heartbeat and keep it alive until `close`; `add` does it if not done yet."""
-        if self._heartbeat is None:
-            async with asyncio.timeout(self._timeout_s):
-                await self._beat()
-            self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
+        async with self._starting:
+            if self._heartbeat is None:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._beat()
+                self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
 
     async def close(self) -> None:
-        """See Presence.close."""
+        """See Presence.close; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._heartbeat is not None:
             await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
         try:
-            async with asyncio.timeout(self._timeout_s):
-                for conn_id, (customer_ids, _) in list(self._local.items()):
-                    await self.remove(list(customer_ids), conn_id)
-                await self._client.delete(self._heartbeat_prefix + self._instance)
+            # One round trip; the heartbeat goes first, so readers drop whatever a failure leaves.
+            async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
+                await pipe.delete(self._heartbeat_prefix + self._instance)
+                for conn_id, (customer_ids, _) in self._local.items():
+                    for customer_id in customer_ids:
+                        keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
+                        await self._remove_script(keys=keys, args=[conn_id, self._instance], client=pipe)
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             # The heartbeat expires anyway, and readers drop the entries then.
             log.warning("presence_close_failed", error=type(exc).__name__)
@@ -169,12 +179,12 @@ class RedisPresence(Presence):
         )
         if self._heartbeat is None:
             await self.start()  # without a heartbeat, readers would drop the entry at once
-        self._local[entry.conn_id] = (tuple(customer_ids), entry)
         async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
             for customer_id in customer_ids:
                 keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
                 await self._add_script(keys=keys, args=[entry.conn_id, value, self._instance], client=pipe)
             await pipe.execute()
+        self._local[entry.conn_id] = (tuple(customer_ids), entry)
 
     async def remove(self, customer_ids: list[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -155,3 +156,24 @@ async def test_presence_from_settings_works_without_an_explicit_start(redis_serv
         assert await later.count("c1") == 0, "close did not remove the pod's entries"
     finally:
         await later.close()
+
+
+def heartbeat_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "redis-presence-heartbeat" and not t.done()]
+
+
+async def test_concurrent_first_adds_start_one_heartbeat_and_close_stops_it(redis_server: RedisServer) -> None:
+    presence = RedisPresence(url=redis_server.url, prefix="x:", pod_id="pod-a")
+    reader = RedisPresence(url=redis_server.url, prefix="x:", pod_id="pod-b")
+    try:
+        entries = [entry("pod-a", f"u{n}") for n in range(300)]
+        await asyncio.gather(*(presence.add(["c1", "c2"], e) for e in entries))
+        assert len(heartbeat_tasks()) == 1
+        assert await reader.count("c1") == 300
+        await presence.close()
+        assert heartbeat_tasks() == []
+        assert await reader.count("c1") == 0
+        assert await reader.list("c2") == []
+    finally:
+        await presence.close()
+        await reader.close()
