@@ -25,12 +25,11 @@ from typing import Any, Final
 
 import orjson
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
-from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
 
 log = structlog.get_logger("eva_ws.presence")
 
@@ -95,14 +94,17 @@ class RedisPresence(Presence):
         heartbeat_ttl_s: float = 30.0,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
+        max_connections: int = 16,
     ) -> None:
         self._prefix = prefix
         self._pod_id = pod_id
         self._instance = f"{pod_id}/{secrets.token_hex(4)}"
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
         self._timeout_s = connect_timeout_s + command_timeout_s
-        self._client: Redis = Redis.from_url(
+        self._client = command_client(
             url,
+            max_connections=max_connections,
+            wait_s=self._timeout_s,
             **client_options(
                 connect_timeout_s=connect_timeout_s,
                 command_timeout_s=command_timeout_s,

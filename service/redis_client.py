@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from redis._parsers import _AsyncHiredisParser
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -53,3 +54,11 @@ def client_options(
         "client_name": client_name,
         "parser_class": _AsyncHiredisParser,
     }
+
+
+def command_client(url: str, *, max_connections: int, wait_s: float, **options: Any) -> Redis:
+    """A client whose commands queue for one of `max_connections` connections for up to
+    `wait_s`, instead of failing at once when a burst (e.g. a reconnect storm of resumes)
+    needs more connections than the pool allows."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait_s, **options)
+    return Redis.from_pool(pool)

@@ -487,3 +487,12 @@ async def test_a_cancelled_publish_does_not_mix_up_later_replies(
 def test_cluster_urls_are_refused_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="cluster"):
         RedisBroker(url="redis+cluster://127.0.0.1:1", prefix="", history_size=1, history_ttl_s=1, pod_id="p")
+
+
+async def test_bursts_larger_than_the_connection_pool_wait_for_a_connection(pods: Callable[..., Any]) -> None:
+    pod = await pods(max_connections=4)
+    channel = new_channel()
+    positions = await asyncio.gather(*(pod.broker.publish(channel, payload(n)) for n in range(500)))
+    assert sorted(p.offset for p in positions) == list(range(1, 501))
+    histories = await asyncio.gather(*(pod.broker.history(channel, positions[0]) for _ in range(300)))
+    assert all(h.recovered and h.position.offset == 500 for h in histories)

@@ -17,7 +17,7 @@ from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.config import Settings
-from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
 
 log = structlog.get_logger("eva_ws.broker")
 
@@ -53,6 +53,7 @@ class RedisBroker(Broker):
         subscribe_timeout_s: float = 5.0,
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
+        max_connections: int = 32,
     ) -> None:
         """`url`, `prefix`, `history_size`, `history_ttl_s` and `pod_id` are the EVA_WS_* settings.
 
@@ -64,6 +65,8 @@ class RedisBroker(Broker):
         - `pong_timeout_s`: how long a PING may stay unanswered before the connection is
           treated as half-open, reported not ready, and rebuilt.
         - `subscribe_timeout_s`: how long `subscribe` waits for Redis to confirm.
+        - `max_connections`: connections for publish and history; more concurrent calls wait
+          for a free one, within the same time bound.
         - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
           from min up to max, jittered, reset after a connection that got fully subscribed.
         """
@@ -87,7 +90,7 @@ class RedisBroker(Broker):
             keepalive_idle_s=keepalive_idle_s,
             client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
-        self._client: Redis = Redis.from_url(url, **options)
+        self._client = command_client(url, max_connections=max_connections, wait_s=self._timeout_s, **options)
         options["client_name"] = f"eva-ws:{client_name_part(pod_id)}:sub"
         self._sub_client: Redis = Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
