@@ -314,6 +314,10 @@ def _up(workers: int, extra_env: dict[str, str]) -> int:
     token = mint_token(settings, sub="demo-user", customers=["CUST-001"], ttl_s=86_400)
     publisher = mint_token(settings, sub="demo-backend", customers=[], roles=["publisher"], ttl_s=86_400)
     ws = f"ws://127.0.0.1:{cluster.nginx.port}/ws/transactions"
+    example = json.dumps(
+        {"type": "transaction_new", "data": {"id": "TXN-1", "customerId": "CUST-001", "status": "pending"}},
+        separators=(",", ":"),
+    )
     print(
         f"""
   eva-ws cluster: nginx {cluster.url} -> {workers} workers, Redis {cluster.redis.url}
@@ -327,8 +331,7 @@ def _up(workers: int, extra_env: dict[str, str]) -> int:
 
     curl -X POST "{cluster.url}/api/v1/publish" -H "Authorization: Bearer {publisher}" \\
       -H 'Content-Type: application/json' \\
-      -d '{{"type":"transaction_new","data":{{"id":"TXN-1","customerId":"CUST-001",\
-"status":"pending","stage":"created"}}}}'
+      -d '{example}'
 
   Where a customer lands: curl "{cluster.url}/readyz?customerId=CUST-001"
   Logs: {STATE_DIR}/   Stop: scripts/cluster down
