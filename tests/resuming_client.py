@@ -124,7 +124,7 @@ class ResumingClient:
                 url += f"&reconnect={connects}"
             try:
                 ws = await self.session.ws_connect(url, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5))
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 await asyncio.sleep(self._backoff_s(attempt))
                 attempt += 1
                 continue
@@ -133,7 +133,7 @@ class ResumingClient:
             try:
                 if await self._session(ws):
                     attempt = 0
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             finally:
                 self.subscribed.clear()
