@@ -79,7 +79,7 @@ async def test_a_customer_lands_on_one_pod_and_pods_share_the_channels(tmp_path)
             # The union is exactly the wanted set, and no channel is subscribed by two pods.
             client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
             try:
-                live = {c for c in await client.pubsub_channels() if c.startswith("transactions:")}
+                live = {str(c) for c in await client.pubsub_channels() if str(c).startswith("transactions:")}
                 assert live == {key(c) for c in names}
                 numsub = dict(await client.pubsub_numsub(*sorted(live)))
                 assert set(numsub.values()) == {1}
