@@ -106,6 +106,7 @@ class RedisPresence(Presence):
             max_connections=max_connections,
             wait_s=self._timeout_s,
             **client_options(
+                url,
                 connect_timeout_s=connect_timeout_s,
                 command_timeout_s=command_timeout_s,
                 keepalive_idle_s=10,
