@@ -83,7 +83,12 @@ _LIST: Final = _PURGE + "purge(KEYS[1], KEYS[2], ARGV[1])\nreturn redis.call('HG
 
 
 class RedisPresence(Presence):
-    """See Presence; entries of a pod that stopped without `close` vanish within `heartbeat_ttl_s`."""
+    """See Presence; entries of a pod that stopped without `close` vanish within `heartbeat_ttl_s`.
+
+    Every call is bounded by connect + command timeout; when Redis cannot answer it raises
+    redis.exceptions.RedisError or TimeoutError. The heartbeat starts with the first `add`
+    (or `start`), so an app that never calls `start` still keeps its entries alive.
+    """
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class RedisPresence(Presence):
             max_connections=max_connections,
             wait_s=self._timeout_s,
             **client_options(
+                url,
                 connect_timeout_s=connect_timeout_s,
                 command_timeout_s=command_timeout_s,
                 keepalive_idle_s=10,

@@ -38,14 +38,12 @@ def client_name_part(text: str) -> str:
 
 
 def client_options(
-    *, connect_timeout_s: float, command_timeout_s: float, keepalive_idle_s: int, client_name: str
+    url: str, *, connect_timeout_s: float, command_timeout_s: float, keepalive_idle_s: int, client_name: str
 ) -> dict[str, Any]:
     """redis-py options pinned explicitly: timeouts, keepalive, RESP2, no hidden retries."""
-    return {
+    options: dict[str, Any] = {
         "socket_timeout": command_timeout_s,
         "socket_connect_timeout": connect_timeout_s,
-        "socket_keepalive": True,
-        "socket_keepalive_options": _keepalive_options(keepalive_idle_s),
         # No retries inside redis-py: a retried publish script could run twice, and
         # the subscriber's reconnects belong to one loop that also resubscribes.
         "retry": Retry(NoBackoff(), 0),
@@ -54,6 +52,10 @@ def client_options(
         "client_name": client_name,
         "parser_class": _AsyncHiredisParser,
     }
+    if not url.startswith("unix://"):  # TCP keepalive exists only for TCP
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = _keepalive_options(keepalive_idle_s)
+    return options
 
 
 def command_client(url: str, *, max_connections: int, wait_s: float, **options: Any) -> Redis:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def unix_socket(self) -> Path:
+        # Short and fixed: unix socket paths are limited to about 100 bytes.
+        return Path(tempfile.gettempdir()) / f"eva-ws-redis-{self.port}.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.unix_socket}"
+
     def start(self) -> None:
         assert self.process is None, "already running"
         args = [
@@ -45,6 +55,8 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
+            "--unixsocket", str(self.unix_socket),
+            "--unixsocketperm", "700",
         ]  # fmt: skip
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -101,3 +113,4 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self.unix_socket.unlink(missing_ok=True)

@@ -16,9 +16,11 @@ from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.redis import RedisBroker
 from service.config import Settings
+from service.presence import PresenceEntry
+from service.presence_redis import RedisPresence
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.redis_server import RedisServer
-from tests.tcp_proxy import BlackholeProxy
+from tests.tcp_proxy import PartitionProxy
 from tests.waiting import eventually
 
 # Short watchdog and backoff so faults are noticed quickly; correctness never depends on them.
@@ -435,10 +437,10 @@ async def test_history_lost_in_a_restart_without_persistence_is_reported_unrecov
     await eventually(lambda: len(listener.recorder.on(channel)) == 2, "no live delivery after the restart")
 
 
-async def test_silently_dropped_connection_is_rebuilt_while_redis_stays_up(
+async def test_silent_network_partition_is_detected_and_healed_while_redis_stays_up(
     redis_server: RedisServer, raw: Redis
 ) -> None:
-    proxy = BlackholeProxy(redis_server.port)
+    proxy = PartitionProxy(redis_server.port)
     await proxy.start()
     factory = redis_factory(redis_server)
     listener = await start_broker(factory, url=proxy.url)
@@ -447,9 +449,10 @@ async def test_silently_dropped_connection_is_rebuilt_while_redis_stays_up(
         channel = new_channel()
         await listener.broker.subscribe(channel)
         redis_channel = prefix_of(listener.broker) + channel
-        proxy.blackhole()
+        proxy.partition()
         await eventually(lambda: not listener.broker.ready, "a silent connection was not noticed")
-        await eventually(lambda: listener.broker.ready, "the connection was not rebuilt")
+        proxy.heal()
+        await eventually(lambda: listener.broker.ready, "the connection was not rebuilt after the partition healed")
         await eventually(lambda: listener.recorder.resubscribed != [], "resubscribed handler did not fire")
         # The frozen connection still counts as a subscriber in Redis; the new one must too.
         assert (await raw.pubsub_numsub(redis_channel))[0][1] >= 1
@@ -490,9 +493,28 @@ def test_cluster_urls_are_refused_with_a_clear_error() -> None:
 
 
 async def test_bursts_larger_than_the_connection_pool_wait_for_a_connection(pods: Callable[..., Any]) -> None:
-    pod = await pods(max_connections=4)
+    # A generous time bound: the point is waiting for a connection, not how fast that is.
+    pod = await pods(max_connections=4, command_timeout_s=30.0)
     channel = new_channel()
     positions = await asyncio.gather(*(pod.broker.publish(channel, payload(n)) for n in range(500)))
     assert sorted(p.offset for p in positions) == list(range(1, 501))
     histories = await asyncio.gather(*(pod.broker.history(channel, positions[0]) for _ in range(300)))
     assert all(h.recovered and h.position.offset == 500 for h in histories)
+
+
+async def test_broker_and_presence_work_over_a_unix_socket(redis_server: RedisServer) -> None:
+    factory = redis_factory(redis_server)
+    listener = await start_broker(factory, url=redis_server.unix_url)
+    publisher = await start_broker(factory)
+    presence = RedisPresence(url=redis_server.unix_url, prefix="u:", pod_id="pod-u")
+    try:
+        channel = new_channel()
+        await listener.broker.subscribe(channel)
+        await publisher.broker.publish(channel, payload(1))
+        await eventually(lambda: len(listener.recorder.envelopes) == 1, "no delivery over the unix socket")
+        await presence.add(["c1"], PresenceEntry(conn_id="k1", user_id="u1", pod_id="pod-u", connected_at=1.0))
+        assert await presence.count("c1") == 1
+    finally:
+        await listener.broker.close()
+        await publisher.broker.close()
+        await presence.close()

@@ -67,6 +67,7 @@ class RedisBroker(Broker):
         self._history_ttl_s = history_ttl_s
         self._timeout_s = connect_timeout_s + command_timeout_s
         options = client_options(
+            url,
             connect_timeout_s=connect_timeout_s,
             command_timeout_s=command_timeout_s,
             keepalive_idle_s=keepalive_idle_s,

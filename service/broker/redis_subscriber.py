@@ -186,7 +186,7 @@ class Subscriber:
                 log.info("broker_connected", pod_id=self._pod_id, connection=connections)
                 connected = True
                 await self._serve(pubsub, notify_resubscribed=connections > 1)
-            except (RedisError, OSError, TimeoutError, _Deaf) as exc:
+            except (RedisError, OSError, TimeoutError, SilentConnection) as exc:
                 if not connected:
                     metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
                 log.warning("broker_disconnected", pod_id=self._pod_id, error=type(exc).__name__, detail=str(exc))
@@ -233,7 +233,7 @@ class Subscriber:
                 self._ping_sent_at = now
                 await pubsub.ping(ping_token)
             if self._pong_late():
-                raise _Deaf(f"no PONG within {self._pong_timeout_s}s")
+                raise SilentConnection(f"no PONG within {self._pong_timeout_s}s")
             # Set comparisons cost O(channels): only after something that can change them,
             # never per delivered event.
             if changed:
@@ -331,5 +331,5 @@ class Subscriber:
             log.exception("broker_resubscribed_handler_failed", channels=len(channels))
 
 
-class _Deaf(Exception):
+class SilentConnection(Exception):
     """The subscriber connection stopped answering: rebuild it."""
