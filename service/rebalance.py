@@ -218,6 +218,7 @@ async def rebalance_ctx(app: web.Application) -> AsyncIterator[None]:
         max_connections=2,
         wait_s=timeout_s,
         **client_options(
+            settings.redis_url,
             connect_timeout_s=timeout_s,
             command_timeout_s=timeout_s,
             keepalive_idle_s=10,
