@@ -65,7 +65,7 @@ async def scenario(name: str, directory: Path, *, clients: int, workers: int, sp
             moved = [c for c in fleet.clients if owner[c.routing_key] == victim.pod_id]
             started = time.monotonic()
             if kill:
-                cluster.kill_worker(victim)
+                await asyncio.to_thread(cluster.kill_worker, victim)
             else:
                 cluster.terminate_worker(victim)
             await eventually(

@@ -3,6 +3,7 @@ whether the worker dies (kill -9) or drains for a rolling restart (SIGTERM, 1012
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -37,7 +38,7 @@ async def test_clients_of_a_killed_worker_resume_on_the_others_without_losing_an
             try:
                 await stream.wait_rounds(5)
                 killed_at = time.monotonic()
-                cluster.kill_worker(victim)
+                await asyncio.to_thread(cluster.kill_worker, victim)
                 await eventually(
                     lambda: all(c.connections >= 2 and c.subscribed.is_set() for c in on_victim),
                     lambda: f"{sum(c.connections < 2 for c in on_victim)} clients of the killed worker not back",
@@ -72,9 +73,10 @@ async def test_a_rolling_restart_of_every_worker_loses_and_duplicates_nothing(tm
             try:
                 await stream.wait_rounds(3)
                 for worker in cluster.workers:
+                    # Off the event loop: the clients must see the drain while it happens.
                     cluster.terminate_worker(worker)
-                    assert worker.process.wait_exited() == 0
-                    cluster.restart_worker(worker)
+                    assert await asyncio.to_thread(worker.process.wait_exited) == 0
+                    await asyncio.to_thread(cluster.restart_worker, worker)
                     await fleet.wait_subscribed()
                     await stream.wait_rounds(3)
             finally:

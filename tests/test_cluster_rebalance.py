@@ -3,6 +3,7 @@ pod the ring now names, and the spread settles without losing an event."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -63,7 +64,7 @@ async def test_after_a_scale_out_the_new_worker_gets_connections_and_the_spread_
             try:
                 await stream.wait_rounds(2)
                 started = time.monotonic()
-                new = cluster.add_worker()
+                new = await asyncio.to_thread(cluster.add_worker)
 
                 def active() -> dict[str, float]:
                     return {w.pod_id: worker_metric(cluster, w, "eva_ws_connections_active") for w in cluster.workers}
