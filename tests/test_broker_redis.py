@@ -518,3 +518,21 @@ async def test_broker_and_presence_work_over_a_unix_socket(redis_server: RedisSe
         await listener.broker.close()
         await publisher.broker.close()
         await presence.close()
+
+
+async def test_subscriber_outlives_a_long_outage_and_many_failed_reconnects(
+    pods: Callable[..., Any], redis_server: RedisServer
+) -> None:
+    pod = await pods(reconnect_max_s=0.1)
+    channel = new_channel()
+    await pod.broker.subscribe(channel)
+    failed = metrics.BROKER_CONNECTS.labels(outcome="failed")
+    before = failed._value.get()
+    redis_server.stop()
+    await eventually(lambda: failed._value.get() >= before + 20, "the subscriber stopped trying to reconnect")
+    assert not pod.broker.ready
+    redis_server.start()
+    await eventually(lambda: pod.broker.ready, "no recovery after a long outage")
+    await eventually(lambda: [channel] in pod.recorder.resubscribed, "resubscribed handler did not fire")
+    position = await pod.broker.publish(channel, payload(1))
+    await eventually(lambda: [e.offset for e in pod.recorder.on(channel)] == [position.offset], "no live delivery")
