@@ -1,26 +1,21 @@
 """A cluster of real parts on loopback: one redis-server, N eva-ws workers and nginx hashing ?customerId= onto them.
 
-Used by the tests (tests/test_cluster_*.py), by `scripts/cluster up|down|status` (`python -m tests.cluster`)
+Used by the tests (tests/test_cluster_*.py), by `scripts/cluster up|down|status` (tests/cluster_cli.py)
 and by `scripts/bench-drain`. nginx runs with its own prefix directory, config and pid file, never
 touching a system nginx; its config is deploy/nginx/eva-ws.conf.template, rendered as in production.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from tests.process import ServiceProcess, free_port
 from tests.redis_server import RedisServer
@@ -63,7 +58,7 @@ def render_template(listen_port: int, upstream_ports: list[int]) -> str:
     return text.replace("${EVA_LB_LISTEN_PORT}", f"127.0.0.1:{listen_port}").replace("${EVA_LB_UPSTREAMS}", upstreams)
 
 
-def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status, dict(response.headers), response.read()
@@ -124,7 +119,7 @@ class Nginx:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.process.returncode}; see {self.directory}/error.log")
             try:
-                status, headers, _ = _http_get(f"{self.url}/lb-healthz", timeout_s=1.0)
+                status, headers, _ = http_get(f"{self.url}/lb-healthz", timeout_s=1.0)
                 if status == 200 and headers.get("X-Eva-Lb-Generation") == str(self.generation):
                     return
             except OSError:
@@ -241,14 +236,14 @@ class Cluster:
 
     def route(self, customer_id: str) -> str | None:
         """The pod id nginx sends this routing key to (via /readyz), None if no worker answered."""
-        status, _, body = _http_get(f"{self.url}/readyz?customerId={customer_id}")
+        status, _, body = http_get(f"{self.url}/readyz?customerId={customer_id}")
         if status != 200:
             return None
         pod: str = json.loads(body)["pod"]
         return pod
 
     def metrics(self, worker: Worker) -> str:
-        status, _, body = _http_get(f"{worker.url}/metrics")
+        status, _, body = http_get(f"{worker.url}/metrics")
         assert status == 200, status
         return body.decode()
 
@@ -260,146 +255,3 @@ class Cluster:
         for worker in self.workers:
             worker.process.stop()
         self.redis.kill()
-
-
-# -- scripts/cluster: a cluster that outlives the command ------------------------------------------------
-
-STATE_DIR: Final = ROOT / ".cache" / "cluster"
-STATE_FILE: Final = STATE_DIR / "state.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _state() -> dict[str, Any] | None:
-    if not STATE_FILE.exists():
-        return None
-    state: dict[str, Any] = json.loads(STATE_FILE.read_text())
-    return state
-
-
-def _up(workers: int, extra_env: dict[str, str]) -> int:
-    state = _state()
-    if state and any(_alive(p["pid"]) for p in state["processes"]):
-        print("a cluster is already running; `scripts/cluster down` first", file=sys.stderr)
-        return 1
-    if STATE_DIR.exists():
-        shutil.rmtree(STATE_DIR)
-    STATE_DIR.mkdir(parents=True)
-    secret = secrets.token_urlsafe(48)
-    env = {"mode": "development", "demo_publisher": "false", **extra_env}
-    cluster = Cluster(STATE_DIR, secret=secret, worker_env=env)
-    cluster.start(workers, new_session=True)
-    assert cluster.redis.process is not None
-    assert cluster.nginx.process is not None
-    processes = [{"name": "nginx", "pid": cluster.nginx.process.pid, "url": cluster.url}]
-    for worker in cluster.workers:
-        assert worker.process.proc is not None
-        processes.append({"name": worker.pod_id, "pid": worker.process.proc.pid, "url": worker.url})
-    processes.append({"name": "redis", "pid": cluster.redis.process.pid, "url": cluster.redis.url})
-    STATE_FILE.write_text(json.dumps({"secret": secret, "url": cluster.url, "processes": processes}, indent=2))
-    STATE_FILE.chmod(0o600)
-
-    from service.auth import mint_token
-    from service.config import load_settings
-
-    settings = load_settings({"EVA_WS_JWT_SECRET": secret})
-    token = mint_token(settings, sub="demo-user", customers=["CUST-001"], ttl_s=86_400)
-    publisher = mint_token(settings, sub="demo-backend", customers=[], roles=["publisher"], ttl_s=86_400)
-    ws = f"ws://127.0.0.1:{cluster.nginx.port}/ws/transactions"
-    example = json.dumps(
-        {"type": "transaction_new", "data": {"id": "TXN-1", "customerId": "CUST-001", "status": "pending"}},
-        separators=(",", ":"),
-    )
-    print(
-        f"""
-  eva-ws cluster: nginx {cluster.url} -> {workers} workers, Redis {cluster.redis.url}
-
-  WebSocket:  {ws}?customerId=CUST-001&token={token}
-  Dev token:  {token}   (user demo-user, customer CUST-001)
-  Publisher:  {publisher}
-
-    websocat "{ws}?customerId=CUST-001&token={token}"
-    {{"type":"subscribe","channel":"transactions","filters":{{"customerId":"CUST-001"}}}}
-
-    curl -X POST "{cluster.url}/api/v1/publish" -H "Authorization: Bearer {publisher}" \\
-      -H 'Content-Type: application/json' \\
-      -d '{example}'
-
-  Where a customer lands: curl "{cluster.url}/readyz?customerId=CUST-001"
-  Logs: {STATE_DIR}/   Stop: scripts/cluster down
-"""
-    )
-    return 0
-
-
-def _down() -> int:
-    state = _state()
-    if state is None:
-        print("no cluster state; nothing to stop")
-        return 0
-    # Workers first (they drain), Redis last so the drain can still remove presence.
-    order = sorted(state["processes"], key=lambda p: {"nginx": 0, "redis": 2}.get(p["name"], 1))
-    for process in order:
-        if _alive(process["pid"]):
-            os.kill(process["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for process in order:
-        while _alive(process["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(process["pid"]):
-            os.kill(process["pid"], signal.SIGKILL)
-        print(f"stopped {process['name']} (pid {process['pid']})")
-    STATE_FILE.unlink()
-    return 0
-
-
-def _status() -> int:
-    state = _state()
-    if state is None:
-        print("no cluster (scripts/cluster up)")
-        return 1
-    healthy = True
-    for process in state["processes"]:
-        alive = _alive(process["pid"])
-        detail = ""
-        if alive and process["name"].startswith("worker"):
-            try:
-                status, _, body = _http_get(f"{process['url']}/readyz")
-                detail = f"readyz {status} {body.decode().strip()}"
-            except OSError as error:
-                detail = f"readyz unreachable ({error})"
-        healthy = healthy and alive
-        print(f"{process['name']:<10} pid {process['pid']:<8} {'up  ' if alive else 'DOWN'} {process['url']} {detail}")
-    return 0 if healthy else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/cluster", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start Redis, N workers and nginx in the background")
-    up.add_argument("--workers", type=int, default=3)
-    up.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra EVA_WS_ setting")
-    sub.add_parser("down", help="stop everything `up` started")
-    sub.add_parser("status", help="show the processes and their readiness")
-    args = parser.parse_args(argv)
-    if args.command == "up":
-        extra = {}
-        for item in args.env:
-            name, _, value = item.partition("=")
-            extra[name.removeprefix("EVA_WS_").lower()] = value
-        return _up(args.workers, extra)
-    if args.command == "down":
-        return _down()
-    return _status()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
