@@ -70,7 +70,11 @@ class Fleet:
                 )
         for client in self.clients:
             client.start()
-        await self.wait_subscribed()
+        try:
+            await self.wait_subscribed()
+        except BaseException:
+            await self.__aexit__()  # `async with` does not exit what failed to enter
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
