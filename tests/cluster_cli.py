@@ -10,12 +10,12 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from tests.cluster import ROOT, Cluster, http_get
 
-STATE_DIR: Final = ROOT / ".cache" / "cluster"
-STATE_FILE: Final = STATE_DIR / "state.json"
+DEFAULT_DIR: Final = ROOT / ".cache" / "cluster"
 
 
 def _alive(pid: int) -> bool:
@@ -28,24 +28,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _state() -> dict[str, Any] | None:
-    if not STATE_FILE.exists():
+def _state_file(directory: Path) -> Path:
+    return directory / "state.json"
+
+
+def _state(directory: Path) -> dict[str, Any] | None:
+    if not _state_file(directory).exists():
         return None
-    state: dict[str, Any] = json.loads(STATE_FILE.read_text())
+    state: dict[str, Any] = json.loads(_state_file(directory).read_text())
     return state
 
 
-def _up(workers: int, extra_env: dict[str, str]) -> int:
-    state = _state()
+def _up(directory: Path, workers: int, extra_env: dict[str, str]) -> int:
+    state = _state(directory)
     if state and any(_alive(p["pid"]) for p in state["processes"]):
         print("a cluster is already running; `scripts/cluster down` first", file=sys.stderr)
         return 1
-    if STATE_DIR.exists():
-        shutil.rmtree(STATE_DIR)
-    STATE_DIR.mkdir(parents=True)
+    # Only what an earlier `up` left here: --dir may name a directory with other files.
+    for name in ("redis", "nginx", "workers"):
+        shutil.rmtree(directory / name, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     env = {"mode": "development", "demo_publisher": "false", **extra_env}
-    cluster = Cluster(STATE_DIR, secret=secret, worker_env=env)
+    cluster = Cluster(directory, secret=secret, worker_env=env)
     cluster.start(workers, new_session=True)
     assert cluster.redis.process is not None
     assert cluster.nginx.process is not None
@@ -54,8 +59,10 @@ def _up(workers: int, extra_env: dict[str, str]) -> int:
         assert worker.process.proc is not None
         processes.append({"name": worker.pod_id, "pid": worker.process.proc.pid, "url": worker.url})
     processes.append({"name": "redis", "pid": cluster.redis.process.pid, "url": cluster.redis.url})
-    STATE_FILE.write_text(json.dumps({"secret": secret, "url": cluster.url, "processes": processes}, indent=2))
-    STATE_FILE.chmod(0o600)
+    state_file = _state_file(directory)
+    state_file.unlink(missing_ok=True)
+    state_file.touch(mode=0o600)  # it holds the signing secret
+    state_file.write_text(json.dumps({"secret": secret, "url": cluster.url, "processes": processes}, indent=2))
 
     from service.auth import mint_token
     from service.config import load_settings
@@ -84,14 +91,14 @@ def _up(workers: int, extra_env: dict[str, str]) -> int:
       -d '{example}'
 
   Where a customer lands: curl "{cluster.url}/readyz?customerId=CUST-001"
-  Logs: {STATE_DIR}/   Stop: scripts/cluster down
+  Logs: {directory}/   Stop: scripts/cluster down
 """
     )
     return 0
 
 
-def _down() -> int:
-    state = _state()
+def _down(directory: Path) -> int:
+    state = _state(directory)
     if state is None:
         print("no cluster state; nothing to stop")
         return 0
@@ -107,12 +114,12 @@ def _down() -> int:
         if _alive(process["pid"]):
             os.kill(process["pid"], signal.SIGKILL)
         print(f"stopped {process['name']} (pid {process['pid']})")
-    STATE_FILE.unlink()
+    _state_file(directory).unlink()
     return 0
 
 
-def _status() -> int:
-    state = _state()
+def _status(directory: Path) -> int:
+    state = _state(directory)
     if state is None:
         print("no cluster (scripts/cluster up)")
         return 1
@@ -133,6 +140,7 @@ def _status() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/cluster", description=__doc__)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state and logs (default .cache/cluster)")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start Redis, N workers and nginx in the background")
     up.add_argument("--workers", type=int, default=3)
@@ -145,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.env:
             name, _, value = item.partition("=")
             extra[name.removeprefix("EVA_WS_").lower()] = value
-        return _up(args.workers, extra)
+        return _up(args.dir.resolve(), args.workers, extra)
     if args.command == "down":
-        return _down()
-    return _status()
+        return _down(args.dir.resolve())
+    return _status(args.dir.resolve())
 
 
 if __name__ == "__main__":
