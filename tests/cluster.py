@@ -28,7 +28,8 @@ START_DEADLINE_S: Final = 20.0
 # Short drains keep tests and local restarts quick; production keeps the 5 s defaults.
 WORKER_DEFAULTS: Final = {"drain_delay_s": "1", "drain_spread_s": "1"}
 
-# The access log never holds the query string: ?token= would leak credentials.
+# The template's server logs its requests (without the query string) to stdout, which
+# goes to {directory}/stdout.log.
 _NGINX_CONF: Final = """\
 daemon off;
 worker_processes 1;
@@ -36,9 +37,6 @@ pid {directory}/nginx.pid;
 error_log {directory}/error.log notice;
 events {{ worker_connections 8192; }}
 http {{
-    log_format eva_ws '$remote_addr [$time_local] "$request_method $uri" $status $upstream_addr '
-                      '$request_time $upstream_response_time';
-    access_log {directory}/access.log eva_ws;
     client_body_temp_path {directory}/temp/client_body;
     proxy_temp_path {directory}/temp/proxy;
     fastcgi_temp_path {directory}/temp/fastcgi;
@@ -101,7 +99,7 @@ class Nginx:
         check = subprocess.run(self._command("-t", "-q"), capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"nginx refused its configuration:\n{check.stderr}")
-        with (self.directory / "stderr.log").open("ab") as log:
+        with (self.directory / "stdout.log").open("ab") as log:
             self.process = subprocess.Popen(
                 self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session
             )

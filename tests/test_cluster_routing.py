@@ -49,6 +49,17 @@ async def test_events_reach_exactly_the_entitled_clients_on_whichever_pod_they_a
                 assert {e["data"]["customerId"] for e in client.all_events()} == {client.routing_key}
             assert fleet.totals() == {"duplicates": 0, "gaps": 0, "unrecovered": 0, "resyncs": 0, "errors": 0}
 
+        # The access log has every upgrade, and never a token from the query string.
+        def access_log() -> str:
+            return (cluster.nginx.directory / "stdout.log").read_text()
+
+        # nginx logs an upgrade when the socket ends, a moment after the client closed it.
+        await eventually(
+            lambda: access_log().count('"GET /ws/transactions HTTP/1.1" 101') == len(fleet.clients),
+            "an access log line per socket",
+        )
+        assert all(client.token not in access_log() for client in fleet.clients)
+
 
 async def test_a_customer_lands_on_one_pod_and_pods_share_the_channels(tmp_path):
     with running_cluster(tmp_path, WORKERS) as cluster:
