@@ -23,6 +23,7 @@ from service.log import get_logger
 from service.presence import Presence
 from service.protocol import CloseCode
 from service.publisher import Publisher
+from service.rebalance import rebalance_ctx
 
 log = get_logger("eva_ws.app")
 
@@ -87,6 +88,7 @@ def create_app(
 
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
+    app.cleanup_ctx.append(rebalance_ctx)
     app.on_shutdown.append(_close_remaining_sockets)
     return app
 

@@ -107,6 +107,13 @@ class Settings:
     # Seconds the drain spreads the 1012 closes over, so clients do not reconnect at once.
     drain_spread_s: float = 5.0
 
+    # Seconds between rebalance rounds (Redis broker only); 0 turns rebalancing off.
+    rebalance_interval_s: float = 0.0
+    # A pod sheds connections only above (1 + tolerance) x the cluster average.
+    rebalance_tolerance: float = 0.2
+    # Most connections a pod closes with 4013 per round; 0 turns rebalancing off.
+    rebalance_max_shed_per_interval: int = 20
+
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = "info"
@@ -349,6 +356,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         handshake_timeout_s=_float(env, "handshake_timeout_s", 10.0, minimum=0.5, maximum=3600.0),
         drain_delay_s=_float(env, "drain_delay_s", 5.0, minimum=0.0, maximum=600.0),
         drain_spread_s=_float(env, "drain_spread_s", 5.0, minimum=0.0, maximum=600.0),
+        rebalance_interval_s=_float(env, "rebalance_interval_s", 0.0, minimum=0.0, maximum=3600.0),
+        rebalance_tolerance=_float(env, "rebalance_tolerance", 0.2, minimum=0.0, maximum=10.0),
+        rebalance_max_shed_per_interval=_int(env, "rebalance_max_shed_per_interval", 20, minimum=0, maximum=100_000),
         tls_cert=tls_cert,
         tls_key=tls_key,
         log_level=log_level,

@@ -137,3 +137,18 @@ BROKER_INVALID_MESSAGES: Final = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+REBALANCE_SHED: Final = Counter(
+    "rebalance_shed_total",
+    "Connections closed with 4013 because this pod held more than its share.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+REBALANCE_CLUSTER_PODS: Final = Gauge(
+    "rebalance_cluster_pods", "Live pods in the last rebalance report.", namespace=NAMESPACE, registry=REGISTRY
+)
+REBALANCE_CLUSTER_CONNECTIONS: Final = Gauge(
+    "rebalance_cluster_connections",
+    "Connections of all live pods in the last rebalance report.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
