@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from service.app import create_app
 from service.auth import mint_token
@@ -148,6 +149,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client of the test's redis-server, to look at (or tamper with) what pods wrote."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -63,13 +63,6 @@ class TestRedisBrokerContract(BrokerContract):
 
 
 @pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
     """Start any number of brokers sharing one prefix (pods of one deployment); all closed afterwards."""
     factory = redis_factory(redis_server)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -11,12 +10,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from playwright.sync_api import Browser, Page, Playwright, WebSocket, sync_playwright
 
+from tests.certificates import self_signed
 from tests.drop_proxy import DropProxy
 from tests.protocol_schemas import assert_server_message
 from tests.service_process import ROOT, DevService
@@ -367,26 +363,7 @@ def test_client_reconnects_with_a_fresh_token_after_the_server_closes_with_4001(
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for the host the specification's example connects to."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api.eva-platform.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.eva-platform.com")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
+    return self_signed(tmp_path, "api.eva-platform.com")
 
 
 def test_the_specifications_example_client_receives_an_event_verbatim(playwright, logs, tls_files):

@@ -36,13 +36,6 @@ async def simulate_kill(presence: RedisPresence) -> None:
 
 
 @pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
     """Start presence instances (one per pod) sharing a prefix; closed after the test."""
     prefix = f"p{uuid.uuid4().hex[:6]}:"
