@@ -637,9 +637,22 @@ def test_runbook_explains_every_metric_alert_and_log_event() -> None:
         "drain_started",
         "drain_finished",
         "config_invalid",
+        "jwks_fetch_failed",
+        "rebalance_shedding",
     ):
         assert f"`{event}`" in runbook
-    for setting in ("EVA_WS_JWT_ALGORITHMS", "EVA_WS_JWT_SECRET", "EVA_WS_JWT_PUBLIC_KEY", "EVA_WS_DRAIN_SPREAD_S"):
+    for setting in (
+        "EVA_WS_JWT_ALGORITHMS",
+        "EVA_WS_JWT_SECRET",
+        "EVA_WS_JWT_PUBLIC_KEY",
+        "EVA_WS_JWT_KEYS",
+        "EVA_WS_JWKS_URL",
+        "EVA_WS_DRAIN_SPREAD_S",
+        "EVA_WS_BROKER_CANARY_MAX_LAG_S",
+        "EVA_WS_REBALANCE_INTERVAL_S",
+        "EVA_WS_MAX_CONNECTIONS_PER_IP",
+        "EVA_WS_CLIENT_IP_HEADER",
+    ):
         assert setting in runbook
 
 
