@@ -238,7 +238,8 @@ def test_chart_refuses_unsafe_combinations(helm: str, case: str) -> None:
     ids=["hmac key set only", "jwks only", "public key set only"],
 )
 def test_a_key_set_or_jwks_alone_is_enough_to_verify_tokens(helm: str, args: list[str]) -> None:
-    render(helm, *args)
+    settings = load_settings(pod_env(render(helm, *args)))
+    assert settings.jwt_keys or settings.jwks_url
 
 
 def test_embedded_broker_is_allowed_for_a_single_pod(helm: str) -> None:
