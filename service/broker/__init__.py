@@ -9,9 +9,13 @@ from service.presence import MemoryPresence, Presence
 
 
 def create_broker(settings: Settings) -> Broker:
-    """The in-process broker without EVA_WS_REDIS_URL, the Redis broker with it."""
+    """The in-process broker without EVA_WS_REDIS_URL, the Redis broker with it (Redis Cluster for redis+cluster://)."""
     if settings.redis_url is None:
         return MemoryBroker(history_size=settings.history_size, history_ttl_s=settings.history_ttl_s)
+    if settings.redis_url.startswith("redis+cluster://"):
+        from service.broker.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker.from_settings(settings)
     from service.broker.redis import RedisBroker
 
     return RedisBroker.from_settings(settings)

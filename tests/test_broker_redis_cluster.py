@@ -1,0 +1,223 @@
+"""RedisClusterBroker against a real three-master Redis Cluster: the Broker contract, sharding, migration, node loss."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from service.broker import create_broker
+from service.broker import redis_wire as wire
+from service.broker.base import Broker
+from service.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
+from service.config import Settings
+from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
+from tests.redis_cluster import RedisCluster
+from tests.waiting import eventually
+
+# Short watchdog, backoff and topology refresh so faults are noticed quickly; correctness never depends on them.
+FAST: dict[str, Any] = {
+    "ping_interval_s": 0.2,
+    "pong_timeout_s": 1.5,
+    "reconnect_min_s": 0.02,
+    "reconnect_max_s": 0.5,
+    "connect_timeout_s": 1.0,
+    "command_timeout_s": 1.0,
+    "topology_refresh_s": 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One cluster for the tests that leave every node running."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A cluster for one test that kills nodes."""
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def cluster_factory(cluster: RedisCluster, **defaults: Any) -> BrokerFactory:
+    prefix = f"t{uuid.uuid4().hex[:6]}:"
+
+    def make(**options: Any) -> Broker:
+        settings: dict[str, Any] = {
+            "url": cluster.url,
+            "prefix": prefix,
+            "pod_id": f"pod-{uuid.uuid4().hex[:6]}",
+            "history_size": 1000,
+            "history_ttl_s": 600,
+        }
+        settings.update(FAST)
+        settings.update(defaults)
+        settings.update(options)
+        return RedisClusterBroker(**settings)
+
+    return make
+
+
+class TestRedisClusterBrokerContract(BrokerContract):
+    @pytest.fixture
+    def make_broker(self, shared_cluster: RedisCluster) -> BrokerFactory:
+        return cluster_factory(shared_cluster)
+
+
+def pods_fixture(cluster: RedisCluster) -> tuple[Callable[..., Any], list[Started]]:
+    factory = cluster_factory(cluster)
+    running: list[Started] = []
+
+    async def start(**options: Any) -> Started:
+        started = await start_broker(factory, **options)
+        running.append(started)
+        return started
+
+    return start, running
+
+
+@pytest.fixture
+async def pods(shared_cluster: RedisCluster) -> AsyncIterator[Callable[..., Any]]:
+    start, running = pods_fixture(shared_cluster)
+    yield start
+    for started in running:
+        await started.broker.close()
+
+
+def prefix_of(broker: Broker) -> str:
+    assert isinstance(broker, RedisClusterBroker)
+    return broker._prefix
+
+
+def slot_of(broker: Broker, channel: str) -> int:
+    return key_slot(wire.shard_channel(prefix_of(broker), channel).encode())
+
+
+def test_cluster_urls_name_every_seed_node() -> None:
+    seeds, credentials = parse_cluster_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001,redis-3")
+    assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("redis-3", 6379)]
+    assert credentials == {"username": "u", "password": "p@ss"}
+
+
+def test_create_broker_picks_the_cluster_broker_for_cluster_urls() -> None:
+    settings = Settings(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2", pod_id="p")
+    assert isinstance(create_broker(settings), RedisClusterBroker)
+
+
+async def test_channels_spread_over_every_master_and_each_master_serves_its_own(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    listener, publisher = await pods(), await pods()
+    channels = [new_channel() for _ in range(60)]
+    for channel in channels:
+        await listener.broker.subscribe(channel)
+    prefix = prefix_of(listener.broker)
+    per_node: dict[int, set[str]] = {}
+    for node in shared_cluster.nodes:
+        names = node.cli("PUBSUB", "SHARDCHANNELS", f"{prefix}*").split()
+        per_node[node.port] = {name[len(prefix) + 1 : -1] for name in names}
+        # Every shard channel a node reports is one whose slot it owns.
+        for channel in per_node[node.port]:
+            assert shared_cluster.owner_of(slot_of(listener.broker, channel)) is node
+    assert all(per_node[node.port] for node in shared_cluster.nodes), per_node
+    assert set().union(*per_node.values()) == set(channels)
+    positions = await publisher.broker.publish_many([(c, payload(n)) for n, c in enumerate(channels)])
+    assert {p.offset for p in positions} == {1}
+    await eventually(lambda: len(listener.recorder.envelopes) == 60, lambda: f"{len(listener.recorder.envelopes)}/60")
+    assert listener.broker.ready
+
+
+async def test_history_keys_and_shard_channel_share_the_channel_slot(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    pod = await pods()
+    channel = new_channel()
+    await pod.broker.publish(channel, payload(1))
+    prefix = prefix_of(pod.broker)
+    slot = slot_of(pod.broker, channel)
+    assert key_slot(wire.meta_key(prefix, channel).encode()) == slot
+    assert key_slot(wire.stream_key(prefix, channel).encode()) == slot
+    owner = shared_cluster.owner_of(slot)
+    assert owner.cli("XLEN", wire.stream_key(prefix, channel)) == "1"
+
+
+async def test_migrating_a_subscribed_channel_slot_moves_the_subscription_and_delivery_continues(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    listener, publisher = await pods(), await pods()
+    channel, bystander = new_channel(), new_channel()
+    await listener.broker.subscribe(channel)
+    await listener.broker.subscribe(bystander)
+    before = await publisher.broker.publish(channel, payload(1))
+    await eventually(lambda: len(listener.recorder.on(channel)) == 1, "no delivery before the migration")
+    slot = slot_of(listener.broker, channel)
+    source = shared_cluster.owner_of(slot)
+    target = next(node for node in shared_cluster.nodes if node is not source)
+    shared_cluster.move_slot(slot, target)
+    assert shared_cluster.owner_of(slot) is target
+
+    async def moved() -> bool:
+        return channel in target.cli("PUBSUB", "SHARDCHANNELS", f"{prefix_of(listener.broker)}*").split("\n")[0:] or (
+            wire.shard_channel(prefix_of(listener.broker), channel)
+            in target.cli("PUBSUB", "SHARDCHANNELS", f"{prefix_of(listener.broker)}*").split()
+        )
+
+    await eventually(moved, "the subscription was not re-established on the slot's new master")
+    await eventually(lambda: [channel] in listener.recorder.resubscribed, "the hub was not told to catch up")
+    await eventually(lambda: listener.broker.ready, "broker not ready after the migration")
+    # The history moved with the slot, so the position from before is still resumable.
+    after = await publisher.broker.publish(channel, payload(2))
+    assert (after.offset, after.epoch) == (2, before.epoch)
+    await eventually(lambda: len(listener.recorder.on(channel)) == 2, "no live delivery after the migration")
+    history = await listener.broker.history(channel, before)
+    assert history.recovered
+    assert [e.payload for e in history.envelopes] == [payload(2)]
+
+
+async def test_losing_a_master_makes_the_broker_unready_until_the_node_is_back(own_cluster: RedisCluster) -> None:
+    start, running = pods_fixture(own_cluster)
+    try:
+        listener, publisher = await start(), await start()
+        channels = [new_channel() for _ in range(30)]
+        for channel in channels:
+            await listener.broker.subscribe(channel)
+        victim = own_cluster.nodes[0]
+        lost = [c for c in channels if own_cluster.owner_of(slot_of(listener.broker, c)) is victim]
+        kept = [c for c in channels if c not in lost]
+        assert lost and kept
+        await eventually(lambda: listener.broker.ready, "not ready before the fault")
+
+        victim.kill()
+        await eventually(lambda: not listener.broker.ready, "broker stayed ready with a master down")
+        # The other masters' channels keep flowing while the node is away.
+        await publisher.broker.publish(kept[0], payload(1))
+        await eventually(lambda: len(listener.recorder.on(kept[0])) == 1, "a healthy master's channel went deaf")
+
+        victim.start()  # same port and nodes.conf: it rejoins with its slots
+        own_cluster.wait_ok()
+        await eventually(lambda: listener.broker.ready, "broker did not recover when the master came back")
+        await eventually(
+            lambda: set(lost) <= {c for notice in listener.recorder.resubscribed for c in notice},
+            "the lost channels were not reported as resubscribed",
+        )
+        assert listener.broker.subscribed_channels == set(channels)
+
+        async def delivered_again() -> bool:
+            await publisher.broker.publish(lost[0], payload(2))
+            return any(e.payload == payload(2) for e in listener.recorder.on(lost[0]))
+
+        # The publisher's own view of the cluster may lag the restart by one failed command.
+        await eventually(delivered_again, "no live delivery on the restarted master's channels")
+    finally:
+        for started in running:
+            await started.broker.close()
