@@ -12,7 +12,7 @@ from redis.crc import key_slot
 
 from service.broker import create_broker
 from service.broker import redis_wire as wire
-from service.broker.base import Broker
+from service.broker.base import Broker, BrokerUnavailable
 from service.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
 from service.config import Settings
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
@@ -166,11 +166,11 @@ async def test_migrating_a_subscribed_channel_slot_moves_the_subscription_and_de
     shared_cluster.move_slot(slot, target)
     assert shared_cluster.owner_of(slot) is target
 
+    shard_name = wire.shard_channel(prefix_of(listener.broker), channel)
+
     async def moved() -> bool:
-        return channel in target.cli("PUBSUB", "SHARDCHANNELS", f"{prefix_of(listener.broker)}*").split("\n")[0:] or (
-            wire.shard_channel(prefix_of(listener.broker), channel)
-            in target.cli("PUBSUB", "SHARDCHANNELS", f"{prefix_of(listener.broker)}*").split()
-        )
+        on_target = shard_name in target.cli("PUBSUB", "SHARDCHANNELS", shard_name).split()
+        return on_target and shard_name not in source.cli("PUBSUB", "SHARDCHANNELS", shard_name).split()
 
     await eventually(moved, "the subscription was not re-established on the slot's new master")
     await eventually(lambda: [channel] in listener.recorder.resubscribed, "the hub was not told to catch up")
@@ -194,7 +194,8 @@ async def test_losing_a_master_makes_the_broker_unready_until_the_node_is_back(o
         victim = own_cluster.nodes[0]
         lost = [c for c in channels if own_cluster.owner_of(slot_of(listener.broker, c)) is victim]
         kept = [c for c in channels if c not in lost]
-        assert lost and kept
+        assert lost
+        assert kept
         await eventually(lambda: listener.broker.ready, "not ready before the fault")
 
         victim.kill()
@@ -213,10 +214,12 @@ async def test_losing_a_master_makes_the_broker_unready_until_the_node_is_back(o
         assert listener.broker.subscribed_channels == set(channels)
 
         async def delivered_again() -> bool:
-            await publisher.broker.publish(lost[0], payload(2))
+            try:
+                await publisher.broker.publish(lost[0], payload(2))
+            except BrokerUnavailable:
+                return False  # a pooled connection to the restarted node fails once, then is replaced
             return any(e.payload == payload(2) for e in listener.recorder.on(lost[0]))
 
-        # The publisher's own view of the cluster may lag the restart by one failed command.
         await eventually(delivered_again, "no live delivery on the restarted master's channels")
     finally:
         for started in running:

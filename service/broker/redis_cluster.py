@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -10,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
@@ -101,8 +103,6 @@ class RedisClusterBroker(Broker):
             require_full_coverage=False,
             **cluster_options,
         )
-        self._publish_script = self._client.register_script(wire.CLUSTER_PUBLISH_SCRIPT)
-        self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
         sub_options = dict(options, client_name=f"eva-ws:{name}:sub")
 
         def link_client(address: Address) -> Redis:
@@ -174,7 +174,7 @@ class RedisClusterBroker(Broker):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                offset, epoch = await self._publish_script(keys=keys, args=args)
+                offset, epoch = await self._script(wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
@@ -205,8 +205,8 @@ class RedisClusterBroker(Broker):
         first = str(since.offset + 1) if since is not None else ""
         try:
             async with asyncio.timeout(self._timeout_s):
-                raw_epoch, offset, entries = await self._history_script(
-                    keys=keys, args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+                raw_epoch, offset, entries = await self._script(
+                    wire.HISTORY_SCRIPT, keys, [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
@@ -222,6 +222,18 @@ class RedisClusterBroker(Broker):
         ]
         recovered = [e.offset for e in envelopes] == list(range(since.offset + 1, position.offset + 1))
         return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on the master of the keys' slot, EVAL there if that node does not know the script yet.
+
+        Not redis-py's Script: on NOSCRIPT it runs SCRIPT LOAD on every master, which
+        fails while any master is down, even for keys whose own master is healthy.
+        NOSCRIPT means the script did not run, so the EVAL cannot publish twice.
+        """
+        try:
+            return await self._client.evalsha(_sha1(script), len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(script, len(keys), *keys, *args)
 
     # -- subscriptions: see ClusterSubscriber ----------------------------------------------
 
@@ -245,6 +257,11 @@ class RedisClusterBroker(Broker):
     async def unsubscribe(self, channel: str) -> None:
         """See Broker.unsubscribe."""
         await self._subscriber.unsubscribe(channel)
+
+
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324  # the name Redis gives a script, not security
 
 
 def _payload(fields: list[bytes]) -> bytes:

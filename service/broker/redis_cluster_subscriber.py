@@ -310,7 +310,7 @@ class ClusterSubscriber:
         for address in candidates:
             client = self._link_client(address)
             try:
-                reply = await client.execute_command("CLUSTER SLOTS")
+                reply = await client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
                 return _slot_map(reply, address)
             except (RedisError, OSError, TimeoutError, ValueError, IndexError) as exc:
                 log.info("broker_slot_map_unavailable", node=f"{address[0]}:{address[1]}", error=type(exc).__name__)
