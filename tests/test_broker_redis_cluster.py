@@ -13,8 +13,9 @@ from redis.crc import key_slot
 from service.broker import create_broker
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable
-from service.broker.redis_cluster import RedisClusterBroker, parse_cluster_url
+from service.broker.redis_cluster import RedisClusterBroker
 from service.config import Settings
+from service.redis_cluster_client import parse_cluster_url
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.redis_cluster import RedisCluster
 from tests.waiting import eventually

@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import ConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
-from service.broker.redis_shard_link import Address
 from service.config import Settings
 from service.redis_client import client_name_part, client_options
-
-CLUSTER_SCHEME = "redis+cluster://"
-
-
-def parse_cluster_url(url: str) -> tuple[list[Address], dict[str, str]]:
-    """Seed nodes and credentials of `redis+cluster://[user:password@]host:port[,host:port...]`."""
-    if not url.startswith(CLUSTER_SCHEME):
-        raise ValueError("a Redis Cluster URL starts with redis+cluster://")
-    rest = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].split("?", 1)[0]
-    credentials: dict[str, str] = {}
-    if "@" in rest:
-        userinfo, rest = rest.rsplit("@", 1)
-        user, _, password = userinfo.partition(":")
-        if user:
-            credentials["username"] = unquote(user)
-        if password:
-            credentials["password"] = unquote(password)
-    seeds: list[Address] = []
-    for part in rest.split(","):
-        parsed = urlsplit(f"//{part.strip()}")
-        if not parsed.hostname:
-            raise ValueError(f"no host in cluster node {part!r}")
-        seeds.append((parsed.hostname, parsed.port or 6379))
-    return seeds, credentials
+from service.redis_cluster_client import Address, cluster_client, eval_script, parse_cluster_url
 
 
 class RedisClusterBroker(Broker):
@@ -81,7 +53,7 @@ class RedisClusterBroker(Broker):
         changed (a lost connection or a moved slot re-reads it at once).
         """
         super().__init__()
-        seeds, credentials = parse_cluster_url(url)
+        seeds, credentials = parse_cluster_url(url)  # the subscriber's connections need them too
         self._prefix = prefix
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
@@ -94,16 +66,8 @@ class RedisClusterBroker(Broker):
             keepalive_idle_s=keepalive_idle_s,
             client_name=f"eva-ws:{name}:cmd",
         )
-        options.update(credentials)
-        cluster_options = {key: value for key, value in options.items() if key != "parser_class"}
-        self._client = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-            max_connections=max_connections,
-            # A dead master must not stop publishing to the slots of the others.
-            require_full_coverage=False,
-            **cluster_options,
-        )
-        sub_options = dict(options, client_name=f"eva-ws:{name}:sub")
+        self._client = cluster_client(url, max_connections=max_connections, options=options)
+        sub_options = dict(options, client_name=f"eva-ws:{name}:sub", **credentials)
 
         def link_client(address: Address) -> Redis:
             return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **sub_options))
@@ -174,7 +138,7 @@ class RedisClusterBroker(Broker):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                offset, epoch = await self._script(wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
+                offset, epoch = await eval_script(self._client, wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
@@ -205,8 +169,8 @@ class RedisClusterBroker(Broker):
         first = str(since.offset + 1) if since is not None else ""
         try:
             async with asyncio.timeout(self._timeout_s):
-                raw_epoch, offset, entries = await self._script(
-                    wire.HISTORY_SCRIPT, keys, [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+                raw_epoch, offset, entries = await eval_script(
+                    self._client, wire.HISTORY_SCRIPT, keys, [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
@@ -222,18 +186,6 @@ class RedisClusterBroker(Broker):
         ]
         recovered = [e.offset for e in envelopes] == list(range(since.offset + 1, position.offset + 1))
         return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
-
-    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA on the master of the keys' slot, EVAL there if that node does not know the script yet.
-
-        Not redis-py's Script: on NOSCRIPT it runs SCRIPT LOAD on every master, which
-        fails while any master is down, even for keys whose own master is healthy.
-        NOSCRIPT means the script did not run, so the EVAL cannot publish twice.
-        """
-        try:
-            return await self._client.evalsha(_sha1(script), len(keys), *keys, *args)
-        except NoScriptError:
-            return await self._client.eval(script, len(keys), *keys, *args)
 
     # -- subscriptions: see ClusterSubscriber ----------------------------------------------
 
@@ -257,11 +209,6 @@ class RedisClusterBroker(Broker):
     async def unsubscribe(self, channel: str) -> None:
         """See Broker.unsubscribe."""
         await self._subscriber.unsubscribe(channel)
-
-
-@functools.cache
-def _sha1(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324  # the name Redis gives a script, not security
 
 
 def _payload(fields: list[bytes]) -> bytes:

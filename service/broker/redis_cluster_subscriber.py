@@ -15,8 +15,9 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
-from service.broker.redis_shard_link import Address, ShardLink
+from service.broker.redis_shard_link import ShardLink
 from service.redis_client import cancel_and_wait
+from service.redis_cluster_client import Address
 
 log = structlog.get_logger("eva_ws.broker")
 

@@ -20,10 +20,9 @@ from service.broker import redis_wire as wire
 from service.broker.base import Envelope
 from service.broker.redis_subscriber import SUBSCRIBE_BATCH_MAX, SilentConnection
 from service.redis_client import cancel_and_wait
+from service.redis_cluster_client import Address
 
 log = structlog.get_logger("eva_ws.broker")
-
-Address = tuple[str, int]
 
 
 class ShardLink:
