@@ -22,9 +22,13 @@ def create_broker(settings: Settings) -> Broker:
 
 
 def create_presence(settings: Settings) -> Presence:
-    """Presence in this process without EVA_WS_REDIS_URL, in Redis hashes with it."""
+    """Presence in this process without EVA_WS_REDIS_URL, in Redis hashes with it (Redis Cluster for redis+cluster://)."""
     if settings.redis_url is None:
         return MemoryPresence()
+    if settings.redis_url.startswith("redis+cluster://"):
+        from service.presence_redis_cluster import RedisClusterPresence
+
+        return RedisClusterPresence.from_settings(settings)
     from service.presence_redis import RedisPresence
 
     return RedisPresence.from_settings(settings)
