@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from redis.crc import key_slot
 
 from service.broker import create_broker
 from service.broker import redis_wire as wire
-from service.broker.base import Broker, BrokerUnavailable
+from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.redis_cluster import RedisClusterBroker
 from service.config import Settings
 from service.redis_cluster_client import parse_cluster_url
@@ -225,3 +227,67 @@ async def test_losing_a_master_makes_the_broker_unready_until_the_node_is_back(o
     finally:
         for started in running:
             await started.broker.close()
+
+
+def shard_channels(cluster: RedisCluster, prefix: str) -> dict[int, set[str]]:
+    """Broker channels each master has a sharded subscription for, by port."""
+    return {
+        node.port: {name[len(prefix) + 1 : -1] for name in node.cli("PUBSUB", "SHARDCHANNELS", f"{prefix}*").split()}
+        for node in cluster.nodes
+    }
+
+
+async def test_subscription_churn_during_traffic_ends_with_the_masters_matching_the_wanted_set(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    listener, publisher = await pods(), await pods()
+    prefix = prefix_of(listener.broker)
+    steady = new_channel()
+    await listener.broker.subscribe(steady)
+    pool = [new_channel() for _ in range(30)]
+    rng = random.Random(7)
+    wanted: set[str] = {steady}
+
+    async def churn() -> None:
+        for _ in range(300):
+            channel = rng.choice(pool)
+            if channel in wanted:
+                wanted.discard(channel)
+                await listener.broker.unsubscribe(channel)
+            else:
+                wanted.add(channel)
+                await listener.broker.subscribe(channel)
+
+    async def traffic() -> list[Position]:
+        return [await publisher.broker.publish(steady, payload(n)) for n in range(1, 101)]
+
+    _, positions = await asyncio.gather(churn(), traffic())
+    await eventually(lambda: listener.broker.ready, "broker not ready after churn")
+
+    def matches() -> bool:
+        return set().union(*shard_channels(shared_cluster, prefix).values()) == wanted
+
+    await eventually(matches, lambda: f"masters have {shard_channels(shared_cluster, prefix)}, wanted {wanted}")
+    assert listener.broker.subscribed_channels == wanted
+    assert listener.recorder.resubscribed == []
+    await eventually(lambda: len(listener.recorder.on(steady)) == 100, "steady channel events missing")
+    assert [e.offset for e in listener.recorder.on(steady)] == [p.offset for p in positions]
+
+
+async def test_close_leaves_no_tasks_and_no_subscriptions(shared_cluster: RedisCluster) -> None:
+    baseline_tasks = {t for t in asyncio.all_tasks() if not t.done()}
+    started = await start_broker(cluster_factory(shared_cluster))
+    prefix = prefix_of(started.broker)
+    channels = [new_channel() for _ in range(12)]
+    for channel in channels:
+        await started.broker.subscribe(channel)
+    await started.broker.publish_many([(c, payload(1)) for c in channels])
+    await eventually(lambda: len(started.recorder.envelopes) == 12, "events not delivered")
+    assert set().union(*shard_channels(shared_cluster, prefix).values()) == set(channels)
+    await started.broker.close()
+    assert {t for t in asyncio.all_tasks() if not t.done()} == baseline_tasks
+
+    def released() -> bool:
+        return not any(shard_channels(shared_cluster, prefix).values())
+
+    await eventually(released, "a master still lists the closed broker's shard channels")

@@ -77,6 +77,7 @@ class ClusterSubscriber:
         self._doubt = asyncio.Event()
         self._topology: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # links of nodes that left the slot map
+        self._map_source: tuple[Address, Redis] | None = None
         self._closed = False
 
     async def start(self, *, timeout_s: float) -> None:
@@ -100,6 +101,9 @@ class ClusterSubscriber:
             await link.close()
         for task in list(self._retiring):
             await task
+        if self._map_source is not None:
+            await self._map_source[1].aclose()
+            self._map_source = None
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -131,10 +135,12 @@ class ClusterSubscriber:
         if self._closed:
             raise BrokerUnavailable("broker closed")
         self._wanted.add(channel)
-        if self._confirmed(channel):
-            return
         if channel not in self._assigned:
             self._assign(channel, notice=False)
+        # Also after an unsubscribe whose SUNSUBSCRIBE was never sent: no new confirmation will come.
+        if self._confirmed(channel):
+            self._update_metrics()
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(waiter)
         self._update_metrics()
@@ -166,7 +172,7 @@ class ClusterSubscriber:
     def _confirmed(self, channel: str) -> bool:
         address = self._assigned.get(channel)
         link = self._links.get(address) if address is not None else None
-        return link is not None and channel in link.actual and link.connected
+        return link is not None and link.confirmed(channel)
 
     def _drop_waiter(self, channel: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(channel, [])
@@ -305,18 +311,32 @@ class ClusterSubscriber:
         self._update_metrics()
 
     async def _fetch_slots(self) -> SlotMap:
-        """CLUSTER SLOTS from the first node that answers: the seeds, then every master known so far."""
+        """CLUSTER SLOTS from the node asked last time if it answers, else from the first that does."""
+        if self._map_source is not None:
+            address, client = self._map_source
+            try:
+                return _slot_map(await client.execute_command("CLUSTER SLOTS"), address)  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError, ValueError, IndexError) as exc:
+                log.info("broker_slot_map_unavailable", node=f"{address[0]}:{address[1]}", error=type(exc).__name__)
+            self._map_source = None
+            await client.aclose()
         candidates = list(dict.fromkeys([*self._links, *self._seeds]))
         random.shuffle(candidates)  # spread the reads of many pods over the nodes
         for address in candidates:
             client = self._link_client(address)
+            answered = False
             try:
-                reply = await client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-                return _slot_map(reply, address)
+                slots = _slot_map(await client.execute_command("CLUSTER SLOTS"), address)  # type: ignore[no-untyped-call]
+                answered = True
             except (RedisError, OSError, TimeoutError, ValueError, IndexError) as exc:
                 log.info("broker_slot_map_unavailable", node=f"{address[0]}:{address[1]}", error=type(exc).__name__)
+                continue
             finally:
-                await client.aclose()
+                if not answered:
+                    await client.aclose()
+            # Kept for the next read: one connection per pod for the slot map, not one per read.
+            self._map_source = (address, client)
+            return slots
         raise BrokerUnavailable("no cluster node answered CLUSTER SLOTS")
 
 

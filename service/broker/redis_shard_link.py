@@ -69,6 +69,7 @@ class ShardLink:
         self._notice: set[str] = set()  # confirm these, then report them as resubscribed
         self._displaced: set[str] = set()  # the node dropped them (slot moved): wait for a new slot map
         self._server: set[str] = set()
+        self._unsubscribing: dict[str, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed, per channel
         self.actual: set[str] = set()
         self._by_name: dict[bytes, str] = {}
         self.connected = False
@@ -105,6 +106,10 @@ class ShardLink:
             self._notice.add(channel)
         self._wake()
 
+    def confirmed(self, channel: str) -> bool:
+        """The node confirmed the channel on the current connection and no SUNSUBSCRIBE is on its way."""
+        return self.connected and channel in self.actual and channel in self._server
+
     def displaced(self, channel: str) -> bool:
         """The node gave the channel's slot away and this link waits to be told where it went."""
         return channel in self._displaced
@@ -113,6 +118,8 @@ class ShardLink:
         self.wanted.discard(channel)
         self._notice.discard(channel)
         self._displaced.discard(channel)
+        if channel not in self._server and channel not in self._unsubscribing:
+            self._by_name.pop(wire.shard_channel(self._prefix, channel).encode(), None)
         self._wake()
 
     def _wake(self) -> None:
@@ -158,6 +165,7 @@ class ShardLink:
             finally:
                 self.connected = False
                 self._server.clear()
+                self._unsubscribing.clear()
                 self.actual.clear()
                 self._ping_sent_at = None
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -227,6 +235,8 @@ class ShardLink:
         for channels in _by_slot(self._prefix, to_unsubscribe):
             await pubsub.sunsubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
             self._server.difference_update(channels)
+            for channel in channels:
+                self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         for channels in _by_slot(self._prefix, to_subscribe):
             await pubsub.ssubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
             self._server.update(channels)
@@ -241,14 +251,19 @@ class ShardLink:
                 self._on_confirmed(self, channel)
         elif kind == "sunsubscribe":
             self.actual.discard(channel)
-            if channel in self._server and channel in self.wanted:
+            pending = self._unsubscribing.get(channel, 0)
+            if pending > 1:
+                self._unsubscribing[channel] = pending - 1
+            elif pending == 1:
+                del self._unsubscribing[channel]  # the confirmation of our own SUNSUBSCRIBE
+            elif channel in self._server and channel in self.wanted:
                 # Not asked for: the node gave the slot away. Wait for the new owner.
                 self._server.discard(channel)
                 self._displaced.add(channel)
                 self._notice.add(channel)
                 log.info("broker_shard_channel_moved", pod_id=self._pod_id, node=_node(self.address), channel=channel)
                 self._on_topology_doubt()
-            elif channel not in self.wanted:
+            if channel not in self.wanted and channel not in self._unsubscribing:
                 self._by_name.pop(message["channel"], None)
 
     def _report_recovered(self) -> None:
