@@ -76,10 +76,11 @@ class ClusterNode:
 
 
 class RedisCluster:
-    """Three masters, no replicas, slots split evenly by `redis-cli --cluster create`."""
+    """Three masters (and `replicas` replicas of each), slots split evenly by `redis-cli --cluster create`."""
 
-    def __init__(self, directory: Path, *, masters: int = 3) -> None:
-        self.nodes = [ClusterNode(directory) for _ in range(masters)]
+    def __init__(self, directory: Path, *, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [ClusterNode(directory) for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -88,7 +89,8 @@ class RedisCluster:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        create = [REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "0"]
+        create = [REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes)]
+        create += ["--cluster-replicas", str(self.replicas)]
         subprocess.run([*create, "--cluster-yes"], check=True, capture_output=True, timeout=START_DEADLINE_S)
         self.wait_ok()
 
@@ -103,7 +105,10 @@ class RedisCluster:
     @staticmethod
     def _ok(node: ClusterNode) -> bool:
         info = node.cli("CLUSTER", "INFO")
-        return "cluster_state:ok" in info and "cluster_slots_ok:16384" in info
+        if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+            return False
+        replication = node.cli("INFO", "replication")
+        return "role:master" in replication or "master_link_status:up" in replication
 
     def owner_of(self, slot: int) -> ClusterNode:
         """The node that owns `slot`, as the first reachable node sees it (CLUSTER NODES)."""

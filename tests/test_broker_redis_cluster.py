@@ -52,6 +52,15 @@ def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     cluster.stop()
 
 
+@pytest.fixture
+def replicated_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """Three masters with one replica each, for a real failover."""
+    cluster = RedisCluster(tmp_path, replicas=1)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 def cluster_factory(cluster: RedisCluster, **defaults: Any) -> BrokerFactory:
     prefix = f"t{uuid.uuid4().hex[:6]}:"
 
@@ -291,3 +300,48 @@ async def test_close_leaves_no_tasks_and_no_subscriptions(shared_cluster: RedisC
         return not any(shard_channels(shared_cluster, prefix).values())
 
     await eventually(released, "a master still lists the closed broker's shard channels")
+
+
+async def test_a_replica_promoted_after_its_master_dies_takes_over_the_channels(
+    replicated_cluster: RedisCluster,
+) -> None:
+    start, running = pods_fixture(replicated_cluster)
+    try:
+        listener, publisher = await start(), await start()
+        channels = [new_channel() for _ in range(30)]
+        for channel in channels:
+            await listener.broker.subscribe(channel)
+        slot = slot_of(listener.broker, channels[0])
+        victim = replicated_cluster.owner_of(slot)
+        lost = [c for c in channels if replicated_cluster.owner_of(slot_of(listener.broker, c)) is victim]
+        before = await publisher.broker.publish(channels[0], payload(1))
+        await eventually(lambda: len(listener.recorder.on(channels[0])) == 1, "no delivery before the failover")
+        assert victim.cli("WAIT", "1", "5000") == "1", "the replica did not acknowledge the write"
+
+        victim.kill()
+        await eventually(lambda: not listener.broker.ready, "broker stayed ready with a master down")
+        await eventually(lambda: replicated_cluster.owner_of(slot) is not victim, "no replica was promoted")
+        promoted = replicated_cluster.owner_of(slot)
+        await eventually(lambda: listener.broker.ready, "broker did not move to the promoted replica")
+        assert isinstance(listener.broker, RedisClusterBroker)
+        assert channels[0] in listener.broker.channels_by_node()[("127.0.0.1", promoted.port)]
+        await eventually(
+            lambda: set(lost) <= {c for notice in listener.recorder.resubscribed for c in notice},
+            "the moved channels were not reported as resubscribed",
+        )
+
+        async def delivered_again() -> bool:
+            try:
+                await publisher.broker.publish(channels[0], payload(2))
+            except BrokerUnavailable:
+                return False  # until the publisher's client has read the new slot map
+            return any(e.payload == payload(2) for e in listener.recorder.on(channels[0]))
+
+        await eventually(delivered_again, "no live delivery from the promoted replica")
+        # The replica had the history, so the position from before the failover is resumable.
+        history = await listener.broker.history(channels[0], before)
+        assert history.recovered
+        assert history.position.epoch == before.epoch
+    finally:
+        for started in running:
+            await started.broker.close()

@@ -7,7 +7,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from service import metrics
@@ -15,8 +17,10 @@ from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.config import Settings
-from service.redis_client import client_name_part, client_options
+from service.redis_client import cancel_and_wait, client_name_part, client_options
 from service.redis_cluster_client import Address, cluster_client, eval_script, parse_cluster_url
+
+log = structlog.get_logger("eva_ws.broker")
 
 
 class RedisClusterBroker(Broker):
@@ -86,7 +90,9 @@ class RedisClusterBroker(Broker):
             reconnect_min_s=reconnect_min_s,
             reconnect_max_s=reconnect_max_s,
             topology_refresh_s=topology_refresh_s,
+            on_slot_map_changed=self._slot_map_changed,
         )
+        self._refreshing: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
@@ -121,7 +127,28 @@ class RedisClusterBroker(Broker):
             return
         self._closed = True
         await self._subscriber.close()
+        if self._refreshing is not None:
+            await cancel_and_wait(self._refreshing)
         await self._client.aclose()
+
+    def _slot_map_changed(self) -> None:
+        """The subscriber saw a new slot map: make the command client read it too.
+
+        Without this, the first command for a failed-over slot goes to the dead master,
+        fails, and only then makes redis-py re-read the map.
+        """
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(
+                self._refresh_command_slots(), name="redis-cluster-command-slots"
+            )
+
+    async def _refresh_command_slots(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.nodes_manager.initialize()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # redis-py re-reads the map by itself after the next failed command.
+            log.info("broker_command_slot_map_stale", error=type(exc).__name__)
 
     # -- publishing and history -----------------------------------------------------------
 
@@ -167,13 +194,19 @@ class RedisClusterBroker(Broker):
         keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
         asked_epoch = since.epoch if since is not None else ""
         first = str(since.offset + 1) if since is not None else ""
+        args: list[Any] = [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
         try:
             async with asyncio.timeout(self._timeout_s):
-                raw_epoch, offset, entries = await eval_script(
-                    self._client, wire.HISTORY_SCRIPT, keys, [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
-                )
+                try:
+                    reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
+                except RedisConnectionError:
+                    # Safe to repeat, unlike a publish: its only write creates a missing epoch.
+                    # A lost connection makes redis-py re-read the slot map, so a failed-over
+                    # master costs one attempt, not a failed resume.
+                    reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
+        raw_epoch, offset, entries = reply
         epoch = raw_epoch.decode()
         position = Position(offset=int(offset), epoch=epoch)
         if since is None:

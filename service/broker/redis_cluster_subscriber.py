@@ -55,8 +55,10 @@ class ClusterSubscriber:
         reconnect_min_s: float,
         reconnect_max_s: float,
         topology_refresh_s: float = TOPOLOGY_REFRESH_S,
+        on_slot_map_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._seeds = list(seeds)
+        self._on_slot_map_changed = on_slot_map_changed
         self._link_client = link_client
         self._prefix = prefix
         self._pod_id = pod_id
@@ -308,6 +310,8 @@ class ClusterSubscriber:
             self._link(address)
         if changed or moved:
             log.info("broker_slot_map", pod_id=self._pod_id, masters=len(masters), moved_channels=moved)
+        if changed:
+            self._on_slot_map_changed()
         self._update_metrics()
 
     async def _fetch_slots(self) -> SlotMap:
