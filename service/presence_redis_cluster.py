@@ -1,30 +1,35 @@
 """Presence on Redis Cluster: RedisPresence's hashes and heartbeats, with each script confined to one slot.
 
 Keys (prefix = EVA_WS_REDIS_PREFIX); the braces are hash tags, so a customer's two hashes share a slot:
-- `{prefix}presence:{{customerId}}`: hash conn_id -> JSON {"user_id", "pod_id", "connected_at", "instance"}.
-- `{prefix}presence_count:{{customerId}}`: hash instance -> number of that instance's entries in the hash above.
-- `{prefix}presence_pod:{instance}`: heartbeat string with a TTL of `heartbeat_ttl_s`, refreshed every third of it.
+- `<prefix>presence:{<customerId>}`: hash conn_id -> JSON {"user_id", "pod_id", "connected_at", "instance"}.
+- `<prefix>presence_count:{<customerId>}`: hash instance -> number of that instance's entries in the hash above.
+- `<prefix>presence_pod:<instance>`: heartbeat string with a TTL of `heartbeat_ttl_s`, refreshed every third of it.
 
 A script on Redis Cluster may touch only its own slot, and the heartbeats live in other
 slots, so reading takes two steps instead of RedisPresence's one script: the pod reads
 the customer's instances and checks their heartbeats, then one script on the customer's
 slot drops the entries of the instances whose heartbeat is gone and sums the counters of
-the others. A pod whose heartbeat lapsed (a stall longer than the TTL) writes its entries
-again on its next beat; a reader that checked the heartbeat just before that beat can
-still drop them, and they come back only after the next lapse or reconnect.
+the others. A heartbeat that cannot be read (its master is down) counts as alive.
+
+A pod whose heartbeat lapsed (a stall longer than the TTL) writes its entries again on
+its next beat; a reader that checked the heartbeat just before that beat can still drop
+them, and they come back only after the next lapse or reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.presence_redis import _ADD, _REMOVE, _parse
@@ -68,7 +73,9 @@ class RedisClusterPresence(Presence):
     """See Presence and RedisPresence: the same behaviour and tunables, on Redis Cluster.
 
     A connection with several customers writes one script per customer, in parallel,
-    since each customer's hashes may live on a different master.
+    since each customer's hashes may live on a different master. Every call is bounded
+    by connect + command timeout and raises BrokerUnavailable when the master of a
+    customer's slot cannot answer (the handlers answer 503 or carry on without presence).
     """
 
     def __init__(
@@ -146,6 +153,15 @@ class RedisClusterPresence(Presence):
         self._local.clear()
         await self._client.aclose()
 
+    @contextlib.asynccontextmanager
+    async def _bounded(self, operation: str) -> AsyncIterator[None]:
+        """Bound a call by connect + command timeout; a master that cannot answer is BrokerUnavailable."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"presence {operation} failed: {type(exc).__name__}") from exc
+
     async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
         value = orjson.dumps(
             {
@@ -156,8 +172,9 @@ class RedisClusterPresence(Presence):
             }
         )
         if self._heartbeat is None:
-            await self.start()  # without a heartbeat, readers would drop the entry at once
-        async with asyncio.timeout(self._timeout_s):
+            async with self._bounded("start"):
+                await self.start()  # without a heartbeat, readers would drop the entry at once
+        async with self._bounded("add"):
             await asyncio.gather(
                 *(
                     eval_script(self._client, _ADD, self._keys(customer_id), [entry.conn_id, value, self._instance])
@@ -168,14 +185,14 @@ class RedisClusterPresence(Presence):
 
     async def remove(self, customer_ids: list[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)
-        async with asyncio.timeout(self._timeout_s):
+        async with self._bounded("remove"):
             await asyncio.gather(*(self._remove_one(customer_id, conn_id) for customer_id in customer_ids))
 
     async def _remove_one(self, customer_id: str, conn_id: str) -> None:
         await eval_script(self._client, _REMOVE, self._keys(customer_id), [conn_id, self._instance])
 
     async def list(self, customer_id: str) -> list[PresenceEntry]:
-        async with asyncio.timeout(self._timeout_s):
+        async with self._bounded("list"):
             dead = await self._dead_instances(customer_id)
             flat = await eval_script(self._client, _LIST, self._keys(customer_id), [*dead])
         entries = []
@@ -186,7 +203,7 @@ class RedisClusterPresence(Presence):
         return sorted(entries, key=lambda e: e.connected_at)
 
     async def count(self, customer_id: str) -> int:
-        async with asyncio.timeout(self._timeout_s):
+        async with self._bounded("count"):
             dead = await self._dead_instances(customer_id)
             total = await eval_script(self._client, _COUNT, self._keys(customer_id), [*dead])
         return int(total)
@@ -195,8 +212,12 @@ class RedisClusterPresence(Presence):
         """The customer's instances whose heartbeat is gone: O(pods with entries for this customer)."""
         raw = await self._client.hkeys(self._keys(customer_id)[1])
         instances = [i.decode(errors="replace") if isinstance(i, bytes) else i for i in raw]
-        alive = await asyncio.gather(*(self._client.exists(self._heartbeat_key(i)) for i in instances))
-        return tuple(instance for instance, exists in zip(instances, alive, strict=True) if not exists)
+        found = await asyncio.gather(
+            *(self._client.exists(self._heartbeat_key(i)) for i in instances), return_exceptions=True
+        )
+        # A heartbeat on a master that cannot answer counts as alive: a dead master must not
+        # hide other customers' connections, and must not purge the entries of live pods.
+        return tuple(instance for instance, exists in zip(instances, found, strict=True) if exists == 0)
 
     async def _beat(self) -> bool:
         """Refresh the heartbeat; True if it had lapsed (readers may have dropped our entries)."""

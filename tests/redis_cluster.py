@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -61,8 +63,18 @@ class ClusterNode:
             return
         self.process = None
         if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
             process.kill()
             process.wait(timeout=START_DEADLINE_S)
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts TCP connections but nothing answers (a half-open peer)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def cli(self, *args: str) -> str:
         """One redis-cli command against this node; its raw reply, or '' if the node is unreachable."""

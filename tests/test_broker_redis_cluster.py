@@ -215,6 +215,10 @@ async def test_losing_a_master_makes_the_broker_unready_until_the_node_is_back(o
         # The other masters' channels keep flowing while the node is away.
         await publisher.broker.publish(kept[0], payload(1))
         await eventually(lambda: len(listener.recorder.on(kept[0])) == 1, "a healthy master's channel went deaf")
+        with pytest.raises(BrokerUnavailable):
+            await publisher.broker.publish_many([(kept[1], payload(1)), (lost[0], payload(1))])
+        with pytest.raises(BrokerUnavailable):
+            await listener.broker.history(lost[0], None)
 
         victim.start()  # same port and nodes.conf: it rejoins with its slots
         own_cluster.wait_ok()
@@ -342,6 +346,39 @@ async def test_a_replica_promoted_after_its_master_dies_takes_over_the_channels(
         history = await listener.broker.history(channels[0], before)
         assert history.recovered
         assert history.position.epoch == before.epoch
+    finally:
+        for started in running:
+            await started.broker.close()
+
+
+async def test_a_silent_master_is_noticed_and_its_channels_come_back_when_it_answers(own_cluster: RedisCluster) -> None:
+    start, running = pods_fixture(own_cluster)
+    try:
+        listener, publisher = await start(), await start()
+        channels = [new_channel() for _ in range(20)]
+        for channel in channels:
+            await listener.broker.subscribe(channel)
+        victim = own_cluster.owner_of(slot_of(listener.broker, channels[0]))
+        victim.pause()
+        try:
+            await eventually(lambda: not listener.broker.ready, "a silent master was not noticed")
+        finally:
+            victim.resume()
+        own_cluster.wait_ok()
+        await eventually(lambda: listener.broker.ready, "broker did not recover when the master answered again")
+        notices = listener.recorder.resubscribed
+        await eventually(
+            lambda: any(channels[0] in n for n in notices), "the silent master's channels were not refilled"
+        )
+
+        async def delivered() -> bool:
+            try:
+                await publisher.broker.publish(channels[0], payload(1))
+            except BrokerUnavailable:
+                return False
+            return bool(listener.recorder.on(channels[0]))
+
+        await eventually(delivered, "no live delivery after the master answered again")
     finally:
         for started in running:
             await started.broker.close()

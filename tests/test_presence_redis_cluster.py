@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.crc import key_slot
 
 from service.broker import create_presence
+from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis_cluster import RedisClusterPresence
@@ -123,3 +125,35 @@ async def test_close_removes_the_pods_entries(pods: Callable[..., Any]) -> None:
     await leaving.close()
     assert await staying.list("c1") == [kept]
     assert await staying.count("c2") == 0
+
+
+async def test_a_dead_master_makes_only_its_customers_presence_unavailable(tmp_path: Path) -> None:
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    presence = RedisClusterPresence(url=cluster.url, prefix="d:", pod_id="pod-a")
+    try:
+        await presence.start()
+        customers = [f"c{n}" for n in range(12)]
+        victim = cluster.nodes[0]
+        on_victim = [c for c in customers if cluster.owner_of(key_slot(c.encode())) is victim]
+        elsewhere = [c for c in customers if c not in on_victim]
+        assert on_victim
+        assert elsewhere
+        victim.kill()
+        with pytest.raises(BrokerUnavailable):
+            await presence.count(on_victim[0])
+        with pytest.raises(BrokerUnavailable):
+            await presence.add([on_victim[0]], entry("pod-a"))
+
+        async def served() -> bool:
+            try:
+                await presence.add(elsewhere, entry("pod-a"))
+            except BrokerUnavailable:
+                return False  # the first command on a dead node's pooled connection
+            return True
+
+        await eventually(served, "customers of healthy masters lost their presence")
+        assert await presence.count(elsewhere[0]) >= 1
+    finally:
+        await presence.close()
+        cluster.stop()

@@ -184,9 +184,14 @@ class RedisClusterBroker(Broker):
                 channel, payload = batch[index]
                 positions[index] = await self.publish(channel, payload)
 
-        async with asyncio.TaskGroup() as group:
-            for indexes in by_channel.values():
-                group.create_task(publish_channel(indexes))
+        # Not a TaskGroup: one unavailable master must not cancel the other channels' publishes
+        # half-way (their outcome would be unknown), and the caller expects BrokerUnavailable.
+        results = await asyncio.gather(
+            *(publish_channel(indexes) for indexes in by_channel.values()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return [p for p in positions if p is not None]
 
     async def history(self, channel: str, since: Position | None) -> History:
