@@ -42,8 +42,8 @@ async def measure(cluster: RedisCluster, channels: int) -> None:
         while broker.ready:  # noqa: ASYNC110  # readiness is a property, polled as /readyz would be
             await asyncio.sleep(0.01)
         print(f"not ready {time.perf_counter() - started:.2f} s after killing {victim.address}")
-        victim.start()
         restarted = time.perf_counter()
+        victim.start()
         while not broker.ready:  # noqa: ASYNC110  # same
             await asyncio.sleep(0.01)
         print(f"ready again {time.perf_counter() - restarted:.2f} s after restarting it")

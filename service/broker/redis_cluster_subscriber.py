@@ -80,6 +80,7 @@ class ClusterSubscriber:
         self._topology: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # links of nodes that left the slot map
         self._map_source: tuple[Address, Redis] | None = None
+        self._metrics_due = False
         self._closed = False
 
     async def start(self, *, timeout_s: float) -> None:
@@ -111,7 +112,7 @@ class ClusterSubscriber:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
-        self._update_metrics()
+        self._write_metrics()
 
     @property
     def ready(self) -> bool:
@@ -250,6 +251,13 @@ class ClusterSubscriber:
         self._update_metrics()
 
     def _update_metrics(self) -> None:
+        # Coalesced: computing them costs O(channels), and a resubscribe confirms thousands at once.
+        if not self._metrics_due:
+            self._metrics_due = True
+            asyncio.get_running_loop().call_soon(self._write_metrics)
+
+    def _write_metrics(self) -> None:
+        self._metrics_due = False
         metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
         metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self.subscribed_channels))
         metrics.BROKER_READY.set(1 if self.ready else 0)
