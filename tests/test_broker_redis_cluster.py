@@ -19,6 +19,7 @@ from service.broker.redis_cluster import RedisClusterBroker
 from service.config import Settings
 from service.redis_cluster_client import parse_cluster_url
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
+from tests.conftest import AppClient, connect, make_settings, publish, receive_type, subscribe, token_for, txn
 from tests.redis_cluster import RedisCluster
 from tests.waiting import eventually
 
@@ -382,3 +383,34 @@ async def test_a_silent_master_is_noticed_and_its_channels_come_back_when_it_ans
     finally:
         for started in running:
             await started.broker.close()
+
+
+async def test_two_pods_on_the_cluster_deliver_published_events_and_share_presence(
+    app_client: AppClient, shared_cluster: RedisCluster
+) -> None:
+    prefix = f"app{uuid.uuid4().hex[:6]}:"
+    settings = [make_settings(redis_url=shared_cluster.url, redis_prefix=prefix, pod_id=f"pod-{n}") for n in (1, 2)]
+    first, second = await app_client(settings[0]), await app_client(settings[1])
+    customers = [f"C{n}" for n in range(6)]
+    sockets = []
+    for customer in customers:
+        ws = await connect(first, token_for(settings[0], sub=f"user-{customer}", customers=[customer]))
+        assert (await subscribe(ws))["type"] == "subscribed"
+        sockets.append(ws)
+    for customer in customers:
+        response = await publish(
+            second, settings[1], {"type": "transaction_new", "data": txn(f"T-{customer}", customer)}
+        )
+        assert response.status == 202
+    for customer, ws in zip(customers, sockets, strict=True):
+        event = await receive_type(ws, "transaction_new")
+        assert event["data"]["id"] == f"T-{customer}"
+        assert event["offset"] == 1
+    owners = {
+        shared_cluster.owner_of(key_slot(wire.shard_channel(prefix, f"transactions:{c}").encode())) for c in customers
+    }
+    assert len(owners) > 1, "the customers' channels should live on several masters"
+    auth = {"Authorization": "Bearer " + token_for(settings[1], sub="reader", customers=["C0"])}
+    body = await (await second.get("/api/v1/presence/C0", headers=auth)).json()
+    assert body["count"] == 1
+    assert [c["podId"] for c in body["connections"]] == ["pod-1"]
