@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from service import metrics
 from service.broker import create_broker
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
@@ -414,3 +415,24 @@ async def test_two_pods_on_the_cluster_deliver_published_events_and_share_presen
     body = await (await second.get("/api/v1/presence/C0", headers=auth)).json()
     assert body["count"] == 1
     assert [c["podId"] for c in body["connections"]] == ["pod-1"]
+
+
+async def test_foreign_publishers_script_is_delivered_and_garbage_is_counted_and_dropped(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    pod = await pods()
+    channel = new_channel()
+    await pod.broker.subscribe(channel)
+    prefix = prefix_of(pod.broker)
+    owner = shared_cluster.owner_of(slot_of(pod.broker, channel))
+    shard = wire.shard_channel(prefix, channel)
+    invalid_before = metrics.BROKER_INVALID_MESSAGES._value.get()
+    for garbage in ('{"type":"transaction_update"}', "e1:0:abc\n{}", "e1:1:abc\n"):
+        assert owner.cli("SPUBLISH", shard, garbage) == "1"
+    keys = [wire.meta_key(prefix, channel), wire.stream_key(prefix, channel)]
+    reply = owner.cli("EVAL", wire.CLUSTER_PUBLISH_SCRIPT, "2", *keys, "fromgo1", "600", shard, "1000", '{"id":"t1"}')
+    assert reply.split() == ["1", "fromgo1"]
+    await eventually(lambda: len(pod.recorder.on(channel)) == 1, "the script's event was not delivered")
+    assert pod.recorder.on(channel)[0].payload == b'{"id":"t1"}'
+    assert metrics.BROKER_INVALID_MESSAGES._value.get() == invalid_before + 3
+    assert pod.broker.ready

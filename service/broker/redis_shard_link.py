@@ -64,14 +64,15 @@ class ShardLink:
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
 
-        # The coordinator writes `wanted` and `_notice`; everything else belongs to the owner task.
+        # What this link should deliver, changed by the coordinator through assign and drop.
         self.wanted: set[str] = set()
         self._notice: set[str] = set()  # confirm these, then report them as resubscribed
         self._displaced: set[str] = set()  # the node dropped them (slot moved): wait for a new slot map
-        self._server: set[str] = set()
+        self._by_name: dict[bytes, str] = {}  # shard channel name -> broker channel
+        # What the node has, written only by the owner task.
+        self._server: set[str] = set()  # what the node will have once every sent command is applied
         self._unsubscribing: dict[str, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed, per channel
-        self.actual: set[str] = set()
-        self._by_name: dict[bytes, str] = {}
+        self.actual: set[str] = set()  # what the node confirmed on the current connection
         self.connected = False
         self._ping_sent_at: float | None = None
         self._wake_scope: asyncio.Timeout | None = None
@@ -95,7 +96,9 @@ class ShardLink:
     @property
     def healthy(self) -> bool:
         """Connected, every assigned channel confirmed, and the last PING answered in time."""
-        return self.connected and self.wanted <= self.actual and not self._displaced and not self._pong_late()
+        if not self.connected or self._displaced or self._pong_late():
+            return False
+        return self.wanted <= self.actual and self.wanted <= self._server
 
     def assign(self, channel: str, *, notice: bool) -> None:
         """Make this link deliver `channel`; with `notice`, report it as resubscribed once confirmed."""
