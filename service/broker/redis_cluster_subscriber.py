@@ -295,7 +295,10 @@ class ClusterSubscriber:
         self._slots = slots
         masters = {address for address in slots if address is not None}
         moved = 0
-        for channel in sorted(self._wanted):
+        # The walk costs O(channels); an unchanged map with nothing displaced or unassigned needs none.
+        displaced = any(link.has_displaced for link in self._links.values())
+        stale = changed or displaced or len(self._assigned) != len(self._wanted)
+        for channel in list(self._wanted) if stale else []:
             old = self._assigned.get(channel)
             new = self._owner(channel)
             if old == new and old is not None and old in self._links:

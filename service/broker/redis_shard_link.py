@@ -113,6 +113,10 @@ class ShardLink:
         """The node confirmed the channel on the current connection and no SUNSUBSCRIBE is on its way."""
         return self.connected and channel in self.actual and channel in self._server
 
+    @property
+    def has_displaced(self) -> bool:
+        return bool(self._displaced)
+
     def displaced(self, channel: str) -> bool:
         """The node gave the channel's slot away and this link waits to be told where it went."""
         return channel in self._displaced
