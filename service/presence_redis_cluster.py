@@ -27,14 +27,13 @@ from typing import Any, Final
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
 
 from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.presence_redis import _ADD, _REMOVE, _parse
 from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import cluster_client, eval_script
+from service.redis_cluster_client import CLUSTER_ERRORS, cluster_client, eval_script
 
 log = structlog.get_logger("eva_ws.presence")
 
@@ -147,7 +146,7 @@ class RedisClusterPresence(Presence):
                         for customer_id in customer_ids
                     )
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             # The heartbeat expires anyway, and readers drop the entries then.
             log.warning("presence_close_failed", error=type(exc).__name__)
         self._local.clear()
@@ -159,7 +158,7 @@ class RedisClusterPresence(Presence):
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"presence {operation} failed: {type(exc).__name__}") from exc
 
     async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
@@ -241,6 +240,6 @@ class RedisClusterPresence(Presence):
             await asyncio.sleep(interval_s)
             try:
                 await self._refresh()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except CLUSTER_ERRORS as exc:
                 # Keep beating: Redis may be back by the next tick, before the TTL runs out.
                 log.warning("presence_heartbeat_failed", instance=self._instance, error=type(exc).__name__)

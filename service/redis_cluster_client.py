@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 CLUSTER_SCHEME = "redis+cluster://"
 
 Address = tuple[str, int]
+
+# What a command on the cluster can raise when a node cannot answer: redis-py's cluster
+# errors (no reachable node, slot not covered) are not RedisErrors.
+CLUSTER_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def is_cluster_url(url: str) -> bool:

@@ -22,6 +22,7 @@ from service.redis_cluster_client import parse_cluster_url
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.conftest import AppClient, connect, make_settings, publish, receive_type, subscribe, token_for, txn
 from tests.redis_cluster import RedisCluster
+from tests.redis_server import free_port
 from tests.waiting import eventually
 
 # Short watchdog, backoff and topology refresh so faults are noticed quickly; correctness never depends on them.
@@ -64,11 +65,15 @@ def replicated_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 
 
 def cluster_factory(cluster: RedisCluster, **defaults: Any) -> BrokerFactory:
+    return cluster_factory_for_url(cluster.url, **defaults)
+
+
+def cluster_factory_for_url(url: str, **defaults: Any) -> BrokerFactory:
     prefix = f"t{uuid.uuid4().hex[:6]}:"
 
     def make(**options: Any) -> Broker:
         settings: dict[str, Any] = {
-            "url": cluster.url,
+            "url": url,
             "prefix": prefix,
             "pod_id": f"pod-{uuid.uuid4().hex[:6]}",
             "history_size": 1000,
@@ -121,6 +126,15 @@ def test_cluster_urls_name_every_seed_node() -> None:
     seeds, credentials = parse_cluster_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001,redis-3")
     assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("redis-3", 6379)]
     assert credentials == {"username": "u", "password": "p@ss"}
+
+
+async def test_start_without_a_reachable_node_raises_broker_unavailable_and_leaves_no_tasks() -> None:
+    baseline_tasks = {t for t in asyncio.all_tasks() if not t.done()}
+    broker = cluster_factory_for_url(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}")()
+    with pytest.raises(BrokerUnavailable):
+        await broker.start()
+    assert not broker.ready
+    assert {t for t in asyncio.all_tasks() if not t.done()} == baseline_tasks
 
 
 def test_create_broker_picks_the_cluster_broker_for_cluster_urls() -> None:

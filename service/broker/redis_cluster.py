@@ -10,7 +10,6 @@ from typing import Any
 import structlog
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
@@ -18,7 +17,7 @@ from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Po
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.config import Settings
 from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import Address, cluster_client, eval_script, parse_cluster_url
+from service.redis_cluster_client import CLUSTER_ERRORS, Address, cluster_client, eval_script, parse_cluster_url
 
 log = structlog.get_logger("eva_ws.broker")
 
@@ -117,7 +116,7 @@ class RedisClusterBroker(Broker):
             async with asyncio.timeout(self._timeout_s):
                 await self._client.initialize()
             await self._subscriber.start(timeout_s=self._timeout_s)
-        except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
+        except (*CLUSTER_ERRORS, BrokerUnavailable) as exc:
             await self.close()
             raise BrokerUnavailable(f"redis cluster unreachable: {type(exc).__name__}") from exc
 
@@ -146,7 +145,7 @@ class RedisClusterBroker(Broker):
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.nodes_manager.initialize()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             # redis-py re-reads the map by itself after the next failed command.
             log.info("broker_command_slot_map_stale", error=type(exc).__name__)
 
@@ -166,7 +165,7 @@ class RedisClusterBroker(Broker):
         try:
             async with asyncio.timeout(self._timeout_s):
                 offset, epoch = await eval_script(self._client, wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return Position(offset=int(offset), epoch=epoch.decode())
@@ -209,7 +208,7 @@ class RedisClusterBroker(Broker):
                     # A lost connection makes redis-py re-read the slot map, so a failed-over
                     # master costs one attempt, not a failed resume.
                     reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
         raw_epoch, offset, entries = reply
         epoch = raw_epoch.decode()

@@ -291,6 +291,7 @@ class ClusterSubscriber:
 
     def _apply(self, slots: SlotMap) -> None:
         """Adopt a slot map: move channels whose owner changed, open and close links to match."""
+        first = self._slots is None
         changed = self._slots != slots
         self._slots = slots
         masters = {address for address in slots if address is not None}
@@ -321,7 +322,7 @@ class ClusterSubscriber:
             self._link(address)
         if changed or moved:
             log.info("broker_slot_map", pod_id=self._pod_id, masters=len(masters), moved_channels=moved)
-        if changed:
+        if changed and not first:
             self._on_slot_map_changed()
         self._update_metrics()
 
