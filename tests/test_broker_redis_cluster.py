@@ -450,3 +450,48 @@ async def test_foreign_publishers_script_is_delivered_and_garbage_is_counted_and
     assert pod.recorder.on(channel)[0].payload == b'{"id":"t1"}'
     assert metrics.BROKER_INVALID_MESSAGES._value.get() == invalid_before + 3
     assert pod.broker.ready
+
+
+async def test_publishing_through_a_slot_migration_keeps_offsets_contiguous_and_history_complete(
+    pods: Callable[..., Any], shared_cluster: RedisCluster
+) -> None:
+    listener, publisher = await pods(), await pods()
+    channel = new_channel()
+    await listener.broker.subscribe(channel)
+    slot = slot_of(listener.broker, channel)
+    source = shared_cluster.owner_of(slot)
+    target = next(node for node in shared_cluster.nodes if node is not source)
+    accepted: list[Position] = []
+    refused = 0
+    migrating = asyncio.Event()
+
+    async def publish_steadily() -> None:
+        nonlocal refused
+        for n in range(1, 301):
+            if n == 100:
+                migrating.set()
+            try:
+                accepted.append(await publisher.broker.publish(channel, payload(n)))
+            except BrokerUnavailable:
+                refused += 1  # e.g. TRYAGAIN while the slot's keys are split between the nodes
+            await asyncio.sleep(0)
+
+    async def migrate() -> None:
+        await migrating.wait()
+        await asyncio.to_thread(shared_cluster.move_slot, slot, target)
+
+    await asyncio.gather(publish_steadily(), migrate())
+    assert shared_cluster.owner_of(slot) is target
+    assert len(accepted) + refused == 300
+    offsets = [p.offset for p in accepted]
+    assert offsets == sorted(offsets)
+    assert len({p.epoch for p in accepted}) == 1
+    history = await listener.broker.history(channel, Position(offset=0, epoch=accepted[0].epoch))
+    assert history.recovered
+    assert [e.offset for e in history.envelopes] == list(range(1, history.position.offset + 1))
+    assert set(offsets) <= {e.offset for e in history.envelopes}
+    await eventually(lambda: listener.broker.ready, "broker not ready after the migration")
+    last = await publisher.broker.publish(channel, payload(301))
+    await eventually(
+        lambda: any(e.offset == last.offset for e in listener.recorder.on(channel)), "no live delivery afterwards"
+    )
