@@ -54,6 +54,8 @@ def test_serve_refuses_bad_settings_with_exit_code_2():
     result = _cli("serve", EVA_WS_MODE="production")
     assert result.returncode == 2
     assert "configuration error: EVA_WS_JWT_SECRET (or EVA_WS_JWT_KEYS) is required in production" in result.stderr
+    logged = json.loads(result.stdout.splitlines()[-1])
+    assert (logged["event"], logged["level"]) == ("config_invalid", "error")
 
 
 async def test_sigterm_drains_readiness_then_closes_sockets_with_1012_and_exits(tmp_path):
