@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -46,7 +47,7 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _forge(header: dict, payload: bytes | dict, key: bytes, digest=hashlib.sha256) -> str:
+def _forge(header: dict[str, Any], payload: bytes | dict[str, Any], key: bytes, digest=hashlib.sha256) -> str:
     """Sign by hand what PyJWT refuses to produce (HMAC with a public key, odd JSON)."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(body)}"
