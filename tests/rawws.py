@@ -135,6 +135,7 @@ class RawWebSocket:
         return True
 
     async def aclose(self) -> None:
-        self.writer.close()
+        # Abort: a graceful close would wait for a server that stopped reading to drain our buffer.
+        self.writer.transport.abort()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
