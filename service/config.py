@@ -206,6 +206,9 @@ def _origin(value: str, variable: str) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in {"http", "https"} or not rest or "/" in rest or rest != rest.strip():
         raise ConfigError(f"{ENV_PREFIX}{variable}: {value!r} is not an origin like https://app.example.com")
+    if "*" in rest:
+        # Matching is exact; a pattern here would silently match nothing (or only itself).
+        raise ConfigError(f"{ENV_PREFIX}{variable}: {value!r}: wildcards are not supported; list each origin")
     return value.lower()
 
 
