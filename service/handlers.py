@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Final
@@ -211,7 +212,13 @@ async def publish(request: web.Request) -> web.Response:
     if not principal.is_publisher:
         return _json_error(403, "forbidden", "the token needs the publisher role")
     try:
-        body = orjson.loads(await request.read())
+        # The handshake timeout bounds the headers only; a trickled body is bounded here.
+        async with asyncio.timeout(request.app[keys.SETTINGS].handshake_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        return _json_error(408, "request_timeout", "the request body did not arrive in time")
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _json_error(400, "invalid_json", "body is not valid JSON")
     single = isinstance(body, dict) and "events" not in body

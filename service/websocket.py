@@ -12,7 +12,11 @@ from aiohttp._websocket.writer import WebSocketWriter
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.web_request import BaseRequest
 
+_OP_CONTINUATION: Final = 0x0
 _OP_CLOSE: Final = 0x8
+# Fragments per message. Browsers send whole messages; an endless run of (even empty)
+# continuation frames would otherwise hold the read loop without ever reaching the size limit.
+MAX_FRAGMENTS: Final = 1024
 
 
 def close_code_is_valid(code: int) -> bool:
@@ -26,13 +30,20 @@ class _ClientFrameReader(reader_py.WebSocketReader):
     RFC 6455 §5.1: a server MUST close the connection when a client frame is unmasked.
     §7.4: close codes outside the defined ranges (999, 1006, 5000…) are protocol errors;
     aiohttp accepts 1006 and everything from 3000 up. Both close with 1002.
+    A message may also have at most MAX_FRAGMENTS fragments (1009 beyond).
     This is the pure-Python reader (the compiled one keeps the mask flag out of reach);
     clients send few small frames, so its cost does not matter for this service.
     """
 
+    _fragments = 0
+
     def _handle_frame(self, fin: bool, opcode: int, payload: bytes | bytearray, compressed: int) -> None:
         if not self._has_mask:
             raise WebSocketError(WSCloseCode.PROTOCOL_ERROR, "client frames must be masked")
+        if opcode < _OP_CLOSE:
+            self._fragments = 0 if fin else self._fragments + 1
+            if self._fragments > MAX_FRAGMENTS:
+                raise WebSocketError(WSCloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} fragments")
         if opcode == _OP_CLOSE and len(payload) >= 2:
             (code,) = struct.unpack("!H", payload[:2])
             if not close_code_is_valid(code):

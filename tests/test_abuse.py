@@ -12,6 +12,7 @@ import pytest
 from service.app import create_app
 from service.protocol import CloseCode
 from service.server import server_options
+from service.websocket import MAX_FRAGMENTS
 from tests.conftest import (
     connect,
     eventually,
@@ -187,15 +188,27 @@ async def test_endless_continuation_fragments_hit_the_message_limit_and_close_10
     await control.assert_delivery()
 
 
-async def test_empty_continuation_fragments_hold_no_memory_and_the_message_still_completes(app_client):
+async def test_endless_empty_continuation_fragments_are_closed_with_1009(app_client):
     settings = make_settings()
     client = await app_client(settings)
     control = await Control.join(client, settings)
     raw = await _raw(client, settings)
     await raw.send(frame(OP_TEXT, b'{"type":', fin=False))
-    for _ in range(20):
-        await raw.send(b"".join(frame(OP_CONT, b"", fin=False) for _ in range(1000)))
-        await control.assert_delivery(1)
+    try:
+        for _ in range(5):
+            await raw.send(b"".join(frame(OP_CONT, b"", fin=False) for _ in range(1000)))
+    except ConnectionError:
+        pass
+    assert await raw.read_close_code() == CloseCode.MESSAGE_TOO_BIG
+    await control.assert_delivery()
+
+
+async def test_a_message_in_many_fragments_below_the_cap_completes(app_client):
+    settings = make_settings()
+    client = await app_client(settings)
+    raw = await _raw(client, settings)
+    await raw.send(frame(OP_TEXT, b'{"type":', fin=False))
+    await raw.send(b"".join(frame(OP_CONT, b" ", fin=False) for _ in range(MAX_FRAGMENTS - 1)))
     await raw.send(frame(OP_CONT, b'"ping"}'))
     received = await raw.read_frame()
     assert received is not None
@@ -420,3 +433,19 @@ async def test_socket_that_never_answers_pings_is_closed_by_the_heartbeat(app_cl
         return metric_value(await _metrics(client), 'eva_ws_disconnects_total{reason="abnormal"}') >= 1
 
     await eventually(counted, what="the missed heartbeat to be counted")
+
+
+async def test_trickled_publish_body_is_cut_off_with_408(hardened_client):
+    client, settings = await hardened_client(handshake_timeout_s="1")
+    token = token_for(settings, sub="backend", customers=[], roles=["publisher"])
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        (
+            f"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        ).encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert head.split(b" ", 2)[1] == b"408"
+    writer.close()
