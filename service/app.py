@@ -12,13 +12,13 @@ from aiohttp import web
 
 from service import handlers, keys, ops
 from service.auth import TokenVerifier
-from service.broker import create_broker, create_presence
+from service.broker import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
 from service.config import Settings
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
 from service.jwks import JwksClient
-from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter
+from service.limits import ConnectionCounter, ConnectionLimits
 from service.log import get_logger
 from service.presence import Presence
 from service.protocol import CloseCode
@@ -50,7 +50,7 @@ def create_app(
         app.cleanup_ctx.append(_jwks_ctx)
     app[keys.VERIFIER] = TokenVerifier(settings, jwks=jwks)
     app[keys.CONNECTION_LIMITS] = ConnectionLimits(
-        connection_counter or LocalConnectionCounter(),
+        connection_counter or create_connection_counter(settings),
         per_user=settings.max_connections_per_user,
         per_ip=settings.max_connections_per_ip,
     )

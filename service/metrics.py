@@ -152,3 +152,9 @@ REBALANCE_CLUSTER_CONNECTIONS: Final = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+CONNECTION_CAPS_UNAVAILABLE: Final = Counter(
+    "connection_caps_unavailable_total",
+    "Connection-cap checks Redis could not answer; the connection was let in.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

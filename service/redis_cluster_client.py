@@ -7,7 +7,7 @@ import hashlib
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -65,8 +65,8 @@ def cluster_client(url: str, *, max_connections: int, options: dict[str, Any]) -
     )
 
 
-async def eval_script(client: RedisCluster, script: str, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA on the master of the keys' slot, EVAL there if that node does not know the script yet.
+async def eval_script(client: Redis | RedisCluster, script: str, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA (on a cluster: on the master of the keys' slot), EVAL if the node does not know the script yet.
 
     Not redis-py's Script: on NOSCRIPT it runs SCRIPT LOAD on every master, which fails
     while any master is down, even for keys whose own master is healthy. NOSCRIPT means

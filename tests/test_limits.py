@@ -1,4 +1,4 @@
-"""The ConnectionCounter contract, run against every implementation (the Redis one joins the list)."""
+"""The ConnectionCounter contract, run against every implementation, and the Redis one across pods."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
+from service.limits_redis import RedisConnectionCounter
+from service.redis_client import command_client
+from tests.conftest import eventually
+from tests.redis_server import RedisServer
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 
@@ -17,11 +22,61 @@ async def _local() -> ConnectionCounter:
     return LocalConnectionCounter()
 
 
-@pytest.fixture(params=[_local], ids=["local"])
+def _redis_counter(server: RedisServer, pod_id: str = "pod-a", lease_ttl_s: float = 30.0) -> RedisConnectionCounter:
+    # The pool the service uses: a burst waits for one of 16 connections instead of failing.
+    client = command_client(server.url, max_connections=16, wait_s=2.0)
+    return RedisConnectionCounter(client, prefix="t:", pod_id=pod_id, lease_ttl_s=lease_ttl_s)
+
+
+@pytest.fixture(params=["local", "redis"])
 async def counter(request) -> AsyncIterator[ConnectionCounter]:
-    made = await request.param()
+    made = await _local() if request.param == "local" else _redis_counter(request.getfixturevalue("redis_server"))
     yield made
     await made.close()
+
+
+async def test_the_cap_holds_across_pods_sharing_redis(redis_server):
+    pod_a, pod_b = _redis_counter(redis_server, "pod-a"), _redis_counter(redis_server, "pod-b")
+    try:
+        assert await pod_a.acquire("user:a", "c1", 2)
+        assert await pod_b.acquire("user:a", "c2", 2)
+        assert not await pod_b.acquire("user:a", "c3", 2)
+        await pod_a.release("user:a", "c1")
+        assert await pod_b.acquire("user:a", "c3", 2)
+    finally:
+        await pod_a.close()
+        await pod_b.close()
+
+
+async def test_leases_of_a_pod_that_died_stop_counting(redis_server):
+    dead = _redis_counter(redis_server, "pod-dead", lease_ttl_s=1.0)
+    alive = _redis_counter(redis_server, "pod-alive", lease_ttl_s=1.0)
+    try:
+        assert await dead.acquire("user:a", "c1", 1)
+        assert dead._refresher is not None
+        dead._refresher.cancel()  # the pod is gone: nobody refreshes or releases its lease
+        assert not await alive.acquire("user:a", "c2", 1)
+
+        async def freed() -> bool:
+            return await alive.acquire("user:a", "c2", 1)
+
+        await eventually(freed, timeout_s=10, what="the dead pod's lease to expire")
+        await asyncio.sleep(1.5)  # past one lease TTL: the living pod's refresh keeps its own lease
+        assert not await dead.acquire("user:a", "c3", 1)
+    finally:
+        await alive.close()
+        await dead.close()
+
+
+async def test_an_unreachable_redis_lets_connections_in_and_says_so(redis_server):
+    counter = _redis_counter(redis_server)
+    redis_server.kill()
+    before = metrics.CONNECTION_CAPS_UNAVAILABLE._value.get()
+    try:
+        assert await counter.acquire("user:a", "c1", 1)
+        assert metrics.CONNECTION_CAPS_UNAVAILABLE._value.get() == before + 1
+    finally:
+        await counter.close()
 
 
 async def test_slots_up_to_the_limit_then_refused(counter):

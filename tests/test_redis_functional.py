@@ -528,3 +528,23 @@ async def test_a_pod_starts_while_redis_is_down_and_becomes_ready_when_redis_app
         await wait_logged(pod, "broker_recovered")
     finally:
         server.kill()
+
+
+async def test_the_per_user_connection_cap_holds_across_pods(
+    redis_server: RedisServer, start_pods: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod_a, pod_b = start_pods(redis_server.url, max_connections_per_user="2")
+    token = token_for(SETTINGS, sub="capped", customers=["C1"])
+    first = await session.ws_connect(f"{pod_a.url}/ws/transactions?token={token}")
+    second = await session.ws_connect(f"{pod_b.url}/ws/transactions?token={token}")
+    for pod in (pod_a, pod_b):
+        async with session.get(f"{pod.url}/ws/transactions?token={token}") as refused:
+            assert refused.status == 429
+    await first.close()
+
+    async def a_slot_is_free_again() -> bool:
+        async with session.get(f"{pod_b.url}/ws/transactions?token={token}") as response:
+            return response.status == 400  # past the cap: only the missing upgrade is refused now
+
+    await eventually(a_slot_is_free_again, "closing a socket on pod A did not free a slot on pod B")
+    await second.close()

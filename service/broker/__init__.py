@@ -5,6 +5,7 @@ from __future__ import annotations
 from service.broker.base import Broker
 from service.broker.memory import MemoryBroker
 from service.config import Settings
+from service.limits import ConnectionCounter, LocalConnectionCounter
 from service.presence import MemoryPresence, Presence
 
 
@@ -28,7 +29,16 @@ def create_presence(settings: Settings) -> Presence:
     if settings.redis_url.startswith("redis+cluster://"):
         from service.presence_redis_cluster import RedisClusterPresence
 
-        return RedisClusterPresence.from_settings(settings)
+        return RedisClusterPresence.from_settings(settings, heartbeat_ttl_s=settings.presence_ttl_s)
     from service.presence_redis import RedisPresence
 
     return RedisPresence.from_settings(settings, heartbeat_ttl_s=settings.presence_ttl_s)
+
+
+def create_connection_counter(settings: Settings) -> ConnectionCounter:
+    """Caps per pod without EVA_WS_REDIS_URL, across every pod sharing the Redis with it."""
+    if settings.redis_url is None:
+        return LocalConnectionCounter()
+    from service.limits_redis import RedisConnectionCounter
+
+    return RedisConnectionCounter.from_settings(settings)
