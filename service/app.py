@@ -15,6 +15,7 @@ from service.auth import TokenVerifier
 from service.broker import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
 from service.config import Settings
+from service.connection import Flusher
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
 from service.jwks import JwksClient
@@ -55,6 +56,7 @@ def create_app(
         per_ip=settings.max_connections_per_ip,
     )
     app[keys.LIFECYCLE] = keys.Lifecycle()
+    app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.PRESENCE] = presence or create_presence(settings)
     app[keys.HUB] = Hub(app[keys.BROKER])

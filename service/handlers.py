@@ -121,6 +121,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         send_queue_size=settings.send_queue_size,
         transport=request.transport,
         stream=request.writer,
+        flusher=app[keys.FLUSHER],
     )
     reconnect = request.query.get("reconnect", "0")
     session = Session(
