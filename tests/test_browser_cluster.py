@@ -124,6 +124,12 @@ def open_client(page: Page, cluster: Cluster) -> None:
     page.goto(f"{cluster.url}/healthz")
     page.expose_function("mintToken", lambda reason: user_token("browser-user"))
     page.evaluate(HARNESS, {"customer": CUSTOMER, "mint": True})
+    page.evaluate(
+        """() => {
+          window.closeCodes = [];
+          window.client.on('state', (d) => d.state === 'reconnecting' && d.code && window.closeCodes.push(d.code));
+        }"""
+    )
 
 
 def open_dashboard(page: Page, cluster: Cluster) -> None:
@@ -220,6 +226,7 @@ def test_client_resumes_on_another_worker_after_its_worker_is_killed(cluster, pu
     assert log["reconnected"] == [{"missed": log["resumed"][0], "resynced": 0}]
     assert log["sockets"] == 2
     assert log["tokenReasons"] == ["connect", "reconnect"]
+    assert page.evaluate("() => window.closeCodes") == [1006], "a killed worker just drops its sockets"
     # The new socket lives on a surviving worker (the dead one's entries expire with its heartbeat).
     survivors = {w.pod_id for w in cluster.workers if w is not victim}
     pods = [c["podId"] for c in presence(cluster) if c["userId"] == "browser-user" and c["podId"] != victim.pod_id]
@@ -262,6 +269,7 @@ def test_client_resumes_through_a_rolling_restart_of_every_worker(cluster, publi
     assert len(log["resumed"]) == moves
     assert all(r["resynced"] == 0 for r in log["reconnected"])
     assert log["sockets"] == moves + 1
+    assert page.evaluate("() => window.closeCodes").count(1012) == moves, "each move began with a drain's 1012"
     assert [c["userId"] for c in presence(cluster)].count("browser-user") == 1
 
     assert_dashboard_matches(dashboard, events)
