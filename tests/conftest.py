@@ -121,15 +121,6 @@ async def publish(
     return await client.post("/api/v1/publish", json=body, headers={"Authorization": f"Bearer {token}"})
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll an observable condition until it holds; fail with `what` if it never does."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def metric_value(text: str, name: str) -> float:
     """The value of one sample line of Prometheus text, 0 when absent."""
     for line in text.splitlines():

@@ -15,7 +15,6 @@ from service.server import server_options
 from service.websocket import MAX_FRAGMENTS
 from tests.conftest import (
     connect,
-    eventually,
     make_settings,
     metric_value,
     publish,
@@ -27,6 +26,7 @@ from tests.conftest import (
     wait_closed,
 )
 from tests.rawws import OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, frame, upgrade_request
+from tests.waiting import eventually
 
 
 class Control:
@@ -336,7 +336,7 @@ async def test_connections_per_user_are_capped_with_429_before_the_upgrade(app_c
         response.close()
         return response.status == 101
 
-    await eventually(slot_free, what="the closed socket to release its slot")
+    await eventually(slot_free, "the closed socket to release its slot")
     text = await _metrics(client)
     assert metric_value(text, 'eva_ws_handshakes_rejected_total{reason="user_connection_limit"}') >= 1
 
@@ -432,7 +432,7 @@ async def test_socket_that_never_answers_pings_is_closed_by_the_heartbeat(app_cl
     async def counted() -> bool:
         return metric_value(await _metrics(client), 'eva_ws_disconnects_total{reason="abnormal"}') >= 1
 
-    await eventually(counted, what="the missed heartbeat to be counted")
+    await eventually(counted, "the missed heartbeat to be counted")
 
 
 async def test_trickled_publish_body_is_cut_off_with_408(hardened_client):

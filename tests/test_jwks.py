@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from service import keys
 from service.config import load_settings
 from service.jwks import parse_jwks
-from tests.conftest import BASE_ENV, connect, eventually, receive_type
+from tests.conftest import BASE_ENV, connect, receive_type
+from tests.waiting import eventually
 
 SECRET_FOR_OCT = "o" * 48
 
@@ -143,13 +144,13 @@ async def test_a_new_kid_works_after_a_refetch_and_a_removed_kid_stops_working(a
     async def b_accepted() -> bool:
         return await _status(client, _token("b")) == 101
 
-    await eventually(b_accepted, what="the new kid to be fetched")
+    await eventually(b_accepted, "the new kid to be fetched")
     idp.kids = ["b"]
 
     async def a_refused() -> bool:
         return await _status(client, _token("a")) == 401
 
-    await eventually(a_refused, what="the removed kid to stop working")
+    await eventually(a_refused, "the removed kid to stop working")
     assert await _status(client, _token("b")) == 101
 
 
@@ -163,7 +164,7 @@ async def test_idp_down_at_start_refuses_tokens_then_recovers(app_client, idp):
     async def accepted() -> bool:
         return await _status(client, _token("a")) == 101
 
-    await eventually(accepted, what="the JWKS to be fetched once the IdP is back")
+    await eventually(accepted, "the JWKS to be fetched once the IdP is back")
 
 
 async def test_idp_outage_keeps_the_last_good_keys(app_client, idp):

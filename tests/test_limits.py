@@ -12,8 +12,8 @@ from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
 from service.limits_redis import RedisConnectionCounter
 from service.redis_client import command_client
-from tests.conftest import eventually
 from tests.redis_server import RedisServer
+from tests.waiting import eventually
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 
@@ -60,7 +60,7 @@ async def test_leases_of_a_pod_that_died_stop_counting(redis_server):
         async def freed() -> bool:
             return await alive.acquire("user:a", "c2", 1)
 
-        await eventually(freed, timeout_s=10, what="the dead pod's lease to expire")
+        await eventually(freed, "the dead pod's lease to expire")
         await asyncio.sleep(1.5)  # past one lease TTL: the living pod's refresh keeps its own lease
         assert not await dead.acquire("user:a", "c3", 1)
     finally:
