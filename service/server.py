@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -17,6 +18,9 @@ from service.log import AccessLogger, get_logger
 from service.ops import create_ops_app
 
 log = get_logger("eva_ws.server")
+
+# Allocations between young-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD: Final = 10_000
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -33,6 +37,20 @@ def server_options(settings: Settings) -> dict[str, Any]:
     # keepalive_timeout is the only bound aiohttp puts on a connection that has not sent a
     # complete request yet: headers trickled one byte at a time (slowloris) end with it.
     return {"keepalive_timeout": settings.handshake_timeout_s}
+
+
+def _settle_garbage_collector() -> None:
+    """Keep the cycle collector's pauses short and rare on a pod holding many sockets.
+
+    A full collection walks every tracked object; most of them are the imported libraries,
+    which live as long as the process. Freezing what exists after start-up takes them out
+    of every later collection, and a higher first threshold makes collections rarer while
+    the fan-out allocates short-lived frames. Without this a full collection stalled the
+    loop for tens of milliseconds, which showed up as the fan-out's p99.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
 async def serve(settings: Settings) -> None:
@@ -52,6 +70,7 @@ async def serve(settings: Settings) -> None:
         runners.append(ops_runner)
         await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
 
+    _settle_garbage_collector()
     scheme = "https" if settings.tls_cert else "http"
     log.info(
         "server_started",
