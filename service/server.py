@@ -19,6 +19,9 @@ from service.ops import create_ops_app
 
 log = get_logger("eva_ws.server")
 
+# Pending connections the kernel queues while the loop is busy (aiohttp's default is 128, which
+# a reconnect storm after a pod loss overflows); the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG: Final = 4096
 # Allocations between young-generation collections (CPython's default is 700).
 GC_GEN0_THRESHOLD: Final = 10_000
 
@@ -62,7 +65,7 @@ async def serve(settings: Settings) -> None:
     )
     await runner.setup()
     runners.append(runner)
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings))
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings), backlog=LISTEN_BACKLOG)
     await site.start()
     if settings.ops_port:
         ops_runner = web.AppRunner(create_ops_app(app), handle_signals=False, access_log=None)

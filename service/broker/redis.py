@@ -39,7 +39,9 @@ class RedisBroker(Broker):
         command_timeout_s: float = 1.0,
         keepalive_idle_s: int = 10,
         ping_interval_s: float = 1.0,
-        pong_timeout_s: float = 2.0,
+        # Generous: a pod whose loop is busy with a connect storm answers late, and a false
+        # "half-open" verdict would drop every subscription just when clients need them.
+        pong_timeout_s: float = 10.0,
         subscribe_timeout_s: float = 5.0,
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
