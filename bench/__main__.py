@@ -1,0 +1,134 @@
+"""Command line: run scenarios against targets, save the raw results as JSON, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench import report
+from bench.scenarios import SCENARIOS, Bench, Sizes
+from bench.targets import ROOT, TARGETS, Target, redis_server, start_target
+from bench.workers import Child, LoadGen
+
+SCENARIO_ERRORS = (RuntimeError, OSError, TimeoutError, ValueError, KeyError, ProcessLookupError)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description="Benchmark eva-ws side by side with its peers.")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from: " + ", ".join(TARGETS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, from: " + ", ".join(SCENARIOS))
+    p.add_argument("--size", choices=["tiny", "default"], default="default", help="preset for every size knob")
+    p.add_argument("--set", action="append", default=[], metavar="SCENARIO.KNOB=VALUE", help="override one knob")
+    p.add_argument("--client", choices=["picows", "aiohttp"], default="picows", help="load-generator WebSocket client")
+    p.add_argument("--loadgen-processes", type=int, default=2, help="worker processes holding the clients")
+    p.add_argument("--server-cpus", default="0", help="taskset CPU list for the server ('' = no pinning)")
+    p.add_argument("--client-cpus", default="1", help="taskset CPU list for load generator, publisher and Redis")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="where benchmarks.md and bench/*.png go")
+    p.add_argument("--no-report", action="store_true", help="only write the JSON results")
+    p.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs", help="server logs")
+    return p.parse_args(argv)
+
+
+async def run_target(target: Target, scenarios: list[str], sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+    """Start Redis, the server, the publisher and the load generator; run each scenario; stop them all."""
+    server_cpus = args.server_cpus or None
+    client_cpus = args.client_cpus or None
+    secret = secrets.token_urlsafe(32)
+    out: dict[str, Any] = {"description": target.description, "scenarios": {}}
+    async with (
+        redis_server(cpus=client_cpus, log_dir=args.log_dir) as redis_url,
+        start_target(target, redis_url=redis_url, secret=secret, cpus=server_cpus, log_dir=args.log_dir) as server,
+    ):
+        publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=client_cpus)
+        loadgen: LoadGen | None = None
+        try:
+            await publisher.call({"op": "setup", "kind": target.sink, "redis_url": redis_url}, timeout_s=30.0)
+            loadgen = await LoadGen.start(processes=args.loadgen_processes, client=args.client, cpus=client_cpus)
+            bench = Bench(target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret)
+            for name in scenarios:
+                print(f"  {target.name}: {name} ...", file=sys.stderr, flush=True)
+                started = time.perf_counter()
+                try:
+                    result = await SCENARIOS[name](bench, sizes)
+                except SCENARIO_ERRORS as exc:
+                    traceback.print_exc(file=sys.stderr)
+                    result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                    # A failed scenario may leave clients behind; the next one starts clean.
+                    await loadgen.close_all()
+                result["wall_s"] = time.perf_counter() - started
+                out["scenarios"][name] = result
+                if server.proc.returncode is not None:
+                    out["error"] = f"server exited with {server.proc.returncode}: {server.log_tail(500)}"
+                    break
+        finally:
+            if loadgen is not None:
+                await loadgen.stop()
+            await publisher.stop()
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = Sizes.tiny() if args.size == "tiny" else Sizes()
+    for assignment in args.set:
+        sizes.override(assignment)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    targets = [t for t in args.targets.split(",") if t]
+    for name in scenarios:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    for name in targets:
+        if name not in TARGETS:
+            raise SystemExit(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": "scripts/bench " + shlex.join(sys.argv[1:]),
+        "machine": report.machine(),
+        "size": args.size,
+        "sizes": report.sizes_json(sizes),
+        "client": args.client,
+        "loadgen_processes": args.loadgen_processes,
+        "server_cpus": args.server_cpus,
+        "client_cpus": args.client_cpus,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "targets": {},
+    }
+    started = time.perf_counter()
+    for name in targets:
+        target = TARGETS[name]
+        missing = target.available()
+        if missing is not None:
+            print(f"skipping {name}: {missing}", file=sys.stderr)
+            results["targets"][name] = {"description": target.description, "skipped": missing, "scenarios": {}}
+            continue
+        print(f"{name}", file=sys.stderr, flush=True)
+        results["targets"][name] = await run_target(target, scenarios, sizes, args)
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    os.chdir(ROOT)
+    results = uvloop.run(run(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"results: {args.json}", file=sys.stderr)
+    if not args.no_report:
+        md = report.write(results, args.docs)
+        print(f"report: {md}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
