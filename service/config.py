@@ -13,7 +13,9 @@ from typing import Final, Literal
 Mode = Literal["development", "production"]
 
 ENV_PREFIX: Final = "EVA_WS_"
-ASYMMETRIC_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"})
+ASYMMETRIC_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+)
 SYMMETRIC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 MIN_SECRET_BYTES: Final = 32
 
@@ -222,7 +224,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if symmetric:
         if secret is None:
             if mode == "production":
-                raise ConfigError(f"{ENV_PREFIX}JWT_SECRET is required in production (at least {MIN_SECRET_BYTES} bytes)")
+                raise ConfigError(
+                    f"{ENV_PREFIX}JWT_SECRET is required in production (at least {MIN_SECRET_BYTES} bytes)"
+                )
             secret = _dev_secret()
         elif len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"{ENV_PREFIX}JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")

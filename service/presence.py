@@ -40,6 +40,7 @@ class Presence(abc.ABC):
     async def count(self, customer_id: str) -> int:
         """How many live connections a customer has."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
         """Stop background work and remove this pod's entries."""
 
@@ -67,3 +68,6 @@ class MemoryPresence(Presence):
 
     async def count(self, customer_id: str) -> int:
         return len(self._by_customer.get(customer_id, {}))
+
+    async def close(self) -> None:
+        self._by_customer.clear()

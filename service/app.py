@@ -1,0 +1,94 @@
+"""Builds the aiohttp application: routes, state and the life of every resource."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Final
+
+import aiohttp_cors
+from aiohttp import web
+
+from service import handlers, keys, ops
+from service.auth import TokenVerifier
+from service.broker import create_broker, create_presence
+from service.broker.base import Broker
+from service.config import Settings
+from service.demo import demo_publisher_ctx
+from service.hub import Hub
+from service.log import get_logger
+from service.presence import Presence
+from service.protocol import CloseCode
+from service.publisher import Publisher
+
+log = get_logger("eva_ws.app")
+
+# HTTP bodies (publish batches) above this get 413 before they are read.
+MAX_REQUEST_BYTES: Final = 1024 * 1024
+STATIC_DIR: Final = resources.files("service") / "static"
+
+
+def create_app(
+    settings: Settings, *, broker: Broker | None = None, presence: Presence | None = None
+) -> web.Application:
+    """The whole service; `broker` and `presence` default to what the settings select."""
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app[keys.SETTINGS] = settings
+    app[keys.VERIFIER] = TokenVerifier(settings)
+    app[keys.LIFECYCLE] = keys.Lifecycle()
+    app[keys.BROKER] = broker or create_broker(settings)
+    app[keys.PRESENCE] = presence or create_presence(settings)
+    app[keys.HUB] = Hub(app[keys.BROKER])
+    app[keys.PUBLISHER] = Publisher(app[keys.BROKER])
+
+    app.router.add_get("/ws/transactions", handlers.websocket)
+    api = [
+        app.router.add_post("/api/v1/publish", handlers.publish),
+        app.router.add_get("/api/v1/presence/{customer_id}", handlers.presence),
+    ]
+    if not settings.ops_port:
+        ops.add_routes(app)
+    if settings.mode == "development":
+        app.router.add_get("/dev/token", handlers.dev_token)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static", str(STATIC_DIR))
+
+    origins = settings.effective_cors_origins
+    if origins:
+        cors = aiohttp_cors.setup(
+            app,
+            defaults={
+                origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+                    allow_headers=("Authorization", "Content-Type"), max_age=600
+                )
+                for origin in origins
+            },
+        )
+        for route in api:
+            cors.add(route)
+
+    app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(demo_publisher_ctx)
+    app.on_shutdown.append(_close_remaining_sockets)
+    return app
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(str(STATIC_DIR / "index.html"))
+
+
+async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    broker, presence, hub = app[keys.BROKER], app[keys.PRESENCE], app[keys.HUB]
+    await broker.start()
+    log.info("broker_started", kind=type(broker).__name__)
+    yield
+    await hub.close()
+    await presence.close()
+    await broker.close()
+
+
+async def _close_remaining_sockets(app: web.Application) -> None:
+    # Normally the drain has closed them already with 1012; this covers a direct stop.
+    connections = list(app[keys.LIFECYCLE].connections)
+    await asyncio.gather(*(c.close(CloseCode.GOING_AWAY, "server shutdown") for c in connections))

@@ -1,0 +1,198 @@
+"""JWT verification and minting, and what a verified user may subscribe to."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+from aiohttp import web
+
+from service.config import Settings
+from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
+
+MAX_TOKEN_LENGTH: Final = 8192
+MAX_CUSTOMERS_PER_TOKEN: Final = 1000
+ROLE_ADMIN: Final = "admin"
+ROLE_PUBLISHER: Final = "publisher"
+
+
+class AuthError(Exception):
+    """A token was refused; `reason` is a stable snake_case word for metrics and logs."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified token: who the user is and what it may see."""
+
+    user_id: str
+    customer_ids: frozenset[str]
+    roles: frozenset[str]
+    # Unix seconds.
+    expires_at: float
+
+    @property
+    def is_admin(self) -> bool:
+        return ROLE_ADMIN in self.roles
+
+    @property
+    def is_publisher(self) -> bool:
+        return ROLE_PUBLISHER in self.roles
+
+    def can_see_customer(self, customer_id: str) -> bool:
+        return self.is_admin or customer_id in self.customer_ids
+
+    def can_see_user(self, user_id: str) -> bool:
+        return self.is_admin or user_id == self.user_id
+
+
+class TokenVerifier:
+    """Validates tokens against the configured keys, algorithms, audience and issuer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._key = settings.verification_key
+        self._algorithms = list(settings.jwt_algorithms)
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway_s = settings.jwt_leeway_s
+
+    def verify(self, token: str) -> Principal:
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError("malformed", "token is missing or too long")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                # From configuration, never from the token header (algorithm confusion).
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway_s,
+                # PyJWT checks exp/iat only when present; a token must carry them.
+                options={"require": ["exp", "iat", "sub"], "strict_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired", "token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("not_yet_valid", "token is not valid yet") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise AuthError("wrong_audience_or_issuer", "token is for another audience or issuer") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("algorithm_not_allowed", "token algorithm is not allowed") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError("missing_claim", f"token lacks the {exc.claim} claim") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature", "token signature is invalid") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("malformed", "token is malformed") from None
+        return _principal(claims)
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not is_valid_id(sub):
+        raise AuthError("invalid_claim", "sub must be 1-128 characters of A-Z a-z 0-9 . _ ~ @ + | : = -")
+    customers: set[str] = set()
+    single = claims.get("customerId")
+    if single is not None:
+        if not is_valid_id(single):
+            raise AuthError("invalid_claim", "customerId must be a valid id")
+        customers.add(single)
+    many = claims.get("customerIds")
+    if many is not None:
+        if not isinstance(many, list) or len(many) > MAX_CUSTOMERS_PER_TOKEN or not all(is_valid_id(c) for c in many):
+            raise AuthError("invalid_claim", "customerIds must be a list of valid ids")
+        customers.update(many)
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthError("invalid_claim", "roles must be a list of strings")
+    exp = claims["exp"]
+    if not isinstance(exp, int | float):
+        raise AuthError("invalid_claim", "exp must be a number")
+    return Principal(user_id=sub, customer_ids=frozenset(customers), roles=frozenset(roles), expires_at=float(exp))
+
+
+def token_from_request(request: web.Request) -> str | None:
+    """`?token=`, else `Authorization: Bearer <t>`, else a bare token in Authorization."""
+    token = request.query.get("token")
+    if token:
+        return token
+    header = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip() or None
+    return header or None
+
+
+def mint_token(
+    settings: Settings,
+    *,
+    sub: str,
+    customers: list[str],
+    roles: list[str] | None = None,
+    ttl_s: int = 3600,
+    now: float | None = None,
+) -> str:
+    """Sign a token with the configured key; for development, tests and the demo page."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "iat": issued,
+        "exp": issued + ttl_s,
+        "jti": uuid.uuid4().hex,
+        "roles": roles or [],
+    }
+    if len(customers) == 1:
+        claims["customerId"] = customers[0]
+    elif customers:
+        claims["customerIds"] = customers
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    return jwt.encode(claims, settings.signing_key, algorithm=settings.jwt_algorithms[0])
+
+
+def authorize_subscription(principal: Principal, message: ClientMessage) -> tuple[str, Filters]:
+    """Resolve a (un)subscribe to its subscription key, or raise ProtocolError(forbidden)."""
+    assert message.channel is not None
+    filters = message.filters
+    cid = message.correlation_id
+
+    def forbidden(why: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.FORBIDDEN, why, cid)
+
+    if message.channel is Channel.TRANSACTIONS:
+        customer = filters.customer_id
+        if customer is None:
+            if len(principal.customer_ids) != 1:
+                raise ProtocolError(
+                    ErrorCode.INVALID_FILTERS, "filters.customerId is required: the token names several customers", cid
+                )
+            (customer,) = principal.customer_ids
+            filters = Filters(customer_id=customer, user_id=filters.user_id, transaction_ids=filters.transaction_ids)
+        if not principal.can_see_customer(customer):
+            raise forbidden(f"not allowed to see customer {customer!r}")
+        return subscription_key(Channel.TRANSACTIONS, customer), filters
+
+    if filters.customer_id is not None or filters.transaction_ids is not None:
+        raise ProtocolError(ErrorCode.INVALID_FILTERS, f"{message.channel} takes only the userId filter", cid)
+    user = filters.user_id or principal.user_id
+    if not principal.can_see_user(user):
+        raise forbidden(f"not allowed to see user {user!r}")
+    return subscription_key(message.channel, user), Filters(user_id=user)
+
+
+def entitled_to_key(principal: Principal, key: str) -> bool:
+    """Whether a subscription key is still allowed (used when a token is refreshed)."""
+    channel, _, routing_id = key.partition(":")
+    if channel == Channel.TRANSACTIONS:
+        return principal.can_see_customer(routing_id)
+    return principal.can_see_user(routing_id)

@@ -1,0 +1,97 @@
+"""The embedded in-process broker: one node, no other server, same contract as Redis."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from service.broker.base import Broker, Envelope, History, Position
+
+
+@dataclass(slots=True)
+class _Stream:
+    offset: int = 0
+    # Bounded: the oldest events fall out, and a resume from before them is unrecovered.
+    events: deque[Envelope] = field(default_factory=deque)
+    touched_at: float = field(default_factory=time.monotonic)
+
+
+class MemoryBroker(Broker):
+    """See Broker. History lives in this process and is lost with it (a new epoch on start).
+
+    Streams idle for longer than `history_ttl_s` are forgotten on the next publish, so
+    memory is bounded by the channels active within the TTL times `history_size`.
+    """
+
+    def __init__(self, *, history_size: int = 1000, history_ttl_s: float = 86_400) -> None:
+        super().__init__()
+        self._history_size = history_size
+        self._history_ttl_s = history_ttl_s
+        self._epoch = secrets.token_hex(4)
+        self._streams: dict[str, _Stream] = {}
+        self._subscribed: set[str] = set()
+        self._started = False
+        self._last_sweep = time.monotonic()
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def close(self) -> None:
+        self._started = False
+        self._subscribed.clear()
+
+    async def publish(self, channel: str, payload: bytes) -> Position:
+        now = time.monotonic()
+        self._sweep(now)
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(events=deque(maxlen=self._history_size))
+        stream.offset += 1
+        stream.touched_at = now
+        envelope = Envelope(channel=channel, offset=stream.offset, epoch=self._epoch, payload=payload)
+        # Into history before delivery: anything a subscriber saw can be replayed.
+        stream.events.append(envelope)
+        if channel in self._subscribed:
+            self._on_message(envelope)
+        return Position(stream.offset, self._epoch)
+
+    async def subscribe(self, channel: str) -> None:
+        self._subscribed.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+
+    async def history(self, channel: str, since: Position | None) -> History:
+        stream = self._streams.get(channel)
+        top = Position(stream.offset if stream else 0, self._epoch)
+        if since is None:
+            return History(envelopes=[], position=top, recovered=True)
+        if since.epoch != self._epoch or since.offset > top.offset:
+            return History(envelopes=[], position=top, recovered=False)
+        events = stream.events if stream else deque()
+        oldest = events[0].offset if events else top.offset + 1
+        if since.offset + 1 < oldest:
+            return History(envelopes=[], position=top, recovered=False)
+        return History(envelopes=[e for e in events if e.offset > since.offset], position=top, recovered=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._started
+
+    @property
+    def subscribed_channels(self) -> frozenset[str]:
+        return frozenset(self._subscribed)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < 60:
+            return
+        self._last_sweep = now
+        stale = [
+            name
+            for name, s in self._streams.items()
+            if now - s.touched_at > self._history_ttl_s and name not in self._subscribed
+        ]
+        for name in stale:
+            del self._streams[name]

@@ -1,0 +1,249 @@
+"""HTTP and WebSocket endpoints: /ws/transactions, /api/v1/publish, /api/v1/presence, /dev/token."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Final
+
+import orjson
+import structlog
+from aiohttp import WSMsgType, web
+
+from service import keys, metrics
+from service.auth import AuthError, Principal, mint_token, token_from_request
+from service.broker.base import BrokerUnavailable
+from service.connection import CLOSE_TIMEOUT_S, Connection
+from service.log import get_logger
+from service.presence import PresenceEntry
+from service.protocol import CloseCode, is_valid_id, iso_utc
+from service.publisher import InvalidEvent, PreparedEvent, prepare_event
+from service.session import Session
+
+log = get_logger("eva_ws.handlers")
+
+MAX_PUBLISH_BATCH: Final = 1000
+DEV_USER: Final = "demo-user"
+DEV_CUSTOMERS: Final = ("CUST-001", "CUST-002", "CUST-003")
+
+
+def _json_error(status: int, error: str, message: str) -> web.Response:
+    return web.json_response({"error": error, "message": message}, status=status)
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Exact match of scheme://host[:port]; no Origin header means a non-browser client."""
+    if origin is None:
+        return True
+    return "*" in allowed or origin.lower() in allowed
+
+
+def _authenticate(request: web.Request) -> Principal:
+    token = token_from_request(request)
+    if token is None:
+        raise AuthError("missing", "a token is required (?token= or Authorization: Bearer)")
+    return request.app[keys.VERIFIER].verify(token)
+
+
+def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
+    metrics.HANDSHAKES_REJECTED.labels(reason).inc()
+    log.info("handshake_rejected", reason=reason, status=status)
+    return _json_error(status, error, message)
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """Authenticate, then upgrade; the socket lives until either side closes it."""
+    app = request.app
+    settings = app[keys.SETTINGS]
+    lifecycle = app[keys.LIFECYCLE]
+    if lifecycle.draining:
+        return _reject("draining", 503, "draining", "this pod is shutting down; reconnect")
+    if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
+        return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
+    try:
+        principal = _authenticate(request)
+    except AuthError as error:
+        return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat_s,
+        max_msg_size=settings.max_message_bytes,
+        # Compression costs ~256 KiB per socket and forbids sharing one frame across clients.
+        compress=False,
+        timeout=CLOSE_TIMEOUT_S,
+    )
+    if not ws.can_prepare(request).ok:
+        return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
+    await ws.prepare(request)
+
+    conn = Connection(
+        ws,
+        conn_id=uuid.uuid4().hex,
+        principal=principal,
+        send_queue_size=settings.send_queue_size,
+        transport=request.transport,
+    )
+    reconnect = request.query.get("reconnect", "0")
+    session = Session(
+        conn,
+        hub=app[keys.HUB],
+        verifier=app[keys.VERIFIER],
+        settings=settings,
+        reconnecting=reconnect.isdigit() and int(reconnect) > 0,
+    )
+    structlog.contextvars.bind_contextvars(conn_id=conn.conn_id, user_id=principal.user_id)
+    lifecycle.connections.add(conn)
+    metrics.CONNECTIONS_OPENED.inc()
+    metrics.CONNECTIONS_ACTIVE.inc()
+    customers = sorted(principal.customer_ids)
+    presence = app[keys.PRESENCE]
+    log.info("connection_opened", customers=len(customers), pod_id=settings.pod_id)
+    conn.start()
+    try:
+        try:
+            await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
+        except BrokerUnavailable:
+            log.warning("presence_unavailable")
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await session.on_text(message.data)
+            elif message.type is WSMsgType.BINARY:
+                session.on_binary()
+            else:  # ERROR: a protocol violation; aiohttp already sent the close frame
+                break
+    finally:
+        await session.close()
+        await conn.stop()
+        lifecycle.connections.discard(conn)
+        try:
+            await presence.remove(customers, conn.conn_id)
+        except BrokerUnavailable:
+            log.warning("presence_unavailable")
+        code = conn.close_code or ws.close_code
+        reason = close_reason(code, server_initiated=conn.close_code is not None)
+        duration_s = time.monotonic() - conn.opened_at
+        metrics.CONNECTIONS_ACTIVE.dec()
+        metrics.DISCONNECTS.labels(reason).inc()
+        metrics.CONNECTION_DURATION.observe(duration_s)
+        log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
+        structlog.contextvars.unbind_contextvars("conn_id", "user_id")
+    return ws
+
+
+_SERVER_REASONS: Final = {
+    CloseCode.POLICY_VIOLATION: "rate_limited",
+    CloseCode.SLOW_CONSUMER: "slow_consumer",
+    CloseCode.TOKEN_EXPIRED: "token_expired",
+    CloseCode.SERVICE_RESTART: "service_restart",
+    CloseCode.REBALANCE: "rebalance",
+    CloseCode.GOING_AWAY: "going_away",
+}
+
+
+def close_reason(code: int | None, *, server_initiated: bool) -> str:
+    """A bounded label for why a connection ended."""
+    if server_initiated and code in _SERVER_REASONS:
+        return _SERVER_REASONS[CloseCode(code)]
+    if code == CloseCode.MESSAGE_TOO_BIG:
+        return "message_too_big"
+    if code in (1002, 1003, 1007):
+        return "protocol_error"
+    if code == 1006:
+        return "abnormal"  # no close frame: network loss or a missed heartbeat
+    return "client_closed"
+
+
+async def publish(request: web.Request) -> web.Response:
+    """POST /api/v1/publish: one event object, or {"events": [...]}; role `publisher`."""
+    try:
+        principal = _authenticate(request)
+    except AuthError as error:
+        return _json_error(401, "unauthorized", error.message)
+    if not principal.is_publisher:
+        return _json_error(403, "forbidden", "the token needs the publisher role")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _json_error(400, "invalid_json", "body is not valid JSON")
+    single = isinstance(body, dict) and "events" not in body
+    items = [body] if single else body.get("events") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_PUBLISH_BATCH:
+        return _json_error(400, "invalid_event", f"send an event object or {{'events': [1..{MAX_PUBLISH_BATCH}]}}")
+    try:
+        events = [_prepare(item, index) for index, item in enumerate(items)]
+    except InvalidEvent as error:
+        metrics.PUBLISHED.labels("invalid").inc()
+        return _json_error(400, "invalid_event", str(error))
+    try:
+        published = await request.app[keys.PUBLISHER].publish_prepared(events)
+    except BrokerUnavailable as error:
+        log.warning("publish_failed", error=str(error))
+        return _json_error(503, "unavailable", "the broker is unavailable; retry with backoff")
+    results = [
+        {
+            "correlationId": p.correlation_id,
+            "subscription": p.subscription,
+            "offset": p.position.offset,
+            "epoch": p.position.epoch,
+        }
+        for p in published
+    ]
+    return web.json_response(results[0] if single else {"events": results}, status=202)
+
+
+_PUBLISH_FIELDS: Final = frozenset({"type", "data", "channel", "userId", "correlationId"})
+
+
+def _prepare(item: Any, index: int) -> PreparedEvent:
+    where = "" if index == 0 else f"events[{index}]: "
+    if not isinstance(item, dict):
+        raise InvalidEvent(f"{where}an event must be an object")
+    unknown = set(item) - _PUBLISH_FIELDS
+    if unknown:
+        raise InvalidEvent(f"{where}unknown field {sorted(unknown)[0][:64]!r}")
+    try:
+        return prepare_event(
+            item.get("type"),  # type: ignore[arg-type]  # validated by prepare_event
+            item.get("data"),
+            channel=item.get("channel", "transactions"),
+            user_id=item.get("userId"),
+            correlation_id=item.get("correlationId"),
+        )
+    except InvalidEvent as error:
+        raise InvalidEvent(f"{where}{error}") from None
+
+
+async def presence(request: web.Request) -> web.Response:
+    """GET /api/v1/presence/{customerId}: who is online for a customer, and on which pod."""
+    try:
+        principal = _authenticate(request)
+    except AuthError as error:
+        return _json_error(401, "unauthorized", error.message)
+    customer_id = request.match_info["customer_id"]
+    if not is_valid_id(customer_id):
+        return _json_error(400, "invalid_customer", "not a valid customer id")
+    if not principal.can_see_customer(customer_id):
+        return _json_error(403, "forbidden", "not allowed to see this customer")
+    try:
+        entries = await request.app[keys.PRESENCE].list(customer_id)
+    except BrokerUnavailable:
+        return _json_error(503, "unavailable", "presence is unavailable; retry")
+    return web.json_response(
+        {
+            "customerId": customer_id,
+            "count": len(entries),
+            "connections": [
+                {"connId": e.conn_id, "userId": e.user_id, "podId": e.pod_id, "connectedAt": iso_utc(e.connected_at)}
+                for e in entries
+            ],
+        }
+    )
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    """Development mode only: a short-lived token for the demo page."""
+    customer = request.query.get("customer", DEV_CUSTOMERS[0])
+    if customer not in DEV_CUSTOMERS:
+        return _json_error(400, "invalid_customer", f"demo customers are {', '.join(DEV_CUSTOMERS)}")
+    token = mint_token(request.app[keys.SETTINGS], sub=DEV_USER, customers=list(DEV_CUSTOMERS), ttl_s=3600)
+    return web.json_response({"token": token, "userId": DEV_USER, "customerIds": list(DEV_CUSTOMERS)})

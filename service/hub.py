@@ -1,0 +1,365 @@
+"""Local fan-out: channel → subscriptions on this pod, broker interest by reference count, gap repair."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import orjson
+
+from service import metrics
+from service.broker.base import Broker, BrokerUnavailable, Envelope, Position
+from service.log import get_logger
+from service.protocol import EventType, Filters, channel_of_key, encode, position_json, utc_now_iso
+
+log = get_logger("eva_ws.hub")
+
+_EVENT_TYPES: Final = frozenset(EventType)
+# Repairs are read in one go; a lag beyond the history window is reported as a resync.
+_REPAIR_RETRY_MAX_S: Final = 5.0
+# Bounds the resume catch-up loop; reached only if publishing outpaces history reads forever.
+_MAX_CATCH_UP_ROUNDS: Final = 50
+
+
+class Recipient(Protocol):
+    """What the hub needs from a connection: a non-blocking send of one encoded frame."""
+
+    def enqueue(self, frame: bytes, conflation_key: str | None = None) -> None: ...
+
+
+class HubUnavailable(Exception):
+    """The broker could not take the subscription in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    position: Position
+    # None when the client did not ask to resume.
+    recovered: bool | None
+    replayed: int
+
+
+class Subscription:
+    """One client subscription: a broker channel plus filters finer than the channel."""
+
+    __slots__ = ("closed", "epoch", "filters", "key", "last_offset", "live", "recipient", "transaction_ids", "user_id")
+
+    def __init__(self, recipient: Recipient, key: str, filters: Filters, *, filter_in_pod: bool) -> None:
+        self.recipient = recipient
+        self.key = key
+        self.filters = filters
+        # Only transactions carry filters finer than the channel; user channels are exact.
+        self.transaction_ids = filters.transaction_ids if filter_in_pod else None
+        self.user_id = filters.user_id if filter_in_pod else None
+        self.epoch = ""
+        self.last_offset = 0
+        # False while the subscription is being set up or replayed: live events skip it.
+        self.live = False
+        self.closed = False
+
+    def matches(self, data: dict[str, Any]) -> bool:
+        if self.transaction_ids is not None and data.get("id") not in self.transaction_ids:
+            return False
+        user_id = self.user_id
+        return user_id is None or data.get("userId") == user_id or data.get("updatedBy") == user_id
+
+
+@dataclass(slots=True)
+class _Decoded:
+    data: dict[str, Any]
+    frame: bytes
+    conflation_key: str | None
+
+
+class _ChannelState:
+    __slots__ = ("catch_up", "epoch", "last_offset", "max_seen", "repair", "setup", "subs")
+
+    def __init__(self) -> None:
+        self.subs: list[Subscription] = []
+        self.epoch = ""
+        self.last_offset = 0
+        # Highest offset seen live while not in order; the repair reads up to it from history.
+        self.max_seen = 0
+        self.setup: asyncio.Future[None] | None = None
+        self.repair: asyncio.Task[None] | None = None
+        # Set after a broker reconnect: read history once even without a visible gap.
+        self.catch_up = False
+
+    @property
+    def in_sync(self) -> bool:
+        return self.setup is not None and self.setup.done() and self.repair is None
+
+
+class Hub:
+    """Delivers broker events to local subscriptions, exactly once and in offset order.
+
+    Live events arrive in order; any gap, epoch change or broker reconnect is healed
+    from the broker's history, and a subscriber that cannot be healed (history too
+    short) gets a `resync` message so it can refetch its state.
+    """
+
+    def __init__(self, broker: Broker, *, subscribe_timeout_s: float = 5.0) -> None:
+        self._broker = broker
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._channels: dict[str, _ChannelState] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        broker.set_handlers(on_message=self.on_message, on_resubscribed=self.on_resubscribed)
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Channels with at least one local subscription: what this pod wants from the broker."""
+        return frozenset(self._channels)
+
+    async def subscribe(
+        self,
+        recipient: Recipient,
+        key: str,
+        filters: Filters,
+        *,
+        since: Position | None,
+        on_ready: Callable[[Subscription, SubscribeResult], None],
+    ) -> Subscription:
+        """Join a channel; `on_ready` runs (to send the ack) before any replayed event is queued."""
+        sub = Subscription(recipient, key, filters, filter_in_pod=key.startswith("transactions:"))
+        state = self._channels.get(key)
+        if state is None:
+            state = self._channels[key] = _ChannelState()
+            metrics.HUB_CHANNELS.set(len(self._channels))
+        state.subs.append(sub)
+        metrics.HUB_SUBSCRIPTIONS.inc()
+        try:
+            if state.setup is None or (state.setup.done() and state.setup.exception() is not None):
+                state.setup = asyncio.ensure_future(self._open_channel(key, state))
+            await asyncio.wait_for(asyncio.shield(state.setup), self._subscribe_timeout_s)
+            result = await self._join(state, sub, since)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            await self.unsubscribe(sub)
+            raise HubUnavailable(str(exc) or "broker did not confirm the subscription in time") from None
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
+        on_ready(sub, result)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if sub.closed:
+            return
+        sub.closed = True
+        state = self._channels.get(sub.key)
+        if state is None:
+            return
+        state.subs.remove(sub)
+        metrics.HUB_SUBSCRIPTIONS.dec()
+        if not state.subs:
+            del self._channels[sub.key]
+            metrics.HUB_CHANNELS.set(len(self._channels))
+            for pending in (state.setup, state.repair):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+            with contextlib.suppress(BrokerUnavailable):
+                # The broker keeps its own wanted set and drops the channel on reconnect anyway.
+                await self._broker.unsubscribe(sub.key)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for state in self._channels.values():
+            for pending in (state.setup, state.repair):
+                if pending is not None:
+                    pending.cancel()
+        self._channels.clear()
+
+    # -- broker callbacks ------------------------------------------------------------
+
+    def on_message(self, envelope: Envelope) -> None:
+        state = self._channels.get(envelope.channel)
+        if state is None:
+            return
+        if not state.in_sync:
+            # Setting up or repairing: history will hold this event; just remember how far to read.
+            state.max_seen = max(state.max_seen, envelope.offset)
+            return
+        if envelope.epoch != state.epoch or envelope.offset > state.last_offset + 1:
+            state.max_seen = max(state.max_seen, envelope.offset)
+            self._start_repair(envelope.channel, state)
+            return
+        if envelope.offset <= state.last_offset:
+            return  # already delivered (e.g. during a repair)
+        self._fan_out(state, envelope, live=True)
+
+    def on_resubscribed(self, channels: list[str]) -> None:
+        for key in channels:
+            state = self._channels.get(key)
+            if state is not None and state.setup is not None and state.setup.done():
+                state.catch_up = True
+                self._start_repair(key, state)
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _open_channel(self, key: str, state: _ChannelState) -> None:
+        await self._broker.subscribe(key)
+        # Subscribe first, then read the position: nothing published after it can be missed.
+        top = (await self._broker.history(key, None)).position
+        state.epoch, state.last_offset = top.epoch, top.offset
+        if state.max_seen > state.last_offset:
+            self._start_repair(key, state)
+
+    async def _join(self, state: _ChannelState, sub: Subscription, since: Position | None) -> SubscribeResult:
+        if since is None:
+            sub.epoch, sub.last_offset, sub.live = state.epoch, state.last_offset, True
+            return SubscribeResult(Position(state.last_offset, state.epoch), None, 0)
+
+        history = await self._broker.history(sub.key, since)
+        if not history.recovered:
+            metrics.RESUMES.labels("unrecovered").inc()
+            sub.epoch, sub.last_offset, sub.live = state.epoch, state.last_offset, True
+            return SubscribeResult(Position(state.last_offset, state.epoch), False, 0)
+
+        metrics.RESUMES.labels("recovered").inc()
+        sub.epoch, sub.last_offset = since.epoch, since.offset
+        replay = self._replay_frames(sub, history.envelopes)
+        result = SubscribeResult(Position(sub.last_offset, sub.epoch), True, len(replay))
+        # The ack must precede the replayed events, so they are queued by `_finish_resume`.
+        task = asyncio.ensure_future(self._finish_resume(state, sub, replay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return result
+
+    async def _finish_resume(self, state: _ChannelState, sub: Subscription, replay: list[_Decoded]) -> None:
+        await asyncio.sleep(0)  # let the caller queue the ack first
+        for decoded in replay:
+            sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
+        metrics.EVENTS_REPLAYED.inc(len(replay))
+        for _ in range(_MAX_CATCH_UP_ROUNDS):
+            if sub.closed:
+                return
+            if sub.epoch == state.epoch and sub.last_offset >= state.last_offset:
+                sub.live = True  # no await between the check and going live: no gap
+                return
+            try:
+                history = await self._broker.history(sub.key, Position(sub.last_offset, sub.epoch))
+            except BrokerUnavailable:
+                await asyncio.sleep(random.uniform(0.1, 1.0))
+                continue
+            if not history.recovered:
+                break
+            for decoded in self._replay_frames(sub, history.envelopes):
+                sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
+        if not sub.closed:
+            self._resync(sub, Position(state.last_offset, state.epoch))
+            sub.live = True
+
+    def _replay_frames(self, sub: Subscription, envelopes: list[Envelope]) -> list[_Decoded]:
+        frames: list[_Decoded] = []
+        for envelope in envelopes:
+            if envelope.offset <= sub.last_offset:
+                continue
+            sub.last_offset = envelope.offset
+            decoded = _decode(envelope)
+            if decoded is not None and sub.matches(decoded.data):
+                frames.append(decoded)
+        return frames
+
+    def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> None:
+        state.last_offset = envelope.offset
+        decoded = _decode(envelope, measure_lag=live)
+        if decoded is None:
+            return
+        offset = envelope.offset
+        replayed = 0
+        for sub in state.subs:
+            if sub.live and offset > sub.last_offset:
+                sub.last_offset = offset
+                if sub.matches(decoded.data):
+                    sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
+                    replayed += 1
+        if not live:
+            metrics.EVENTS_REPLAYED.inc(replayed)
+
+    def _start_repair(self, key: str, state: _ChannelState) -> None:
+        if state.repair is None:
+            state.repair = asyncio.ensure_future(self._repair(key, state))
+
+    async def _repair(self, key: str, state: _ChannelState) -> None:
+        delay_s = 0.1
+        try:
+            while state.catch_up or state.max_seen > state.last_offset:
+                state.catch_up = False
+                try:
+                    history = await self._broker.history(key, Position(state.last_offset, state.epoch))
+                except BrokerUnavailable:
+                    state.catch_up = True
+                    await asyncio.sleep(random.uniform(0, delay_s))
+                    delay_s = min(delay_s * 2, _REPAIR_RETRY_MAX_S)
+                    continue
+                if not history.recovered:
+                    log.warning(
+                        "channel_resync", channel=key, lost_after=state.last_offset, epoch=history.position.epoch
+                    )
+                    state.epoch, state.last_offset = history.position.epoch, history.position.offset
+                    state.max_seen = min(state.max_seen, state.last_offset)
+                    for sub in state.subs:
+                        if sub.live:
+                            self._resync(sub, history.position)
+                    continue
+                for envelope in history.envelopes:
+                    if envelope.offset > state.last_offset:
+                        self._fan_out(state, envelope, live=False)
+                if history.envelopes:
+                    log.info("channel_repaired", channel=key, up_to=state.last_offset, count=len(history.envelopes))
+                if state.max_seen > history.position.offset:
+                    # A live event beyond what history held: another epoch or a lagging read.
+                    state.max_seen = history.position.offset
+        finally:
+            state.repair = None
+
+    def _resync(self, sub: Subscription, position: Position) -> None:
+        sub.epoch, sub.last_offset = position.epoch, position.offset
+        metrics.RESUMES.labels("unrecovered").inc()
+        sub.recipient.enqueue(
+            encode(
+                {
+                    "type": "resync",
+                    "channel": channel_of_key(sub.key).value,
+                    "subscription": sub.key,
+                    "position": position_json(position),
+                    "timestamp": utc_now_iso(),
+                }
+            )
+        )
+
+
+def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None:
+    """Parse a published event once per pod and build the frame every recipient gets."""
+    try:
+        event = orjson.loads(envelope.payload)
+        kind, data = event["type"], event["data"]
+        timestamp, correlation_id = event["timestamp"], event["correlationId"]
+        if kind not in _EVENT_TYPES or not isinstance(data, dict) or not isinstance(timestamp, str):
+            raise ValueError(kind)
+        if measure_lag:
+            published = datetime.fromisoformat(timestamp).timestamp()
+            metrics.DELIVERY_LAG.observe(max(0.0, datetime.now().timestamp() - published))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        metrics.BROKER_INVALID_MESSAGES.inc()
+        log.warning("invalid_event_dropped", channel=envelope.channel, offset=envelope.offset)
+        return None
+    frame = orjson.dumps(
+        {
+            "type": kind,
+            "channel": channel_of_key(envelope.channel).value,
+            "subscription": envelope.channel,
+            "offset": envelope.offset,
+            "epoch": envelope.epoch,
+            "data": data,
+            "timestamp": timestamp,
+            "correlationId": correlation_id,
+        }
+    )
+    conflation_key = f"{envelope.channel}|{data.get('id')}" if kind == EventType.TRANSACTION_UPDATE else None
+    return _Decoded(data=data, frame=frame, conflation_key=conflation_key)

@@ -1,0 +1,33 @@
+"""Every piece of application state, as typed `web.AppKey`s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from service.auth import TokenVerifier
+from service.broker.base import Broker
+from service.config import Settings
+from service.connection import Connection
+from service.hub import Hub
+from service.presence import Presence
+from service.publisher import Publisher
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Whether the pod takes new work; flipped once on SIGTERM."""
+
+    draining: bool = False
+    connections: set[Connection] = field(default_factory=set)
+
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+VERIFIER: Final = web.AppKey("verifier", TokenVerifier)
+BROKER: Final = web.AppKey("broker", Broker)
+HUB: Final = web.AppKey("hub", Hub)
+PUBLISHER: Final = web.AppKey("publisher", Publisher)
+PRESENCE: Final = web.AppKey("presence", Presence)
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)

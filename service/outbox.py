@@ -1,0 +1,70 @@
+"""A connection's bounded send queue, which conflates superseded transaction updates."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class _Entry:
+    """A queued frame; mutable so a superseded update is voided in place (frame None)."""
+
+    __slots__ = ("frame", "key")
+
+    def __init__(self, frame: bytes, key: str | None) -> None:
+        self.frame: bytes | None = frame
+        self.key = key
+
+
+class Outbox:
+    """Frames waiting to be written to one client, oldest first.
+
+    Overflow policy: `put` returns False when `capacity` frames are already waiting;
+    the caller closes the connection as a slow consumer (it resumes from its offsets
+    on reconnect), because silently dropping events would break the no-loss promise.
+    Before that, an entry with a conflation key (a transaction_update) replaces the
+    still-queued entry with the same key: only the newest state of a transaction
+    matters, and its offset tells the client it skipped versions.
+    """
+
+    __slots__ = ("_by_key", "_capacity", "_entries", "_live", "conflated")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: deque[_Entry] = deque()
+        self._by_key: dict[str, _Entry] = {}
+        self._live = 0
+        self.conflated = 0
+
+    def __len__(self) -> int:
+        """Frames still to be written (voided entries do not count)."""
+        return self._live
+
+    def put(self, frame: bytes, conflation_key: str | None = None) -> bool:
+        if conflation_key is not None:
+            previous = self._by_key.get(conflation_key)
+            if previous is not None:
+                # Void the older update; the newer one goes to the back to keep offsets increasing.
+                previous.frame = None
+                self._live -= 1
+                self.conflated += 1
+        if self._live >= self._capacity:
+            return False
+        entry = _Entry(frame, conflation_key)
+        self._entries.append(entry)
+        if conflation_key is not None:
+            self._by_key[conflation_key] = entry
+        self._live += 1
+        return True
+
+    def pop_all(self) -> list[bytes]:
+        """Take every waiting frame, oldest first."""
+        frames: list[bytes] = []
+        by_key = self._by_key
+        for entry in self._entries:
+            if entry.frame is not None:
+                frames.append(entry.frame)
+                if entry.key is not None:
+                    del by_key[entry.key]
+        self._entries.clear()
+        self._live = 0
+        return frames

@@ -1,0 +1,264 @@
+"""The client protocol: message schema, channel keys, error codes, close codes and server messages."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from service.broker.base import Position
+
+
+class Channel(enum.StrEnum):
+    TRANSACTIONS = "transactions"
+    USER_UPDATES = "user_updates"
+    NOTIFICATIONS = "notifications"
+
+
+class EventType(enum.StrEnum):
+    TRANSACTION_UPDATE = "transaction_update"
+    TRANSACTION_NEW = "transaction_new"
+    TRANSACTION_DELETE = "transaction_delete"
+    STAGE_CHANGE = "stage_change"
+    USER_UPDATE = "user_update"
+    NOTIFICATION = "notification"
+
+
+TRANSACTION_EVENTS: Final = frozenset(
+    {EventType.TRANSACTION_UPDATE, EventType.TRANSACTION_NEW, EventType.TRANSACTION_DELETE, EventType.STAGE_CHANGE}
+)
+# Which event types each channel carries; transaction events may also go to a user's channels.
+EVENTS_BY_CHANNEL: Final[dict[Channel, frozenset[EventType]]] = {
+    Channel.TRANSACTIONS: TRANSACTION_EVENTS,
+    Channel.USER_UPDATES: TRANSACTION_EVENTS | {EventType.USER_UPDATE},
+    Channel.NOTIFICATIONS: TRANSACTION_EVENTS | {EventType.NOTIFICATION},
+}
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable `code` of an `error` message; the connection stays open after each."""
+
+    INVALID_JSON = "invalid_json"  # the frame is not JSON
+    INVALID_MESSAGE = "invalid_message"  # not an object, a field of the wrong type, an unknown field
+    UNKNOWN_TYPE = "unknown_type"  # `type` is not subscribe, unsubscribe, ping or refresh
+    UNKNOWN_CHANNEL = "unknown_channel"  # `channel` is not one of Channel
+    INVALID_FILTERS = "invalid_filters"  # a filter is unknown, of the wrong type or too long
+    FORBIDDEN = "forbidden"  # the token does not entitle the user to this subscription
+    ALREADY_SUBSCRIBED = "already_subscribed"  # the same subscription key is active on this connection
+    NOT_SUBSCRIBED = "not_subscribed"  # unsubscribe of a key that is not active
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"  # EVA_WS_MAX_SUBSCRIPTIONS reached
+    RATE_LIMITED = "rate_limited"  # message dropped by the per-connection rate limit
+    BINARY_NOT_SUPPORTED = "binary_not_supported"  # the protocol is JSON in text frames
+    TOKEN_EXPIRING = "token_expiring"  # the token expired: send `refresh` before the grace period ends
+    INVALID_TOKEN = "invalid_token"  # a `refresh` carried a token that is invalid or for another user
+    UNAVAILABLE = "unavailable"  # the broker could not take the subscription now; retry later
+    INTERNAL_ERROR = "internal_error"  # a bug; logged with the correlation id
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server uses; docs/protocol.md says which ones mean "reconnect"."""
+
+    NORMAL = 1000  # the client asked; do not reconnect
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008  # sustained rate-limit abuse; reconnect only after a long backoff
+    MESSAGE_TOO_BIG = 1009  # a frame above EVA_WS_MAX_MESSAGE_BYTES
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the pod drains for a deploy; reconnect with backoff and resume
+    TOKEN_EXPIRED = 4001  # no valid refresh within the grace period; reconnect with a new token
+    SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and resume
+    REBALANCE = 4013  # the pod sheds load after a scale-out; reconnect and resume
+
+
+# Close codes after which a client should reconnect (with backoff) and resume.
+RECONNECT_CODES: Final = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.INTERNAL_ERROR,
+        CloseCode.SERVICE_RESTART,
+        CloseCode.SLOW_CONSUMER,
+        CloseCode.REBALANCE,
+    }
+)
+
+# Ids become part of Redis channel names: a conservative ASCII set with no glob characters.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._~@+|:=-]{1,128}")
+MAX_TRANSACTION_IDS: Final = 100
+MAX_CORRELATION_ID_LENGTH: Final = 128
+_MESSAGE_FIELDS: Final = frozenset({"type", "channel", "filters", "timestamp", "correlationId", "since", "token"})
+_FILTER_FIELDS: Final = frozenset({"customerId", "userId", "transactionIds"})
+
+
+class ProtocolError(Exception):
+    """A client message was refused; carries the error code and a message safe to show."""
+
+    def __init__(self, code: ErrorCode, message: str, correlation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.correlation_id = correlation_id
+
+
+def is_valid_id(value: object) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    customer_id: str | None = None
+    user_id: str | None = None
+    transaction_ids: frozenset[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.customer_id is not None:
+            out["customerId"] = self.customer_id
+        if self.user_id is not None:
+            out["userId"] = self.user_id
+        if self.transaction_ids is not None:
+            out["transactionIds"] = sorted(self.transaction_ids)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    type: str
+    channel: Channel | None = None
+    filters: Filters = Filters()
+    correlation_id: str | None = None
+    since: Position | None = None
+    token: str | None = None
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Validate one text frame against the schema in docs/protocol.md; raise ProtocolError."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "message is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
+
+    correlation_id = raw.get("correlationId")
+    if correlation_id is not None and not (
+        isinstance(correlation_id, str) and 0 < len(correlation_id) <= MAX_CORRELATION_ID_LENGTH
+    ):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"correlationId must be a string of 1 to {MAX_CORRELATION_ID_LENGTH} characters"
+        )
+
+    def fail(code: ErrorCode, message: str) -> ProtocolError:
+        return ProtocolError(code, message, correlation_id)
+
+    unknown = set(raw) - _MESSAGE_FIELDS
+    if unknown:
+        raise fail(ErrorCode.INVALID_MESSAGE, f"unknown field {sorted(unknown)[0][:64]!r}")
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise fail(ErrorCode.INVALID_MESSAGE, "type must be a string")
+    timestamp = raw.get("timestamp")
+    if timestamp is not None and not isinstance(timestamp, str | int | float):
+        raise fail(ErrorCode.INVALID_MESSAGE, "timestamp must be an ISO 8601 string")
+
+    if kind == "ping":
+        return ClientMessage(type=kind, correlation_id=correlation_id)
+    if kind == "refresh":
+        token = raw.get("token")
+        if not isinstance(token, str) or not token or len(token) > 8192:
+            raise fail(ErrorCode.INVALID_MESSAGE, "refresh needs a token string")
+        return ClientMessage(type=kind, correlation_id=correlation_id, token=token)
+    if kind not in ("subscribe", "unsubscribe"):
+        raise fail(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
+
+    channel_name = raw.get("channel")
+    if not isinstance(channel_name, str):
+        raise fail(ErrorCode.INVALID_MESSAGE, "channel must be a string")
+    try:
+        channel = Channel(channel_name)
+    except ValueError:
+        raise fail(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {channel_name[:64]!r}") from None
+
+    since = _parse_since(raw.get("since"), fail) if kind == "subscribe" else None
+    return ClientMessage(
+        type=kind,
+        channel=channel,
+        filters=_parse_filters(raw.get("filters"), fail),
+        correlation_id=correlation_id,
+        since=since,
+    )
+
+
+def _parse_filters(raw: object, fail: Any) -> Filters:
+    if raw is None:
+        return Filters()
+    if not isinstance(raw, dict):
+        raise fail(ErrorCode.INVALID_FILTERS, "filters must be an object")
+    unknown = set(raw) - _FILTER_FIELDS
+    if unknown:
+        raise fail(ErrorCode.INVALID_FILTERS, f"unknown filter {sorted(unknown)[0][:64]!r}")
+    for key in ("customerId", "userId"):
+        value = raw.get(key)
+        if value is not None and not is_valid_id(value):
+            raise fail(ErrorCode.INVALID_FILTERS, f"{key} must be 1-128 characters of A-Z a-z 0-9 . _ ~ @ + | : = -")
+    ids = raw.get("transactionIds")
+    transaction_ids: frozenset[str] | None = None
+    if ids is not None:
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_TRANSACTION_IDS:
+            raise fail(ErrorCode.INVALID_FILTERS, f"transactionIds must be a list of 1 to {MAX_TRANSACTION_IDS} ids")
+        if not all(is_valid_id(i) for i in ids):
+            raise fail(ErrorCode.INVALID_FILTERS, "transactionIds must hold valid ids")
+        transaction_ids = frozenset(ids)
+    return Filters(customer_id=raw.get("customerId"), user_id=raw.get("userId"), transaction_ids=transaction_ids)
+
+
+def _parse_since(raw: object, fail: Any) -> Position | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"offset", "epoch"}:
+        raise fail(ErrorCode.INVALID_MESSAGE, "since must be an object with offset and epoch")
+    offset, epoch = raw["offset"], raw["epoch"]
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**63:
+        raise fail(ErrorCode.INVALID_MESSAGE, "since.offset must be a non-negative integer")
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+        raise fail(ErrorCode.INVALID_MESSAGE, "since.epoch must be a string")
+    return Position(offset=offset, epoch=epoch)
+
+
+def subscription_key(channel: Channel, routing_id: str) -> str:
+    """The broker channel of a subscription: one stream of offsets per key."""
+    return f"{channel}:{routing_id}"
+
+
+def channel_of_key(key: str) -> Channel:
+    return Channel(key.partition(":")[0])
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_utc(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def error_message(error: ProtocolError) -> bytes:
+    return encode(
+        {
+            "type": "error",
+            "code": error.code.value,
+            "message": error.message,
+            "correlationId": error.correlation_id,
+            "timestamp": utc_now_iso(),
+        }
+    )
+
+
+def position_json(position: Position) -> dict[str, Any]:
+    return {"offset": position.offset, "epoch": position.epoch}

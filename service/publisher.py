@@ -1,0 +1,146 @@
+"""Publishing events: validation, the event envelope, and the Python API for backend services."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from service import metrics
+from service.broker.base import Broker, Position
+from service.protocol import (
+    EVENTS_BY_CHANNEL,
+    TRANSACTION_EVENTS,
+    Channel,
+    EventType,
+    is_valid_id,
+    subscription_key,
+    utc_now_iso,
+)
+
+# Redis kills subscribers whose output buffer overflows; big events must not get that far.
+MAX_EVENT_BYTES: Final = 64 * 1024
+_TRANSACTION_STRING_FIELDS: Final = ("status", "stage", "updatedAt", "updatedBy", "userId")
+
+
+class InvalidEvent(ValueError):
+    """The event was refused; the message says why and is safe to return to the publisher."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    correlation_id: str
+    subscription: str
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """A validated event, encoded once, ready for the broker."""
+
+    subscription: str
+    payload: bytes
+    correlation_id: str
+
+
+def prepare_event(
+    event_type: str,
+    data: object,
+    *,
+    channel: str = Channel.TRANSACTIONS,
+    user_id: str | None = None,
+    correlation_id: str | None = None,
+) -> PreparedEvent:
+    """Validate an event and encode the payload every pod will fan out; raise InvalidEvent."""
+    try:
+        chan = Channel(channel)
+    except ValueError:
+        raise InvalidEvent(f"unknown channel {str(channel)[:64]!r}") from None
+    try:
+        kind = EventType(event_type)
+    except ValueError:
+        raise InvalidEvent(f"unknown event type {str(event_type)[:64]!r}") from None
+    if kind not in EVENTS_BY_CHANNEL[chan]:
+        raise InvalidEvent(f"{kind} events cannot be published on {chan}")
+    if not isinstance(data, dict):
+        raise InvalidEvent("data must be an object")
+    if kind in TRANSACTION_EVENTS:
+        _check_transaction(data)
+
+    if chan is Channel.TRANSACTIONS:
+        customer_id = data.get("customerId")
+        if not is_valid_id(customer_id):
+            raise InvalidEvent("data.customerId is required and must be a valid id")
+        routing_id: str = customer_id  # type: ignore[assignment]  # checked by is_valid_id
+    else:
+        if not is_valid_id(user_id):
+            raise InvalidEvent(f"userId is required and must be a valid id for {chan}")
+        routing_id = user_id  # type: ignore[assignment]  # checked by is_valid_id
+
+    if correlation_id is None:
+        correlation_id = str(uuid.uuid4())
+    elif not (isinstance(correlation_id, str) and 0 < len(correlation_id) <= 128):
+        raise InvalidEvent("correlationId must be a string of 1 to 128 characters")
+    try:
+        payload = orjson.dumps(
+            {"type": kind.value, "data": data, "timestamp": utc_now_iso(), "correlationId": correlation_id}
+        )
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidEvent(f"data cannot be encoded as JSON: {exc}") from None
+    if len(payload) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}")
+    return PreparedEvent(subscription_key(chan, routing_id), payload, correlation_id)
+
+
+def _check_transaction(data: dict[str, Any]) -> None:
+    if not is_valid_id(data.get("id")):
+        raise InvalidEvent("data.id is required and must be a valid id")
+    for name in _TRANSACTION_STRING_FIELDS:
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidEvent(f"data.{name} must be a string")
+    changed = data.get("changedFields")
+    if changed is not None and not (isinstance(changed, list) and all(isinstance(f, str) for f in changed)):
+        raise InvalidEvent("data.changedFields must be a list of strings")
+
+
+class Publisher:
+    """Publishes events through a broker, in-process or from any backend service.
+
+    >>> published = await Publisher(broker).publish("transaction_update", {"id": "T1", "customerId": "C1"})
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    async def publish(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        channel: str = Channel.TRANSACTIONS,
+        user_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Published:
+        """Validate, publish and return the event's position; raise InvalidEvent or BrokerUnavailable."""
+        try:
+            event = prepare_event(event_type, data, channel=channel, user_id=user_id, correlation_id=correlation_id)
+        except InvalidEvent:
+            metrics.PUBLISHED.labels("invalid").inc()
+            raise
+        return (await self.publish_prepared([event]))[0]
+
+    async def publish_prepared(self, events: list[PreparedEvent]) -> list[Published]:
+        """Publish validated events in order (pipelined when the broker can)."""
+        started = time.perf_counter()
+        try:
+            positions = await self._broker.publish_many([(e.subscription, e.payload) for e in events])
+        except Exception:
+            metrics.PUBLISHED.labels("unavailable").inc(len(events))
+            raise
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+        metrics.PUBLISHED.labels("ok").inc(len(events))
+        return [Published(e.correlation_id, e.subscription, p) for e, p in zip(events, positions, strict=True)]

@@ -1,0 +1,66 @@
+"""The process: listening sites (main, ops, TLS), signal handling and the drain before exit."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+
+from aiohttp import web
+
+from service import keys
+from service.app import create_app
+from service.config import Settings
+from service.drain import drain
+from service.log import AccessLogger, get_logger
+from service.ops import create_ops_app
+
+log = get_logger("eva_ws.server")
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    app = create_app(settings)
+    runners: list[web.AppRunner] = []
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger, shutdown_timeout=5.0)
+    await runner.setup()
+    runners.append(runner)
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings))
+    await site.start()
+    if settings.ops_port:
+        ops_runner = web.AppRunner(create_ops_app(app), handle_signals=False, access_log=None)
+        await ops_runner.setup()
+        runners.append(ops_runner)
+        await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
+
+    scheme = "https" if settings.tls_cert else "http"
+    log.info(
+        "server_started",
+        url=f"{scheme}://{settings.host}:{settings.port}",
+        ops_port=settings.ops_port or settings.port,
+        mode=settings.mode,
+        pod_id=settings.pod_id,
+        broker="redis" if settings.redis_url else "memory",
+    )
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+
+    await drain(app[keys.LIFECYCLE], delay_s=settings.drain_delay_s, spread_s=settings.drain_spread_s)
+    for each in reversed(runners):
+        await each.cleanup()
+    log.info("server_stopped")

@@ -1,0 +1,222 @@
+"""The protocol of one connection: dispatch, authorization, rate limit and token expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from service import metrics
+from service.auth import AuthError, Principal, TokenVerifier, authorize_subscription, entitled_to_key
+from service.config import Settings
+from service.connection import Connection
+from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
+from service.log import get_logger
+from service.protocol import (
+    ClientMessage,
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    encode,
+    error_message,
+    iso_utc,
+    parse_client_message,
+    position_json,
+    utc_now_iso,
+)
+from service.ratelimit import TokenBucket
+
+log = get_logger("eva_ws.session")
+
+
+class Session:
+    """Handles the client messages of one connection, one at a time, in arrival order."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        hub: Hub,
+        verifier: TokenVerifier,
+        settings: Settings,
+        reconnecting: bool,
+    ) -> None:
+        self._conn = conn
+        self._hub = hub
+        self._verifier = verifier
+        self._settings = settings
+        self._bucket = TokenBucket(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+        self._violations = 0
+        self._subscriptions: dict[str, Subscription] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._counted_reconnect = reconnecting
+        if reconnecting:
+            metrics.RECONNECTS.inc()
+        self._schedule_expiry(conn.principal)
+
+    @property
+    def subscription_keys(self) -> frozenset[str]:
+        return frozenset(self._subscriptions)
+
+    async def on_text(self, text: str) -> None:
+        if not self._admit():
+            return
+        try:
+            message = parse_client_message(text)
+        except ProtocolError as error:
+            metrics.MESSAGES_RECEIVED.labels("invalid").inc()
+            self._reply_error(error)
+            return
+        metrics.MESSAGES_RECEIVED.labels(message.type).inc()
+        try:
+            if message.type == "ping":
+                self._conn.send(
+                    encode({"type": "pong", "timestamp": utc_now_iso(), "correlationId": message.correlation_id}),
+                    "pong",
+                )
+            elif message.type == "subscribe":
+                await self._subscribe(message)
+            elif message.type == "unsubscribe":
+                await self._unsubscribe(message)
+            else:
+                await self._refresh(message)
+        except ProtocolError as error:
+            self._reply_error(error)
+
+    def on_binary(self) -> None:
+        if not self._admit():
+            return
+        metrics.MESSAGES_RECEIVED.labels("binary").inc()
+        self._reply_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, "send JSON in text frames"))
+
+    async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        subscriptions = list(self._subscriptions.values())
+        self._subscriptions.clear()
+        for sub in subscriptions:
+            await self._hub.unsubscribe(sub)
+
+    # -- message handlers ------------------------------------------------------------
+
+    async def _subscribe(self, message: ClientMessage) -> None:
+        key, filters = authorize_subscription(self._conn.principal, message)
+        cid = message.correlation_id
+        if key in self._subscriptions:
+            raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {key!r}", cid)
+        if len(self._subscriptions) >= self._settings.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self._settings.max_subscriptions} subscriptions per connection",
+                cid,
+            )
+        if message.since is not None and not self._counted_reconnect:
+            self._counted_reconnect = True
+            metrics.RECONNECTS.inc()
+
+        def acknowledge(sub: Subscription, result: SubscribeResult) -> None:
+            self._subscriptions[key] = sub
+            ack: dict[str, Any] = {
+                "type": "subscribed",
+                "channel": message.channel,
+                "subscription": key,
+                "filters": filters.to_json(),
+                "position": position_json(result.position),
+                "correlationId": cid,
+                "timestamp": utc_now_iso(),
+            }
+            if result.recovered is not None:
+                ack["recovered"] = result.recovered
+                ack["replayed"] = result.replayed
+            self._conn.send(encode(ack), "subscribed")
+
+        try:
+            await self._hub.subscribe(self._conn, key, filters, since=message.since, on_ready=acknowledge)
+        except HubUnavailable:
+            log.warning("subscribe_unavailable", conn_id=self._conn.conn_id, channel=key)
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "subscriptions are unavailable right now; retry", cid) from None
+
+    async def _unsubscribe(self, message: ClientMessage) -> None:
+        key, filters = authorize_subscription(self._conn.principal, message)
+        sub = self._subscriptions.pop(key, None)
+        if sub is None:
+            raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {key!r}", message.correlation_id)
+        await self._hub.unsubscribe(sub)
+        self._conn.send(
+            encode(
+                {
+                    "type": "unsubscribed",
+                    "channel": message.channel,
+                    "subscription": key,
+                    "filters": filters.to_json(),
+                    "correlationId": message.correlation_id,
+                    "timestamp": utc_now_iso(),
+                }
+            ),
+            "unsubscribed",
+        )
+
+    async def _refresh(self, message: ClientMessage) -> None:
+        assert message.token is not None
+        cid = message.correlation_id
+        try:
+            principal = self._verifier.verify(message.token)
+        except AuthError as error:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, error.message, cid) from None
+        if principal.user_id != self._conn.principal.user_id:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, "the new token is for another user", cid)
+        self._conn.principal = principal
+        # Subscriptions were authorized with the old token; drop those the new one no longer allows.
+        for key in [k for k in self._subscriptions if not entitled_to_key(principal, k)]:
+            await self._hub.unsubscribe(self._subscriptions.pop(key))
+            self._reply_error(ProtocolError(ErrorCode.FORBIDDEN, f"the new token does not allow {key!r}", cid))
+        self._schedule_expiry(principal)
+        self._conn.send(
+            encode(
+                {
+                    "type": "refreshed",
+                    "expiresAt": iso_utc(principal.expires_at),
+                    "correlationId": cid,
+                    "timestamp": utc_now_iso(),
+                }
+            ),
+            "refreshed",
+        )
+
+    # -- limits and timers -----------------------------------------------------------
+
+    def _admit(self) -> bool:
+        if self._bucket.allow():
+            return True
+        self._violations += 1
+        if self._violations >= self._settings.rate_limit_max_violations:
+            log.warning("rate_limit_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
+            self._conn.close_soon(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._reply_error(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))
+        return False
+
+    def _reply_error(self, error: ProtocolError) -> None:
+        metrics.ERRORS.labels(error.code.value).inc()
+        self._conn.send(error_message(error), "error")
+
+    def _schedule_expiry(self, principal: Principal) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay_s = max(0.0, principal.expires_at - time.time())
+        self._expiry = loop.call_later(delay_s, self._token_expired)
+
+    def _token_expired(self) -> None:
+        grace_s = self._settings.token_refresh_grace_s
+        self._reply_error(
+            ProtocolError(
+                ErrorCode.TOKEN_EXPIRING,
+                f'token expired; send {{"type": "refresh", "token": ...}} within {grace_s} s',
+            )
+        )
+        self._expiry = asyncio.get_running_loop().call_later(grace_s, self._expiry_grace_over)
+
+    def _expiry_grace_over(self) -> None:
+        log.info("token_expired_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
+        self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
