@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import secrets
@@ -21,6 +20,15 @@ from bench.scenarios import SCENARIOS, Bench, Sizes
 from bench.targets import ROOT, TARGETS, Target, redis_server, start_target
 from bench.workers import Child, LoadGen
 
+
+def _default_cpus() -> tuple[str, str]:
+    """Server on the first allowed CPU, everything else on the rest; no pinning on one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "", ""
+    return str(cpus[0]), ",".join(str(c) for c in cpus[1:])
+
+
 SCENARIO_ERRORS = (RuntimeError, OSError, TimeoutError, ValueError, KeyError, ProcessLookupError)
 
 
@@ -32,8 +40,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SCENARIO.KNOB=VALUE", help="override one knob")
     p.add_argument("--client", choices=["picows", "aiohttp"], default="picows", help="load-generator WebSocket client")
     p.add_argument("--loadgen-processes", type=int, default=2, help="worker processes holding the clients")
-    p.add_argument("--server-cpus", default="0", help="taskset CPU list for the server ('' = no pinning)")
-    p.add_argument("--client-cpus", default="1", help="taskset CPU list for load generator, publisher and Redis")
+    server_cpus, client_cpus = _default_cpus()
+    p.add_argument("--server-cpus", default=server_cpus, help="taskset CPU list for the server ('' = no pinning)")
+    p.add_argument("--client-cpus", default=client_cpus, help="taskset CPU list for load generator, publisher, Redis")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
     p.add_argument("--docs", type=Path, default=ROOT / "docs", help="where benchmarks.md and bench/*.png go")
     p.add_argument("--no-report", action="store_true", help="only write the JSON results")
@@ -51,10 +60,18 @@ async def run_target(target: Target, scenarios: list[str], sizes: Sizes, args: a
         redis_server(cpus=client_cpus, log_dir=args.log_dir) as redis_url,
         start_target(target, redis_url=redis_url, secret=secret, cpus=server_cpus, log_dir=args.log_dir) as server,
     ):
+        out["ports"] = {"server": server.port, "redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}
         publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=client_cpus)
         loadgen: LoadGen | None = None
         try:
-            await publisher.call({"op": "setup", "kind": target.sink, "redis_url": redis_url}, timeout_s=30.0)
+            setup = {
+                "op": "setup",
+                "kind": target.sink,
+                "redis_url": redis_url,
+                "http_url": f"http://127.0.0.1:{server.port}",
+                "secret": secret,
+            }
+            out["publish_path"] = (await publisher.call(setup, timeout_s=30.0))["mode"]
             loadgen = await LoadGen.start(processes=args.loadgen_processes, client=args.client, cpus=client_cpus)
             bench = Bench(target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret)
             for name in scenarios:

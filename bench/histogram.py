@@ -69,6 +69,7 @@ class Histogram:
         assert isinstance(counts, dict)
         h.counts = {int(k): int(v) for k, v in counts.items()}
         total, max_us = data["total"], data["max_us"]
-        assert isinstance(total, int) and isinstance(max_us, int)
+        assert isinstance(total, int)
+        assert isinstance(max_us, int)
         h.total, h.max_us = total, max_us
         return h

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 
 import uvloop
 
-from bench.dialects import DIALECTS, Dialect, DialectName
+from bench.dialects import DIALECTS, Dialect
 from bench.histogram import Histogram
 from bench.payload import parse_mark, parse_mark_str
 

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-import msgpack
 import orjson
 import redis.asyncio as aioredis
 import uvloop
@@ -40,10 +39,13 @@ def channel_of(customer: str) -> str:
 class Sink(abc.ABC):
     """Where one batch of (customer, payload) goes, in order."""
 
+    async def start(self) -> None:  # noqa: B027  (optional hook: most sinks connect lazily)
+        """Connect before the first batch."""
+
     @abc.abstractmethod
     async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional hook: not every sink holds connections)
         """Release connections."""
 
 
@@ -65,6 +67,8 @@ class NodeEmitterSink(RawSink):
     """Same bytes @socket.io/redis-emitter 5 publishes for ``emitter.to(room).emit(event, data)``."""
 
     async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        import msgpack  # only the Node.js peer needs it; the test environment has none
+
         pipe = self.redis.pipeline(transaction=False)
         for customer, payload in batch:
             room = channel_of(customer)
@@ -87,21 +91,28 @@ class PythonSocketIOSink(Sink):
 
 
 class EvaSink(Sink):
-    """eva-ws publish through its own broker library (the path backend services use)."""
+    """eva-ws publish through its own library over Redis, or its HTTP API (see bench.eva_publish)."""
 
-    def __init__(self, redis_url: str) -> None:
-        from bench.eva_publish import open_eva_publisher
+    def __init__(self, redis_url: str, http_url: str, secret: str) -> None:
+        from bench.eva_publish import EvaPublisher
 
-        self._publisher = open_eva_publisher(redis_url)
+        self._publisher = EvaPublisher(redis_url=redis_url, http_url=http_url, secret=secret)
+
+    async def start(self) -> None:
+        await self._publisher.start()
+
+    @property
+    def mode(self) -> str:
+        return self._publisher.mode
 
     async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None:
-        await self._publisher.publish_many([(channel_of(c), p) for c, p in batch])
+        await self._publisher.publish_many(batch)
 
     async def close(self) -> None:
         await self._publisher.close()
 
 
-def make_sink(kind: str, redis_url: str) -> Sink:
+def make_sink(kind: str, redis_url: str, *, http_url: str = "", secret: str = "") -> Sink:
     if kind == "raw":
         return RawSink(redis_url)
     if kind == "node":
@@ -109,7 +120,7 @@ def make_sink(kind: str, redis_url: str) -> Sink:
     if kind == "python-socketio":
         return PythonSocketIOSink(redis_url)
     if kind == "eva-ws":
-        return EvaSink(redis_url)
+        return EvaSink(redis_url, http_url, secret)
     raise ValueError(f"unknown sink {kind!r}")
 
 
@@ -166,8 +177,12 @@ async def serve() -> None:
             elif op == "setup":
                 if publisher is not None:
                     await publisher.sink.close()
-                publisher = Publisher(make_sink(cmd["kind"], cmd["redis_url"]))
-                reply = {"ready": True}
+                sink = make_sink(
+                    cmd["kind"], cmd["redis_url"], http_url=cmd.get("http_url", ""), secret=cmd.get("secret", "")
+                )
+                await sink.start()
+                publisher = Publisher(sink)
+                reply = {"ready": True, "mode": getattr(sink, "mode", "redis")}
             elif op == "restart_sequences":
                 assert publisher is not None
                 publisher.seq = {}

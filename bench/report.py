@@ -13,13 +13,35 @@ from typing import Any, Final
 
 REFERENCE: Final = "eva-ws"
 PLOT_NAME: Final = "p99_vs_throughput.png"
+METHOD: Final = """## Method
+
+- Every system gets its own fresh `redis-server` on a free loopback port. Publishers go through Redis the
+  way each system documents for external publishers: eva-ws through its own library (`service.publisher`
+  on the Redis broker: one Lua script assigns the offset, appends history and PUBLISHes; see
+  `publish_path` in the raw results), python-socketio through `AsyncRedisManager(write_only=True).emit`,
+  Node Socket.IO through the `@socket.io/redis-emitter` wire format, the raw reference through a bare
+  `PUBLISH`.
+- Every event carries the same 250-byte JSON object with a per-channel sequence number and its publish
+  time (`time.time_ns()`; every process runs on this machine). Latency = receive time - publish time.
+  Lost = events published on a client's channel that it never received; dup = a sequence number not
+  above the last one that client saw.
+- Compression is off everywhere: the client never offers permessage-deflate, Socket.IO runs with
+  `perMessageDeflate: false`.
+- Server CPU is `utime + stime` of the server process from `/proc/<pid>/stat` (all threads), not wall
+  time. *Deliveries per core-second* = deliveries / server CPU seconds: what one busy core sustains.
+- Fan-out and many-channels: the publish rate grows by a constant factor per step until p99 passes the
+  limit (or events are lost); the summary reports the best step within the limit.
+- The load generator (picows on uvloop) runs on the other core with the publisher and Redis; its CPU
+  use is in the step tables: near 100% it, not the server, is the limit.
+"""
 
 
 def _version(argv: list[str]) -> str:
     if shutil.which(argv[0]) is None:
         return "not installed"
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
+        # Fixed argv of well-known tools, no shell.
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout  # noqa: S603
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.strip().splitlines()[0] if out.strip() else "unknown"
@@ -59,7 +81,7 @@ def sizes_json(sizes: Any) -> dict[str, Any]:
 
 def _f(value: float | None, digits: int = 1) -> str:
     if value is None:
-        return "–"
+        return "-"
     if value >= 10_000:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}"
@@ -112,9 +134,9 @@ def summary_rows(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 def _ratio(ours: float | None, theirs: float | None, *, higher_is_better: bool) -> str:
     if not ours or not theirs:
-        return "–"
+        return "-"
     r = ours / theirs if higher_is_better else theirs / ours
-    return f"{r:.2f}×"
+    return f"{r:.2f}x"
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -139,7 +161,11 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             ax.plot(xs, ys, style, label=f"{name} ({key})", linewidth=2 if name == REFERENCE else 1.2)
             drawn += 1
     limit = next(
-        (t["scenarios"]["fanout"].get("p99_limit_ms") for t in results["targets"].values() if "fanout" in t.get("scenarios", {})),
+        (
+            t["scenarios"]["fanout"].get("p99_limit_ms")
+            for t in results["targets"].values()
+            if "fanout" in t.get("scenarios", {})
+        ),
         50.0,
     )
     ax.axhline(limit or 50.0, color="grey", linestyle=":", linewidth=1)
@@ -164,7 +190,8 @@ def _steps_table(name: str, key: str, result: dict[str, Any]) -> list[str]:
         + (f" over {result['customers']} customers" if "customers" in result else " on one channel")
         + ")",
         "",
-        "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU | CPU µs/delivery | load-gen CPU | lost | dup |",
+        "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU | CPU µs/delivery "
+        "| load-gen CPU | lost | dup |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result["steps"]:
@@ -193,32 +220,19 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
         "```",
         "",
         "`scripts/bench --size tiny` runs every scenario in seconds; `scripts/bench --help` lists the knobs",
-        "(`--set fanout.subscribers=500`, `--targets`, `--scenarios`, pinning). Raw numbers: `docs/bench/results.json`.",
+        "(`--set fanout.subscribers=500`, `--targets`, `--scenarios`, pinning).",
+        "Raw numbers: `docs/bench/results.json`.",
         "",
         "## Machine",
         "",
         f"- `nproc`: {m['nproc']}; CPU: {m['cpu']}; memory: {m['memory']}",
         f"- kernel: {m['kernel']}; Python {m['python']}; Node.js {m['node']}; {m['redis']}",
         f"- server pinned with `taskset -c {results['server_cpus'] or '(none)'}`; load generator "
-        f"({results['loadgen_processes']} × {results['client']} processes), publisher and Redis on "
+        f"({results['loadgen_processes']} x {results['client']} processes), publisher and Redis on "
         f"`taskset -c {results['client_cpus'] or '(none)'}`",
         f"- run started {results['started']}, took {results['wall_s'] / 60:.1f} min; size preset `{results['size']}`",
         "",
-        "## Method",
-        "",
-        "- Every system gets its own fresh `redis-server` on a free loopback port; publishers go through Redis the way each",
-        "  system documents for external publishers: eva-ws through its broker library (Lua: offset, history, PUBLISH);",
-        "  python-socketio through `AsyncRedisManager(write_only=True).emit`; Node Socket.IO through the",
-        "  `@socket.io/redis-emitter` wire format; the raw reference through a bare `PUBLISH`.",
-        "- Events are the same 250-byte JSON object with a per-channel sequence number and the publish time",
-        "  (`time.time_ns()`, all processes on one machine). Latency = receive time − publish time. Lost = events",
-        "  published on a client's channel that it never received; dup = a sequence number not above the last one seen.",
-        "- Compression is off everywhere (the client never offers permessage-deflate; Socket.IO `perMessageDeflate: false`).",
-        "- Server CPU is `utime + stime` of the server process from `/proc/<pid>/stat` (all threads), not wall time.",
-        "  *Deliveries per core-second* = deliveries ÷ server CPU seconds: what one fully busy core would sustain.",
-        "- Fan-out and many-channels steps: the publish rate grows by a constant factor per step until p99 passes the",
-        "  limit (or events are lost); the summary reports the best step within the limit.",
-        "",
+        METHOD,
         "## Summary",
         "",
         "| system | fan-out delivered/s (p99 ≤ limit) | fan-out p50 / p99 / p99.9 ms | fan-out CPU µs/delivery "
@@ -246,7 +260,7 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
     if REFERENCE in rows and len(names) > 1:
         ref = rows[REFERENCE]
         out += [
-            f"### Ratios: {REFERENCE} against each peer (above 1× means {REFERENCE} does better)",
+            f"### Ratios: {REFERENCE} against each peer (above 1x means {REFERENCE} does better)",
             "",
             "| peer | fan-out delivered/s | fan-out CPU per delivery | many-channels CPU per delivery | handshakes/s "
             "| memory per idle connection |",
@@ -265,7 +279,12 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
             )
         out.append("")
     if plot_rel:
-        out += ["## p99 latency against throughput", "", f"![p99 latency vs delivered events per second]({plot_rel})", ""]
+        out += [
+            "## p99 latency against throughput",
+            "",
+            f"![p99 latency vs delivered events per second]({plot_rel})",
+            "",
+        ]
     out += ["## Details", ""]
     for name in names:
         sc = results["targets"][name].get("scenarios", {})
@@ -277,12 +296,13 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
         sc = results["targets"][name].get("scenarios", {})
         st, idle, slow = sc.get("storm", {}), sc.get("idle", {}), sc.get("slow", {})
         detail_rows.append(
-            f"| {name} | {st.get('ok', '–')} of {st.get('clients', '–')} in {_f(st.get('elapsed_s'), 2)} s "
-            f"(p99 {_f(st.get('handshake_p99_ms'), 1)} ms) | {idle.get('clients', '–')} conns: "
+            f"| {name} | {st.get('ok', '-')} of {st.get('clients', '-')} in {_f(st.get('elapsed_s'), 2)} s "
+            f"(p99 {_f(st.get('handshake_p99_ms'), 1)} ms) | {idle.get('clients', '-')} conns: "
             f"{_f(idle.get('rss_before_mb'), 0)} → {_f(idle.get('rss_after_mb'), 0)} MiB, idle CPU "
-            f"{_f((idle.get('idle_cpu_util') or 0) * 100, 1)}% | {slow.get('slow', '–')} of "
+            f"{_f((idle.get('idle_cpu_util') or 0) * 100, 1)}% | {slow.get('slow', '-')} of "
             f"{(slow.get('readers') or 0) + (slow.get('slow') or 0)} stalled: closed by server "
-            f"{slow.get('slow_closed_by_server', '–')} {slow.get('close_codes', '')}, RSS +{_f(slow.get('rss_growth_mb'), 1)} MiB |"
+            f"{slow.get('slow_closed_by_server', '-')} {slow.get('close_codes', '')}, "
+            f"RSS +{_f(slow.get('rss_growth_mb'), 1)} MiB |"
         )
     out += [
         "| system | connect storm | idle connections | slow consumers |",

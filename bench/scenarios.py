@@ -109,7 +109,13 @@ class Bench:
         """(customer, token, slow=False) per client; one user per client, like browsers."""
         now = int(time.time())
         return [
-            (c, jwt.encode({"sub": f"user-{i}", "customerIds": [c], "iat": now, "exp": now + 3600}, self.secret, "HS256"), False)
+            (
+                c,
+                jwt.encode(
+                    {"sub": f"user-{i}", "customerIds": [c], "iat": now, "exp": now + 3600}, self.secret, "HS256"
+                ),
+                False,
+            )
             for i, c in enumerate(customers)
         ]
 
@@ -150,7 +156,9 @@ def _latency_summary(h: Histogram) -> dict[str, float]:
     }
 
 
-async def _measured_step(bench: Bench, customers: list[str], rate: float, duration_s: float, unique_before: int) -> dict[str, Any]:
+async def _measured_step(
+    bench: Bench, customers: list[str], rate: float, duration_s: float, unique_before: int
+) -> dict[str, Any]:
     """Publish at `rate`, wait for delivery, and account latency, losses and CPU for this step alone."""
     await bench.loadgen.reset()
     server0, lg0, t0 = bench.server_sample(), bench.loadgen_cpu_s(), time.perf_counter()
@@ -214,7 +222,9 @@ async def fanout(bench: Bench, size: Sizes) -> dict[str, Any]:
     await bench.restart_sequences()
     await bench.connect(bench.tokens(["C0"] * s.subscribers))
     try:
-        return await _ladder(bench, ["C0"], s.subscribers, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms)
+        return await _ladder(
+            bench, ["C0"], s.subscribers, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms
+        )
     finally:
         await bench.loadgen.close_all()
 
@@ -226,7 +236,9 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
     await bench.restart_sequences()
     await bench.connect(bench.tokens([customers[i % s.customers] for i in range(s.clients)]))
     try:
-        result = await _ladder(bench, customers, s.clients, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms)
+        result = await _ladder(
+            bench, customers, s.clients, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms
+        )
         result["customers"] = s.customers
         return result
     finally:

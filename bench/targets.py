@@ -181,7 +181,14 @@ async def _wait_ready(running: Running, path: str | None) -> None:
 
 @contextlib.asynccontextmanager
 async def run_process(
-    name: str, argv: list[str], *, port: int, cpus: str | None, env: dict[str, str], ready_path: str | None, log_dir: Path
+    name: str,
+    argv: list[str],
+    *,
+    port: int,
+    cpus: str | None,
+    env: dict[str, str],
+    ready_path: str | None,
+    log_dir: Path,
 ) -> AsyncIterator[Running]:
     """Start a server, wait until it answers, yield it, and always stop it."""
     log_path = log_dir / f"{name}.log"

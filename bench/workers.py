@@ -32,7 +32,9 @@ class Child:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def spawn(cls, name: str, argv: Sequence[str], *, cpus: str | None, env: dict[str, str] | None = None) -> Child:
+    async def spawn(
+        cls, name: str, argv: Sequence[str], *, cpus: str | None, env: dict[str, str] | None = None
+    ) -> Child:
         proc = await asyncio.create_subprocess_exec(
             *pinned(argv, cpus),
             stdin=asyncio.subprocess.PIPE,
@@ -49,7 +51,8 @@ class Child:
 
     async def call(self, cmd: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
         """Send one command and wait (bounded) for its reply."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         async with self._lock:
             self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
             await self.proc.stdin.drain()
@@ -102,7 +105,11 @@ class LoadGen:
         return [c.pid for c in self.children]
 
     async def all(self, cmds: Sequence[dict[str, Any]], *, timeout_s: float) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(c.call(cmd, timeout_s=timeout_s) for c, cmd in zip(self.children, cmds, strict=True))))
+        return list(
+            await asyncio.gather(
+                *(c.call(cmd, timeout_s=timeout_s) for c, cmd in zip(self.children, cmds, strict=True))
+            )
+        )
 
     async def broadcast(self, cmd: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
         return await self.all([cmd] * len(self.children), timeout_s=timeout_s)
@@ -146,7 +153,9 @@ class LoadGen:
 
     async def drain(self, published: dict[str, int], *, timeout_s: float) -> dict[str, Any]:
         """Wait for every reading client to get what was published; merged counts and latencies."""
-        replies = await self.broadcast({"op": "drain", "published": published, "timeout_s": timeout_s}, timeout_s=timeout_s + 30)
+        replies = await self.broadcast(
+            {"op": "drain", "published": published, "timeout_s": timeout_s}, timeout_s=timeout_s + 30
+        )
         latency = Histogram()
         codes: dict[str, int] = {}
         for r in replies:
