@@ -39,8 +39,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", choices=["tiny", "default"], default="default", help="preset for every size knob")
     p.add_argument("--set", action="append", default=[], metavar="SCENARIO.KNOB=VALUE", help="override one knob")
     p.add_argument("--client", choices=["picows", "aiohttp"], default="picows", help="load-generator WebSocket client")
-    p.add_argument("--loadgen-processes", type=int, default=2, help="worker processes holding the clients")
     server_cpus, client_cpus = _default_cpus()
+    p.add_argument(
+        "--loadgen-processes",
+        type=int,
+        default=max(1, len(client_cpus.split(","))) if client_cpus else 1,
+        help="worker processes holding the clients (default: one per client CPU)",
+    )
     p.add_argument("--server-cpus", default=server_cpus, help="taskset CPU list for the server ('' = no pinning)")
     p.add_argument("--client-cpus", default=client_cpus, help="taskset CPU list for load generator, publisher, Redis")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
@@ -83,7 +88,7 @@ async def run_target(target: Target, scenarios: list[str], sizes: Sizes, args: a
                     traceback.print_exc(file=sys.stderr)
                     result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                     # A failed scenario may leave clients behind; the next one starts clean.
-                    await loadgen.close_all()
+                    await bench.close_and_settle()
                 result["wall_s"] = time.perf_counter() - started
                 out["scenarios"][name] = result
                 if server.proc.returncode is not None:

@@ -67,7 +67,8 @@ class NodeEmitterSink(RawSink):
     """Same bytes @socket.io/redis-emitter 5 publishes for ``emitter.to(room).emit(event, data)``."""
 
     async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None:
-        import msgpack  # only the Node.js peer needs it; the test environment has none
+        # Only the Node.js peer needs msgpack; the project's test environment has none.
+        import msgpack  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         pipe = self.redis.pipeline(transaction=False)
         for customer, payload in batch:
@@ -80,7 +81,7 @@ class NodeEmitterSink(RawSink):
 
 class PythonSocketIOSink(Sink):
     def __init__(self, redis_url: str) -> None:
-        import socketio
+        import socketio  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         self.manager = socketio.AsyncRedisManager(redis_url, write_only=True)
 

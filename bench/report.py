@@ -190,8 +190,8 @@ def _steps_table(name: str, key: str, result: dict[str, Any]) -> list[str]:
         + (f" over {result['customers']} customers" if "customers" in result else " on one channel")
         + ")",
         "",
-        "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU | CPU µs/delivery "
-        "| load-gen CPU | lost | dup |",
+        "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU (of a core) | CPU µs/delivery "
+        "| load-gen CPU (of a core) | lost | dup |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result["steps"]:

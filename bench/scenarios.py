@@ -16,6 +16,10 @@ from bench.targets import Running, Target
 from bench.workers import Child, LoadGen
 
 CONNECT_TIMEOUT_S: Final = 20.0
+# A server counts as settled once it uses less than this share of a core, or after SETTLE_MAX_S.
+SETTLE_CPU_SHARE: Final = 0.05
+SETTLE_WINDOW_S: Final = 0.5
+SETTLE_MAX_S: Final = 60.0
 # Loopback source addresses the clients spread over, so 20,000+ sockets never run out of ports.
 SOURCE_IPS: Final = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -23,10 +27,10 @@ SOURCE_IPS: Final = tuple(f"127.0.0.{i}" for i in range(2, 10))
 @dataclass(slots=True)
 class FanoutSize:
     subscribers: int = 1000
-    start_rate: float = 25.0
+    start_rate: float = 5.0
     rate_factor: float = 1.6
-    max_steps: int = 10
-    step_s: float = 4.0
+    max_steps: int = 9
+    step_s: float = 3.0
     p99_limit_ms: float = 50.0
 
 
@@ -34,10 +38,10 @@ class FanoutSize:
 class ChannelsSize:
     clients: int = 10_000
     customers: int = 1000
-    start_rate: float = 500.0
+    start_rate: float = 250.0
     rate_factor: float = 1.6
-    max_steps: int = 7
-    step_s: float = 4.0
+    max_steps: int = 8
+    step_s: float = 3.0
     p99_limit_ms: float = 50.0
 
 
@@ -53,16 +57,20 @@ class IdleSize:
     # 20,000 is the goal; the default stays under a 20,000 open-file hard limit per process.
     clients: int = 19_500
     customers: int = 1000
-    settle_s: float = 3.0
+    settle_s: float = 2.0
 
 
 @dataclass(slots=True)
 class SlowSize:
-    readers: int = 40
-    slow: int = 10
-    rate: float = 800.0
-    # Long enough that the slow sockets' kernel buffers (a few MB) fill and the server must act.
-    phase_s: float = 10.0
+    readers: int = 10
+    slow: int = 5
+    # Low enough for every server to carry the readers with room to spare, so only the
+    # stalled clients change between the two phases.
+    rate: float = 500.0
+    calm_s: float = 8.0
+    # Long enough to push more than the kernel absorbs per stalled socket on loopback
+    # (the sender's buffer grows to tcp_wmem max, 4 MiB by default) so the server must act.
+    stalled_s: float = 30.0
 
 
 @dataclass(slots=True)
@@ -80,7 +88,7 @@ class Sizes:
             channels=ChannelsSize(clients=40, customers=10, start_rate=100, max_steps=1, step_s=1.0),
             storm=StormSize(clients=50, customers=5, concurrency=20),
             idle=IdleSize(clients=50, customers=5, settle_s=0.5),
-            slow=SlowSize(readers=4, slow=1, rate=100, phase_s=1.0),
+            slow=SlowSize(readers=4, slow=1, rate=100, calm_s=1.0, stalled_s=1.0),
         )
 
     def override(self, assignment: str) -> None:
@@ -138,6 +146,22 @@ class Bench:
             raise RuntimeError(f"{result['failed']} of {len(clients)} clients failed to subscribe: {result['errors']}")
         return result
 
+    async def close_and_settle(self) -> float:
+        """Close every client, then wait (bounded) until the server has finished tidying up.
+
+        Servers clean up closed connections at very different speeds; starting the next
+        scenario while one is still busy would charge that work to the wrong scenario.
+        Returns the seconds waited.
+        """
+        await self.loadgen.close_all()
+        started = time.perf_counter()
+        while time.perf_counter() - started < SETTLE_MAX_S:
+            before = self.server_sample().cpu_s
+            await asyncio.sleep(SETTLE_WINDOW_S)
+            if self.server_sample().cpu_s - before < SETTLE_CPU_SHARE * SETTLE_WINDOW_S:
+                break
+        return time.perf_counter() - started
+
     async def publish(self, customers: list[str], rate: float, duration_s: float) -> dict[str, Any]:
         return await self.publisher.call(
             {"op": "run", "customers": customers, "rate": rate, "duration_s": duration_s}, timeout_s=duration_s * 3 + 60
@@ -177,7 +201,8 @@ async def _measured_step(
         "server_cpu_s": cpu_s,
         "server_cpu_util": cpu_s / wall_s,
         "cpu_us_per_delivery": cpu_s * 1e6 / delivered if delivered else 0.0,
-        "loadgen_cpu_util": (lg1 - lg0) / wall_s / max(1, len(bench.loadgen.pids)),
+        # In cores: at the number of client CPUs the load generator, not the server, is the limit.
+        "loadgen_cpu_util": (lg1 - lg0) / wall_s,
         "server_rss_mb": server1.rss_bytes / 2**20,
         **_latency_summary(drained["latency"]),
         "expected_total": drained["expected"],
@@ -226,7 +251,7 @@ async def fanout(bench: Bench, size: Sizes) -> dict[str, Any]:
             bench, ["C0"], s.subscribers, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms
         )
     finally:
-        await bench.loadgen.close_all()
+        await bench.close_and_settle()
 
 
 async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
@@ -242,7 +267,7 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
         result["customers"] = s.customers
         return result
     finally:
-        await bench.loadgen.close_all()
+        await bench.close_and_settle()
 
 
 async def storm(bench: Bench, size: Sizes) -> dict[str, Any]:
@@ -254,7 +279,7 @@ async def storm(bench: Bench, size: Sizes) -> dict[str, Any]:
         result = await bench.connect(clients, concurrency=s.concurrency)
         cpu_s = bench.server_sample().cpu_s - cpu0
     finally:
-        await bench.loadgen.close_all()
+        await bench.close_and_settle()
     handshake: Histogram = result["handshake"]
     return {
         "clients": s.clients,
@@ -283,7 +308,7 @@ async def idle(bench: Bench, size: Sizes) -> dict[str, Any]:
         await asyncio.sleep(s.settle_s)
         after = bench.server_sample()
     finally:
-        await bench.loadgen.close_all()
+        await bench.close_and_settle()
     return {
         "clients": result["ok"],
         "rss_before_mb": before.rss_bytes / 2**20,
@@ -302,24 +327,26 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
     stalled = [(c, t, True) for c, t, _ in bench.tokens(["S0"] * s.slow)]
     await bench.connect(readers + stalled)
     try:
-        calm = await _measured_step(bench, ["S0"], s.rate, s.phase_s, 0)
+        calm = await _measured_step(bench, ["S0"], s.rate, s.calm_s, 0)
         paused = await bench.loadgen.pause_slow()
         rss0 = bench.server_sample().rss_bytes
-        stalled_step = await _measured_step(bench, ["S0"], s.rate, s.phase_s, calm["unique_total"])
+        stalled_step = await _measured_step(bench, ["S0"], s.rate, s.stalled_s, calm["unique_total"])
+        rss1 = bench.server_sample().rss_bytes
         drained = await bench.loadgen.drain({}, timeout_s=0.1)
     finally:
-        await bench.loadgen.close_all()
+        await bench.close_and_settle()
     return {
         "readers": s.readers,
         "slow": s.slow,
         "paused": paused,
         "rate": s.rate,
-        "phase_s": s.phase_s,
+        "calm_s": s.calm_s,
+        "stalled_s": s.stalled_s,
         "p99_calm_ms": calm["p99_ms"],
         "p99_with_slow_ms": stalled_step["p99_ms"],
         "p50_calm_ms": calm["p50_ms"],
         "p50_with_slow_ms": stalled_step["p50_ms"],
-        "rss_growth_mb": (bench.server_sample().rss_bytes - rss0) / 2**20,
+        "rss_growth_mb": (rss1 - rss0) / 2**20,
         "slow_closed_by_server": drained["closed_slow"],
         "close_codes": drained["close_codes"],
         "lost": stalled_step["lost_total"],

@@ -53,7 +53,7 @@ class FanOut:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
         await self._redis.aclose()
 
     async def join(self, channel: str, transport: asyncio.Transport) -> None:
