@@ -118,9 +118,22 @@ class Connection:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.ws.close(code=code, message=message.encode())
+        except asyncio.CancelledError:
+            # aiohttp cancels a close whose write waits on a paused transport; only a
+            # cancellation of this task itself must propagate.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         except (TimeoutError, ConnectionError, RuntimeError):
-            if self.transport is not None:
-                self.transport.abort()
+            pass
+        if self.transport is None:
+            return
+        if not self.transport.is_closing():
+            self.transport.abort()
+        else:
+            # A graceful close waits for the client to read what is buffered; a client
+            # that stopped reading would hold the socket forever.
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.transport.abort)
 
     async def _write_loop(self) -> None:
         ws, outbox, wakeup = self.ws, self._outbox, self._wakeup

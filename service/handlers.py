@@ -119,7 +119,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await presence.remove(customers, conn.conn_id)
         except BrokerUnavailable:
             log.warning("presence_unavailable")
-        code = conn.close_code or ws.close_code
+        code = int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
         metrics.CONNECTIONS_ACTIVE.dec()
