@@ -81,6 +81,8 @@ def to_markdown(profile: Profile, *, title: str, seconds: float, top: int = 15) 
         "",
         f"{profile.samples} samples over {seconds:.0f} s at {SAMPLE_RATE_HZ} Hz "
         f"(≈{profile.samples / (seconds * SAMPLE_RATE_HZ):.0%} of one core busy in Python frames).",
+        "Self time of `Runner.run` is the event loop's own C code (uvloop: epoll, socket reads, scheduling);",
+        "C code called from Python (socket writes, JSON encoding) is charged to its Python caller.",
         "",
         "## Self time (innermost Python frame)",
         "",

@@ -198,7 +198,8 @@ async def run_process(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **env},
+            # Only the settings given here: a stray EVA_WS_* in the caller's shell must not change a run.
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")}, **env},
             cwd=str(ROOT),
         )
     running = Running(name, proc, port, log_path)
