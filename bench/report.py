@@ -150,7 +150,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         return False
     panels = {"fanout": "fan-out: one channel", "channels": "many channels"}
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 5), dpi=110, sharey=True)
-    colours = plt.get_cmap("tab10").colors
+    colours = [f"C{i}" for i in range(10)]  # matplotlib's default cycle
     drawn = 0
     for ax, (key, title) in zip(axes, panels.items(), strict=True):
         limit = 50.0
