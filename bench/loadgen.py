@@ -27,6 +27,7 @@ import uvloop
 from bench.dialects import DIALECTS, Dialect
 from bench.histogram import Histogram
 from bench.payload import parse_mark, parse_mark_str
+from bench.workers import reply_channel
 
 ClientKind = Literal["picows", "aiohttp"]
 
@@ -319,6 +320,7 @@ class Worker:
 async def serve(kind: ClientKind) -> None:
     """Answer commands from stdin until `exit` or end of input."""
     worker = Worker(kind)
+    send = reply_channel()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=256 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -341,8 +343,7 @@ async def serve(kind: ClientKind) -> None:
                 reply = {"pong": True}
             else:
                 reply = await handlers[op](cmd)
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
+            send(reply)
     finally:
         await worker.shutdown()
 

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from bench.payload import event_payload
+from bench.workers import reply_channel
 
 EVENT_NAME: Final = "transaction_update"
 # One Redis round trip carries at most this many events, so a burst cannot stall the pacing.
@@ -162,6 +163,7 @@ class Publisher:
 
 
 async def serve() -> None:
+    send = reply_channel()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -193,8 +195,7 @@ async def serve() -> None:
                 reply = await publisher.run(cmd["customers"], float(cmd["rate"]), float(cmd["duration_s"]))
             else:
                 raise ValueError(f"unknown op {op!r}")
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
+            send(reply)
     finally:
         if publisher is not None:
             await publisher.sink.close()

@@ -8,12 +8,28 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from bench.histogram import Histogram
 
 STOP_TIMEOUT_S: Final = 10.0
+
+
+def reply_channel() -> Callable[[dict[str, Any]], None]:
+    """In a child: keep the real stdout for replies and point fd 1 at stderr.
+
+    Libraries the child imports (the service's logging, for one) may print to stdout;
+    that must never be mistaken for a reply.
+    """
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    def send(reply: dict[str, Any]) -> None:
+        out.write(json.dumps(reply) + "\n")
+
+    return send
 
 
 def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
