@@ -33,6 +33,18 @@ METHOD: Final = """## Method
   limit (or events are lost); the summary reports the best step within the limit.
 - The load generator (picows on uvloop) runs on the other core with the publisher and Redis; its CPU
   use is in the step tables: near 100% it, not the server, is the limit.
+- In fan-out every event arrives as a burst of one frame per subscriber, and one client process reads
+  that burst one frame after the other: a few ms of p50 come from the reading side. The raw aiohttp
+  reference shows that floor; compare the others against it rather than against zero.
+- Between scenarios all clients are closed and the harness waits (at most 60 s) until the server's
+  CPU use falls below 5% of a core, so clean-up work is not charged to the next scenario.
+- Idle memory is the growth of the server's RSS from before the clients connected to after they
+  settled, divided by the number of connections. The default 19,500 connections stay under the hard
+  limit of 20,000 open files per process on the benchmark machine (`ulimit -Hn`).
+- Slow consumers: readers and stalled clients share one channel; after a calm phase the stalled
+  clients stop reading (receive buffer cut to 4 KiB) for a phase long enough to push more than the
+  kernel absorbs on loopback (the sender's buffer grows up to `tcp_wmem` max, 4 MiB here). Reported:
+  the readers' p99 in both phases, server RSS growth and how many stalled clients the server closed.
 """
 
 
