@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"eva-ws: {error}", file=sys.stderr)
             return 2
         return 0
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, pod_id=settings.pod_id)
     get_logger("eva_ws").debug("settings_loaded", pod_id=settings.pod_id)
     _run(settings)
     return 0

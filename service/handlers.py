@@ -97,7 +97,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     metrics.CONNECTIONS_ACTIVE.inc()
     customers = sorted(principal.customer_ids)
     presence = app[keys.PRESENCE]
-    log.info("connection_opened", customers=len(customers), pod_id=settings.pod_id)
+    log.info("connection_opened", customers=len(customers))
     conn.start()
     try:
         try:

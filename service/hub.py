@@ -183,8 +183,15 @@ class Hub:
         if not state.in_sync:
             # Setting up or repairing: history will hold this event; just remember how far to read.
             state.max_seen = max(state.max_seen, envelope.offset)
+            if state.epoch and envelope.epoch != state.epoch:
+                state.catch_up = True
             return
-        if envelope.epoch != state.epoch or envelope.offset > state.last_offset + 1:
+        if envelope.epoch != state.epoch:
+            # History was reset (e.g. Redis restarted empty): the repair resyncs subscribers.
+            state.catch_up = True
+            self._start_repair(envelope.channel, state)
+            return
+        if envelope.offset > state.last_offset + 1:
             state.max_seen = max(state.max_seen, envelope.offset)
             self._start_repair(envelope.channel, state)
             return

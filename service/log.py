@@ -22,11 +22,17 @@ def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
     return event
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", *, pod_id: str | None = None) -> None:
     """Send structlog and stdlib logging to stdout as one JSON object per line."""
     numeric = _LEVELS[level]
+
+    def add_pod_id(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("pod_id", pod_id)
+        return event
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_pod_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,

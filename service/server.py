@@ -48,7 +48,6 @@ async def serve(settings: Settings) -> None:
         url=f"{scheme}://{settings.host}:{settings.port}",
         ops_port=settings.ops_port or settings.port,
         mode=settings.mode,
-        pod_id=settings.pod_id,
         broker="redis" if settings.redis_url else "memory",
     )
 

@@ -91,11 +91,13 @@ async def subscribe(
 
 
 async def wait_closed(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 10.0) -> int | None:
-    """Read until the server closes; return the close code."""
+    """Read until the server closes; return the close code it sent (None if it sent none)."""
     async with asyncio.timeout(timeout_s):
         while True:
             message = await ws.receive()
-            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            if message.type is aiohttp.WSMsgType.CLOSE:
+                return int(message.data)
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return ws.close_code
             if message.type is aiohttp.WSMsgType.ERROR:
                 return ws.close_code

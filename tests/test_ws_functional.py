@@ -108,7 +108,7 @@ async def test_user_channels_carry_only_the_users_own_events(app_client):
         client, settings, {"type": "notification", "channel": "notifications", "userId": "alice", "data": {"text": "a"}}
     )
     event = await receive_type(ws, "notification")
-    assert event["data"] == {"text": "alice"}
+    assert event["data"] == {"text": "a"}
     assert event["subscription"] == "notifications:alice"
 
 
