@@ -35,3 +35,33 @@ def sample(pid: int) -> Sample:
 def total_cpu_s(pids: list[int]) -> float:
     """Sum of CPU seconds over several processes (e.g. every load-generator worker)."""
     return sum(sample(pid).cpu_s for pid in pids)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine spent busy since boot (all but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS_PER_S
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds of a process and all its live descendants (the harness and what it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += sample(pid).cpu_s
+        except ProcessLookupError:
+            continue
+        todo.extend(children.get(pid, []))
+    return total

@@ -105,9 +105,9 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     async with (
-        redis_server(cpus=args.client_cpus or None, log_dir=log_dir) as redis_url,
+        redis_server(cpus=args.client_cpus or None, log_dir=log_dir) as redis,
         start_target(
-            target, redis_url=redis_url, secret=secret, cpus=args.server_cpus or None, log_dir=log_dir
+            target, redis_url=redis.url, secret=secret, cpus=args.server_cpus or None, log_dir=log_dir
         ) as server,
     ):
         publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=args.client_cpus)
@@ -116,12 +116,14 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
             setup = {
                 "op": "setup",
                 "kind": target.sink,
-                "redis_url": redis_url,
+                "redis_url": redis.url,
                 "http_url": f"http://127.0.0.1:{server.port}",
                 "secret": secret,
             }
             await publisher.call(setup, timeout_s=30.0)
-            bench = Bench(target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret)
+            bench = Bench(
+                target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret, redis_pid=redis.pid
+            )
             await bench.connect(bench.tokens(["C0"] * args.subscribers))
             publishing = asyncio.create_task(bench.publish(["C0"], args.rate, args.seconds + 2))
             await asyncio.sleep(1.0)

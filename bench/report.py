@@ -144,6 +144,23 @@ def summary_rows(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return rows
 
 
+def _interference(results: dict[str, Any]) -> str:
+    """How busy the machine was with other work while steps were measured."""
+    seen = [
+        float(step.get("other_cpu_util", 0.0))
+        for target in results["targets"].values()
+        for result in target.get("scenarios", {}).values()
+        for step in result.get("steps") or []
+    ]
+    if not seen:
+        return "load from other processes: not measured"
+    mean = sum(seen) / len(seen)
+    return (
+        f"load from processes outside the benchmark during measured steps: mean {mean:.2f} cores, "
+        f"max {max(seen):.2f} cores (per step in the tables below; above ~0.2 the numbers are disturbed)"
+    )
+
+
 def _ratio(ours: float | None, theirs: float | None, *, higher_is_better: bool) -> str:
     if not ours or not theirs:
         return "-"
@@ -202,14 +219,15 @@ def _steps_table(name: str, key: str, result: dict[str, Any]) -> list[str]:
         + ")",
         "",
         "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU (of a core) | CPU µs/delivery "
-        "| load-gen CPU (of a core) | lost | dup |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load-gen CPU (of a core) | other processes' CPU | lost | dup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result["steps"]:
         lines.append(
             f"| {_f(s['rate'], 0)} | {_f(s['deliveries_per_s'], 0)} | {_f(s['p50_ms'], 2)} | {_f(s['p99_ms'], 2)} "
             f"| {_f(s['p999_ms'], 2)} | {s['server_cpu_util']:.0%} | {_f(s['cpu_us_per_delivery'], 2)} "
-            f"| {s['loadgen_cpu_util']:.0%} | {s['lost_total']} | {s['dups_total']} |"
+            f"| {s['loadgen_cpu_util']:.0%} | {s.get('other_cpu_util', 0.0):.0%} "
+            f"| {s['lost_total']} | {s['dups_total']} |"
         )
     return [*lines, ""]
 
@@ -241,7 +259,9 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
         f"- server pinned with `taskset -c {results['server_cpus'] or '(none)'}`; load generator "
         f"({results['loadgen_processes']} x {results['client']} processes), publisher and Redis on "
         f"`taskset -c {results['client_cpus'] or '(none)'}`",
-        f"- run started {results['started']}, took {results['wall_s'] / 60:.1f} min; size preset `{results['size']}`",
+        f"- run started {results['started']}, took {results['wall_s'] / 60:.1f} min; size preset `{results['size']}`; "
+        f"niceness {results.get('nice', 0)}",
+        f"- {_interference(results)}",
         "",
         METHOD,
         "## Summary",

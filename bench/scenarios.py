@@ -16,10 +16,6 @@ from bench.targets import Running, Target
 from bench.workers import Child, LoadGen
 
 CONNECT_TIMEOUT_S: Final = 20.0
-# A server counts as settled once it uses less than this share of a core, or after SETTLE_MAX_S.
-SETTLE_CPU_SHARE: Final = 0.05
-SETTLE_WINDOW_S: Final = 0.5
-SETTLE_MAX_S: Final = 60.0
 # Loopback source addresses the clients spread over, so 20,000+ sockets never run out of ports.
 SOURCE_IPS: Final = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -112,6 +108,7 @@ class Bench:
     loadgen: LoadGen
     publisher: Child
     secret: str
+    redis_pid: int
 
     def tokens(self, customers: list[str]) -> list[tuple[str, str, bool]]:
         """(customer, token, slow=False) per client; one user per client, like browsers."""
@@ -133,6 +130,10 @@ class Bench:
     def loadgen_cpu_s(self) -> float:
         return procstat.total_cpu_s(self.loadgen.pids)
 
+    def own_cpu_s(self) -> float:
+        """CPU seconds of every process of this run (server, load generator, publisher, Redis)."""
+        return procstat.total_cpu_s([self.server.pid, self.publisher.pid, self.redis_pid, *self.loadgen.pids])
+
     async def connect(self, clients: list[tuple[str, str, bool]], *, concurrency: int = 200) -> dict[str, Any]:
         result = await self.loadgen.connect(
             dialect=self.target.dialect,
@@ -145,22 +146,6 @@ class Bench:
         if result["failed"]:
             raise RuntimeError(f"{result['failed']} of {len(clients)} clients failed to subscribe: {result['errors']}")
         return result
-
-    async def close_and_settle(self) -> float:
-        """Close every client, then wait (bounded) until the server has finished tidying up.
-
-        Servers clean up closed connections at very different speeds; starting the next
-        scenario while one is still busy would charge that work to the wrong scenario.
-        Returns the seconds waited.
-        """
-        await self.loadgen.close_all()
-        started = time.perf_counter()
-        while time.perf_counter() - started < SETTLE_MAX_S:
-            before = self.server_sample().cpu_s
-            await asyncio.sleep(SETTLE_WINDOW_S)
-            if self.server_sample().cpu_s - before < SETTLE_CPU_SHARE * SETTLE_WINDOW_S:
-                break
-        return time.perf_counter() - started
 
     async def publish(self, customers: list[str], rate: float, duration_s: float) -> dict[str, Any]:
         return await self.publisher.call(
@@ -186,9 +171,11 @@ async def _measured_step(
     """Publish at `rate`, wait for delivery, and account latency, losses and CPU for this step alone."""
     await bench.loadgen.reset()
     server0, lg0, t0 = bench.server_sample(), bench.loadgen_cpu_s(), time.perf_counter()
+    machine0, own0 = procstat.machine_busy_s(), bench.own_cpu_s()
     pub = await bench.publish(customers, rate, duration_s)
     drained = await bench.loadgen.drain(pub["published"], timeout_s=duration_s * 2 + 5)
     server1, lg1, t1 = bench.server_sample(), bench.loadgen_cpu_s(), time.perf_counter()
+    machine1, own1 = procstat.machine_busy_s(), bench.own_cpu_s()
     delivered = drained["unique"] - unique_before
     cpu_s = server1.cpu_s - server0.cpu_s
     wall_s = t1 - t0
@@ -203,6 +190,8 @@ async def _measured_step(
         "cpu_us_per_delivery": cpu_s * 1e6 / delivered if delivered else 0.0,
         # In cores: at the number of client CPUs the load generator, not the server, is the limit.
         "loadgen_cpu_util": (lg1 - lg0) / wall_s,
+        # Cores used by processes outside this run while the step ran: non-zero means a shared machine.
+        "other_cpu_util": max(0.0, (machine1 - machine0) - (own1 - own0)) / wall_s,
         "server_rss_mb": server1.rss_bytes / 2**20,
         **_latency_summary(drained["latency"]),
         "expected_total": drained["expected"],
@@ -251,7 +240,7 @@ async def fanout(bench: Bench, size: Sizes) -> dict[str, Any]:
             bench, ["C0"], s.subscribers, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms
         )
     finally:
-        await bench.close_and_settle()
+        await bench.loadgen.close_all()
 
 
 async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
@@ -267,7 +256,7 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
         result["customers"] = s.customers
         return result
     finally:
-        await bench.close_and_settle()
+        await bench.loadgen.close_all()
 
 
 async def storm(bench: Bench, size: Sizes) -> dict[str, Any]:
@@ -279,7 +268,7 @@ async def storm(bench: Bench, size: Sizes) -> dict[str, Any]:
         result = await bench.connect(clients, concurrency=s.concurrency)
         cpu_s = bench.server_sample().cpu_s - cpu0
     finally:
-        await bench.close_and_settle()
+        await bench.loadgen.close_all()
     handshake: Histogram = result["handshake"]
     return {
         "clients": s.clients,
@@ -308,7 +297,7 @@ async def idle(bench: Bench, size: Sizes) -> dict[str, Any]:
         await asyncio.sleep(s.settle_s)
         after = bench.server_sample()
     finally:
-        await bench.close_and_settle()
+        await bench.loadgen.close_all()
     return {
         "clients": result["ok"],
         "rss_before_mb": before.rss_bytes / 2**20,
@@ -334,7 +323,7 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
         rss1 = bench.server_sample().rss_bytes
         drained = await bench.loadgen.drain({}, timeout_s=0.1)
     finally:
-        await bench.close_and_settle()
+        await bench.loadgen.close_all()
     return {
         "readers": s.readers,
         "slow": s.slow,

@@ -210,15 +210,22 @@ async def run_process(
         await _stop(proc)
 
 
+@dataclass(frozen=True, slots=True)
+class RedisServer:
+    url: str
+    port: int
+    pid: int
+
+
 @contextlib.asynccontextmanager
-async def redis_server(*, cpus: str | None, log_dir: Path) -> AsyncIterator[str]:
-    """A throw-away redis-server on a free loopback port, no persistence; yields its URL."""
+async def redis_server(*, cpus: str | None, log_dir: Path) -> AsyncIterator[RedisServer]:
+    """A throw-away redis-server on a free loopback port, no persistence."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
         argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         argv += ["--dir", workdir, "--maxclients", "1000"]
-        async with run_process("redis", argv, port=port, cpus=cpus, env={}, ready_path=None, log_dir=log_dir):
-            yield f"redis://127.0.0.1:{port}/0"
+        async with run_process("redis", argv, port=port, cpus=cpus, env={}, ready_path=None, log_dir=log_dir) as proc:
+            yield RedisServer(f"redis://127.0.0.1:{port}/0", port, proc.pid)
 
 
 @contextlib.asynccontextmanager
