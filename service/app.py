@@ -81,6 +81,7 @@ async def _index(request: web.Request) -> web.StreamResponse:
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker, presence, hub = app[keys.BROKER], app[keys.PRESENCE], app[keys.HUB]
     await broker.start()
+    await presence.start()
     log.info("broker_started", kind=type(broker).__name__)
     yield
     await hub.close()

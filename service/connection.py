@@ -1,4 +1,11 @@
-"""One client socket's output side: the bounded outbox, its writer task, and how it is closed."""
+"""One client socket's output side: the bounded outbox, coalesced writes, and how it is closed.
+
+This is the hot path of the fan-out. The hub hands every recipient the same pre-built
+wire frame (service/frames.py); a connection queues it without blocking and, once per
+event-loop turn, writes everything queued in one `transport.write` (one syscall for a
+burst). Only a client whose socket buffer is full gets a task, which waits for the
+buffer to drain; while it waits, frames pile up in the bounded outbox.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,12 @@ import contextlib
 import time
 from typing import Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from service import metrics
 from service.auth import Principal
+from service.frames import text_frame
 from service.log import get_logger
 from service.outbox import Outbox
 from service.protocol import CloseCode
@@ -19,10 +28,13 @@ log = get_logger("eva_ws.connection")
 
 # A close handshake with a client that does not read must not hold the pod's resources.
 CLOSE_TIMEOUT_S: Final = 2.0
+# Above this many unsent bytes in the transport, stop writing and wait for the client to read
+# (asyncio's own high-water mark, where it pauses the protocol).
+WRITE_HIGH_WATER_BYTES: Final = 64 * 1024
 
 
 class Connection:
-    """Frames are queued without blocking (from the hub's fan-out) and written by one task.
+    """Frames are queued without blocking and written by the event loop in batches.
 
     A client whose outbox overflows is closed with 4008 (slow consumer): it never slows
     the fan-out to others, and it resumes from its offsets when it reconnects.
@@ -30,9 +42,11 @@ class Connection:
 
     __slots__ = (
         "_closing",
+        "_drain",
+        "_flush_scheduled",
+        "_loop",
         "_outbox",
-        "_wakeup",
-        "_writer",
+        "_stream",
         "close_code",
         "conn_id",
         "opened_at",
@@ -49,6 +63,7 @@ class Connection:
         principal: Principal,
         send_queue_size: int,
         transport: asyncio.Transport | None,
+        stream: AbstractStreamWriter | None,
     ) -> None:
         self.ws = ws
         self.conn_id = conn_id
@@ -56,35 +71,38 @@ class Connection:
         self.transport = transport
         self.opened_at = time.monotonic()
         self.close_code: CloseCode | None = None
+        self._stream = stream
+        self._loop = asyncio.get_running_loop()
         self._outbox = Outbox(send_queue_size)
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        self._drain: asyncio.Task[None] | None = None
         self._closing = False
 
     @property
     def closing(self) -> bool:
         return self._closing
 
-    def start(self) -> None:
-        self._writer = asyncio.ensure_future(self._write_loop())
-
     def enqueue(self, frame: bytes, conflation_key: str | None = None) -> None:
-        """Queue one encoded text frame; never blocks. See Outbox for the overflow policy."""
+        """Queue one wire frame (see frames.text_frame); never blocks. See Outbox for overflow."""
         if self._closing:
             return
-        before = self._outbox.conflated
-        if not self._outbox.put(frame, conflation_key):
+        outbox = self._outbox
+        conflated = outbox.conflated
+        if not outbox.put(frame, conflation_key):
             log.warning("slow_consumer_closed", conn_id=self.conn_id, user_id=self.principal.user_id)
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
-        if self._outbox.conflated != before:
+        if outbox.conflated != conflated:
             metrics.EVENTS_CONFLATED.inc()
-        self._wakeup.set()
+        if not self._flush_scheduled and self._drain is None:
+            # Everything queued during this loop turn goes out in one write.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    def send(self, frame: bytes, kind: str) -> None:
+    def send(self, payload: bytes, kind: str) -> None:
         """Queue a reply (ack, error, pong) and count it."""
         metrics.MESSAGES_SENT.labels(kind).inc()
-        self.enqueue(frame)
+        self.enqueue(text_frame(payload))
 
     def close_soon(self, code: CloseCode, message: str) -> None:
         """Close from synchronous code (the fan-out, timers); the read loop then ends."""
@@ -105,16 +123,37 @@ class Connection:
         await self._close(code, message)
 
     async def stop(self) -> None:
-        """Stop the writer; called once the read loop has ended."""
+        """Stop writing; called once the read loop has ended."""
         self._closing = True
-        if self._writer is not None:
-            self._writer.cancel()
+        if self._drain is not None:
+            self._drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+                await self._drain
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if self._closing or transport is None or transport.is_closing():
+            return
+        frames = self._outbox.pop_all()
+        if not frames:
+            return
+        transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER_BYTES:
+            self._drain = asyncio.ensure_future(self._wait_for_drain())
+
+    async def _wait_for_drain(self) -> None:
+        try:
+            if self._stream is not None:
+                await self._stream.drain()
+        except ConnectionError:
+            return  # the client went away; the read loop sees it too and cleans up
+        self._drain = None
+        self._flush()
 
     async def _close(self, code: CloseCode, message: str) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        if self._drain is not None:
+            self._drain.cancel()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.ws.close(code=code, message=message.encode())
@@ -133,20 +172,7 @@ class Connection:
         else:
             # A graceful close waits for the client to read what is buffered; a client
             # that stopped reading would hold the socket forever.
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.transport.abort)
-
-    async def _write_loop(self) -> None:
-        ws, outbox, wakeup = self.ws, self._outbox, self._wakeup
-        try:
-            while True:
-                await wakeup.wait()
-                wakeup.clear()
-                for frame in outbox.pop_all():
-                    # Blocks only when the socket buffer is full; the outbox keeps filling meanwhile.
-                    await ws.send_frame(frame, WSMsgType.TEXT)
-        except ConnectionError:
-            # The client went away; the read loop sees it too and cleans up.
-            return
+            self._loop.call_later(CLOSE_TIMEOUT_S, self.transport.abort)
 
 
 _closers: set[asyncio.Task[None]] = set()

@@ -82,6 +82,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         principal=principal,
         send_queue_size=settings.send_queue_size,
         transport=request.transport,
+        stream=request.writer,
     )
     reconnect = request.query.get("reconnect", "0")
     session = Session(
@@ -98,7 +99,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     customers = sorted(principal.customer_ids)
     presence = app[keys.PRESENCE]
     log.info("connection_opened", customers=len(customers))
-    conn.start()
     try:
         try:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))

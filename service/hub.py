@@ -14,16 +14,19 @@ import orjson
 
 from service import metrics
 from service.broker.base import Broker, BrokerUnavailable, Envelope, Position
+from service.frames import text_frame
 from service.log import get_logger
 from service.protocol import EventType, Filters, channel_of_key, encode, position_json, utc_now_iso
 
 log = get_logger("eva_ws.hub")
 
 _EVENT_TYPES: Final = frozenset(EventType)
+_SENT_COUNTERS: Final = {kind.value: metrics.MESSAGES_SENT.labels(kind.value) for kind in EventType}
 # Repairs are read in one go; a lag beyond the history window is reported as a resync.
 _REPAIR_RETRY_MAX_S: Final = 5.0
 # Bounds the resume catch-up loop; reached only if publishing outpaces history reads forever.
 _MAX_CATCH_UP_ROUNDS: Final = 50
+_MAX_LOGGED_IDS: Final = 100
 
 
 class Recipient(Protocol):
@@ -47,7 +50,18 @@ class SubscribeResult:
 class Subscription:
     """One client subscription: a broker channel plus filters finer than the channel."""
 
-    __slots__ = ("closed", "epoch", "filters", "key", "last_offset", "live", "recipient", "transaction_ids", "user_id")
+    __slots__ = (
+        "closed",
+        "epoch",
+        "filtered",
+        "filters",
+        "key",
+        "last_offset",
+        "live",
+        "recipient",
+        "transaction_ids",
+        "user_id",
+    )
 
     def __init__(self, recipient: Recipient, key: str, filters: Filters, *, filter_in_pod: bool) -> None:
         self.recipient = recipient
@@ -56,6 +70,7 @@ class Subscription:
         # Only transactions carry filters finer than the channel; user channels are exact.
         self.transaction_ids = filters.transaction_ids if filter_in_pod else None
         self.user_id = filters.user_id if filter_in_pod else None
+        self.filtered = self.transaction_ids is not None or self.user_id is not None
         self.epoch = ""
         self.last_offset = 0
         # False while the subscription is being set up or replayed: live events skip it.
@@ -72,8 +87,11 @@ class Subscription:
 @dataclass(slots=True)
 class _Decoded:
     data: dict[str, Any]
+    # The wire frame every recipient gets, built once.
     frame: bytes
     conflation_key: str | None
+    sent_counter: Any
+    correlation_id: str
 
 
 class _ChannelState:
@@ -272,21 +290,25 @@ class Hub:
                 frames.append(decoded)
         return frames
 
-    def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> None:
+    def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> _Decoded | None:
         state.last_offset = envelope.offset
         decoded = _decode(envelope, measure_lag=live)
         if decoded is None:
-            return
-        offset = envelope.offset
-        replayed = 0
+            return None
+        # The hot loop: per recipient a few attribute reads and one non-blocking enqueue.
+        offset, data, frame, key = envelope.offset, decoded.data, decoded.frame, decoded.conflation_key
+        sent = 0
         for sub in state.subs:
             if sub.live and offset > sub.last_offset:
                 sub.last_offset = offset
-                if sub.matches(decoded.data):
-                    sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
-                    replayed += 1
-        if not live:
-            metrics.EVENTS_REPLAYED.inc(replayed)
+                if not sub.filtered or sub.matches(data):
+                    sub.recipient.enqueue(frame, key)
+                    sent += 1
+        if sent:
+            decoded.sent_counter.inc(sent)
+            if not live:
+                metrics.EVENTS_REPLAYED.inc(sent)
+        return decoded
 
     def _start_repair(self, key: str, state: _ChannelState) -> None:
         if state.repair is None:
@@ -314,11 +336,21 @@ class Hub:
                         if sub.live:
                             self._resync(sub, history.position)
                     continue
-                for envelope in history.envelopes:
-                    if envelope.offset > state.last_offset:
-                        self._fan_out(state, envelope, live=False)
-                if history.envelopes:
-                    log.info("channel_repaired", channel=key, up_to=state.last_offset, count=len(history.envelopes))
+                replayed = [
+                    decoded.correlation_id
+                    for envelope in history.envelopes
+                    if envelope.offset > state.last_offset
+                    and (decoded := self._fan_out(state, envelope, live=False)) is not None
+                ]
+                if replayed:
+                    # Which events reached clients late, so they can be traced across pods.
+                    log.info(
+                        "channel_repaired",
+                        channel=key,
+                        up_to=state.last_offset,
+                        count=len(replayed),
+                        correlation_ids=replayed[:_MAX_LOGGED_IDS],
+                    )
                 if state.max_seen > history.position.offset:
                     # A live event beyond what history held: another epoch or a lagging read.
                     state.max_seen = history.position.offset
@@ -329,14 +361,16 @@ class Hub:
         sub.epoch, sub.last_offset = position.epoch, position.offset
         metrics.RESUMES.labels("unrecovered").inc()
         sub.recipient.enqueue(
-            encode(
-                {
-                    "type": "resync",
-                    "channel": channel_of_key(sub.key).value,
-                    "subscription": sub.key,
-                    "position": position_json(position),
-                    "timestamp": utc_now_iso(),
-                }
+            text_frame(
+                encode(
+                    {
+                        "type": "resync",
+                        "channel": channel_of_key(sub.key).value,
+                        "subscription": sub.key,
+                        "position": position_json(position),
+                        "timestamp": utc_now_iso(),
+                    }
+                )
             )
         )
 
@@ -356,17 +390,25 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
         metrics.BROKER_INVALID_MESSAGES.inc()
         log.warning("invalid_event_dropped", channel=envelope.channel, offset=envelope.offset)
         return None
-    frame = orjson.dumps(
-        {
-            "type": kind,
-            "channel": channel_of_key(envelope.channel).value,
-            "subscription": envelope.channel,
-            "offset": envelope.offset,
-            "epoch": envelope.epoch,
-            "data": data,
-            "timestamp": timestamp,
-            "correlationId": correlation_id,
-        }
+    frame = text_frame(
+        orjson.dumps(
+            {
+                "type": kind,
+                "channel": channel_of_key(envelope.channel).value,
+                "subscription": envelope.channel,
+                "offset": envelope.offset,
+                "epoch": envelope.epoch,
+                "data": data,
+                "timestamp": timestamp,
+                "correlationId": correlation_id,
+            }
+        )
     )
     conflation_key = f"{envelope.channel}|{data.get('id')}" if kind == EventType.TRANSACTION_UPDATE else None
-    return _Decoded(data=data, frame=frame, conflation_key=conflation_key)
+    return _Decoded(
+        data=data,
+        frame=frame,
+        conflation_key=conflation_key,
+        sent_counter=_SENT_COUNTERS[kind],
+        correlation_id=str(correlation_id),
+    )

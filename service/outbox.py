@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections import deque
+from typing import cast
 
 
-class _Entry:
-    """A queued frame; mutable so a superseded update is voided in place (frame None)."""
+class _Keyed:
+    """A queued frame that a newer one may supersede; voided in place (frame None)."""
 
     __slots__ = ("frame", "key")
 
-    def __init__(self, frame: bytes, key: str | None) -> None:
+    def __init__(self, frame: bytes, key: str) -> None:
         self.frame: bytes | None = frame
         self.key = key
 
@@ -30,8 +30,9 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._entries: deque[_Entry] = deque()
-        self._by_key: dict[str, _Entry] = {}
+        # Plain bytes for frames that are never superseded (the common case: no allocation).
+        self._entries: list[bytes | _Keyed] = []
+        self._by_key: dict[str, _Keyed] = {}
         self._live = 0
         self.conflated = 0
 
@@ -40,31 +41,38 @@ class Outbox:
         return self._live
 
     def put(self, frame: bytes, conflation_key: str | None = None) -> bool:
-        if conflation_key is not None:
-            previous = self._by_key.get(conflation_key)
-            if previous is not None:
-                # Void the older update; the newer one goes to the back to keep offsets increasing.
-                previous.frame = None
-                self._live -= 1
-                self.conflated += 1
+        if conflation_key is None:
+            if self._live >= self._capacity:
+                return False
+            self._entries.append(frame)
+            self._live += 1
+            return True
+        previous = self._by_key.get(conflation_key)
+        if previous is not None:
+            # Void the older update; the newer one goes to the back to keep offsets increasing.
+            previous.frame = None
+            self._live -= 1
+            self.conflated += 1
         if self._live >= self._capacity:
             return False
-        entry = _Entry(frame, conflation_key)
+        entry = _Keyed(frame, conflation_key)
         self._entries.append(entry)
-        if conflation_key is not None:
-            self._by_key[conflation_key] = entry
+        self._by_key[conflation_key] = entry
         self._live += 1
         return True
 
     def pop_all(self) -> list[bytes]:
         """Take every waiting frame, oldest first."""
-        frames: list[bytes] = []
-        by_key = self._by_key
-        for entry in self._entries:
-            if entry.frame is not None:
-                frames.append(entry.frame)
-                if entry.key is not None:
-                    del by_key[entry.key]
-        self._entries.clear()
+        entries = self._entries
+        self._entries = []
         self._live = 0
+        if not self._by_key:
+            return cast(list[bytes], entries)  # nothing keyed was queued: all entries are bytes
+        self._by_key.clear()
+        frames: list[bytes] = []
+        for entry in entries:
+            if isinstance(entry, bytes):
+                frames.append(entry)
+            elif entry.frame is not None:
+                frames.append(entry.frame)
         return frames

@@ -25,6 +25,10 @@ class Presence(abc.ABC):
     """
 
     @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin background work (e.g. the pod heartbeat); called once before use."""
+
+    @abc.abstractmethod
     async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
         """Record a connection under each of its customers."""
 
@@ -50,6 +54,9 @@ class MemoryPresence(Presence):
 
     def __init__(self) -> None:
         self._by_customer: defaultdict[str, dict[str, PresenceEntry]] = defaultdict(dict)
+
+    async def start(self) -> None:
+        return None
 
     async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
         for customer_id in customer_ids:

@@ -1,0 +1,1 @@
+"""eva-ws tests."""

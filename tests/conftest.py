@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,8 +15,9 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
+from tests.redis_server import RedisServer
 
-SECRET = "test-secret-" + "x" * 40
+SECRET = "test-secret-" + "x" * 60
 
 BASE_ENV = {
     "EVA_WS_MODE": "production",
@@ -129,3 +131,21 @@ def metric_value(text: str, name: str) -> float:
 
 def txn(txn_id: str = "T1", customer: str = "C1", **fields: Any) -> dict[str, Any]:
     return {"id": txn_id, "customerId": customer, "status": "pending", "stage": "kyc", **fields}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server without persistence, stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Like `redis_server`, but every acknowledged write survives a restart or kill -9."""
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    yield server
+    server.kill()

@@ -9,9 +9,11 @@ import orjson
 
 from service.broker.base import Envelope, Position
 from service.broker.memory import MemoryBroker
+from service.frames import text_frame
 from service.hub import Hub, SubscribeResult, Subscription
 from service.protocol import Filters
 from service.publisher import prepare_event
+from tests.test_frames import payload_of
 
 
 class LossyBroker(MemoryBroker):
@@ -46,7 +48,7 @@ class Inbox:
         self.frames: list[dict[str, Any]] = []
 
     def enqueue(self, frame: bytes, conflation_key: str | None = None) -> None:
-        self.frames.append(orjson.loads(frame))
+        self.frames.append(orjson.loads(payload_of(frame)))
 
     def offsets(self) -> list[int]:
         return [f["offset"] for f in self.frames if "offset" in f]
@@ -63,7 +65,7 @@ async def _subscribe(hub: Hub, inbox: Inbox, since: Position | None = None) -> t
 
     def on_ready(sub: Subscription, result: SubscribeResult) -> None:
         results.append(result)
-        inbox.enqueue(orjson.dumps({"type": "subscribed", "recovered": result.recovered}))
+        inbox.enqueue(text_frame(orjson.dumps({"type": "subscribed", "recovered": result.recovered})))
 
     sub = await hub.subscribe(inbox, "transactions:C1", Filters(customer_id="C1"), since=since, on_ready=on_ready)
     return sub, results[0]

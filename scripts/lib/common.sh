@@ -21,8 +21,13 @@ ensure_venv() {
   local stamp="$VENV/.installed${extras:+-$extras}"
   if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
     log "installing eva-ws${extras:+[$extras]}"
-    "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
+    # Quiet on success; the whole pip output on failure.
+    if ! { "$PY" -m pip install --quiet --upgrade pip \
+           && "$PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"; } >"$VENV/pip.log" 2>&1; then
+      cat "$VENV/pip.log" >&2
+      echo "installing eva-ws failed (log above)" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }

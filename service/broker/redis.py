@@ -1,0 +1,234 @@
+"""The Redis broker: one Lua script per publish, a per-channel stream as history, live delivery by Subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service import metrics
+from service.broker import redis_wire as wire
+from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.broker.redis_subscriber import Subscriber
+from service.config import Settings
+from service.redis_client import client_name_part, client_options, command_client
+
+
+class RedisBroker(Broker):
+    """Broker over one Redis: see Broker for the contract and docs/redis-wire-format.md for the format.
+
+    Publishing and history use a pool of command connections; live events arrive on a
+    separate PUB/SUB connection owned by a Subscriber.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str,
+        history_size: int,
+        history_ttl_s: int,
+        pod_id: str,
+        connect_timeout_s: float = 1.0,
+        command_timeout_s: float = 1.0,
+        keepalive_idle_s: int = 10,
+        ping_interval_s: float = 1.0,
+        pong_timeout_s: float = 2.0,
+        subscribe_timeout_s: float = 5.0,
+        reconnect_min_s: float = 0.05,
+        reconnect_max_s: float = 5.0,
+        max_connections: int = 32,
+    ) -> None:
+        """`url`, `prefix`, `history_size`, `history_ttl_s` and `pod_id` are the EVA_WS_* settings.
+
+        Tunables:
+        - `connect_timeout_s`, `command_timeout_s`: bound every TCP connect and every command;
+          `publish` and `history` give up after their sum and raise BrokerUnavailable.
+        - `keepalive_idle_s`: TCP keepalive idle time (probes every third of it, 3 probes).
+        - `ping_interval_s`: how often the subscriber connection is PINGed.
+        - `pong_timeout_s`: how long a PING may stay unanswered before the connection is
+          treated as half-open, reported not ready, and rebuilt.
+        - `subscribe_timeout_s`: how long `subscribe` waits for Redis to confirm.
+        - `max_connections`: connections for publish and history; more concurrent calls wait
+          for a free one, within the same time bound.
+        - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
+          from min up to max, jittered, reset after a connection that got fully subscribed.
+        """
+        super().__init__()
+        if url.startswith("redis+cluster://"):
+            # Cluster needs sharded PUB/SUB (SSUBSCRIBE); the keys are already hash-tagged for it.
+            raise ValueError("RedisBroker talks to one Redis server, not a cluster")
+        self._prefix = prefix
+        self._history_size = history_size
+        self._history_ttl_s = history_ttl_s
+        self._timeout_s = connect_timeout_s + command_timeout_s
+        options = client_options(
+            url,
+            connect_timeout_s=connect_timeout_s,
+            command_timeout_s=command_timeout_s,
+            keepalive_idle_s=keepalive_idle_s,
+            client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
+        )
+        self._client = command_client(url, max_connections=max_connections, wait_s=self._timeout_s, **options)
+        options["client_name"] = f"eva-ws:{client_name_part(pod_id)}:sub"
+        self._sub_client: Redis = Redis.from_url(url, **options)
+        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
+        self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
+
+        self._subscriber = Subscriber(
+            client=self._sub_client,
+            prefix=prefix,
+            pod_id=pod_id,
+            # Late-bound: the hub installs its handlers with set_handlers after construction.
+            on_message=lambda envelope: self._on_message(envelope),
+            on_resubscribed=lambda channels: self._on_resubscribed(channels),
+            ping_interval_s=ping_interval_s,
+            pong_timeout_s=pong_timeout_s,
+            subscribe_timeout_s=subscribe_timeout_s,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+        )
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **tunables: Any) -> RedisBroker:
+        """The broker a pod runs with these settings; `tunables` are the timing options above."""
+        if settings.redis_url is None:
+            raise ValueError("RedisBroker needs EVA_WS_REDIS_URL")
+        return cls(
+            url=settings.redis_url,
+            prefix=settings.redis_prefix,
+            history_size=settings.history_size,
+            history_ttl_s=settings.history_ttl_s,
+            pod_id=settings.pod_id,
+            **tunables,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """See Broker.start; waits for the subscriber connection before returning."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self.close()
+            raise BrokerUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
+        try:
+            await self._subscriber.start(timeout_s=self._timeout_s + self._subscribe_timeout_s)
+        except BrokerUnavailable:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """See Broker.close."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._subscriber.close()
+        await self._sub_client.aclose()
+        await self._client.aclose()
+
+    # -- publishing and history -----------------------------------------------------------
+
+    def _script_args(self, channel: str, payload: bytes) -> tuple[list[str], list[Any]]:
+        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
+        args: list[Any] = [
+            wire.new_epoch(),
+            self._history_ttl_s,
+            wire.pubsub_channel(self._prefix, channel),
+            self._history_size,
+            payload,
+        ]
+        return keys, args
+
+    async def publish(self, channel: str, payload: bytes) -> Position:
+        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been published."""
+        keys, args = self._script_args(channel, payload)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                offset, epoch = await self._publish_script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+        return Position(offset=int(offset), epoch=epoch.decode())
+
+    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
+        """See Broker.publish_many: one pipelined round trip, scripts loaded first if Redis lost them."""
+        batch = list(items)
+        if not batch:
+            return []
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
+                for channel, payload in batch:
+                    keys, args = self._script_args(channel, payload)
+                    await self._publish_script(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
+        return [Position(offset=int(offset), epoch=epoch.decode()) for offset, epoch in results]
+
+    async def history(self, channel: str, since: Position | None) -> History:
+        """See Broker.history. Reading a channel that never had events fixes its epoch, so a
+        position handed out now stays resumable once events arrive."""
+        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
+        asked_epoch = since.epoch if since is not None else ""
+        first = str(since.offset + 1) if since is not None else ""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                raw_epoch, offset, entries = await self._history_script(
+                    keys=keys, args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
+        epoch = raw_epoch.decode()
+        position = Position(offset=int(offset), epoch=epoch)
+        if since is None:
+            return History(envelopes=[], position=position, recovered=True)
+        if since.epoch != epoch or since.offset > position.offset:
+            return History(envelopes=[], position=position, recovered=False)
+        envelopes = [
+            Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_payload(fields))
+            for entry_id, fields in entries
+        ]
+        expected = range(since.offset + 1, position.offset + 1)
+        recovered = [e.offset for e in envelopes] == list(expected)
+        return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    # -- subscriptions: see Subscriber ----------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """See Broker.ready: connected, every wanted channel confirmed, and the last PING answered in time."""
+        return self._subscriber.ready
+
+    @property
+    def subscribed_channels(self) -> frozenset[str]:
+        return self._subscriber.subscribed_channels
+
+    async def subscribe(self, channel: str) -> None:
+        """See Broker.subscribe. Raises BrokerUnavailable (and forgets the channel) if Redis
+        does not confirm within `subscribe_timeout_s`."""
+        await self._subscriber.subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """See Broker.unsubscribe; a subscribe still waiting for this channel returns at once."""
+        await self._subscriber.unsubscribe(channel)
+
+
+def _payload(fields: list[bytes]) -> bytes:
+    # Stream entries are flat [field, value, ...]; the payload is field `p`.
+    for index in range(0, len(fields) - 1, 2):
+        if fields[index] == b"p":
+            return fields[index + 1]
+    return b""
