@@ -71,6 +71,10 @@ class Target:
                 "EVA_WS_LOG_LEVEL": "warning",
                 # The demo publisher would add its own events to the measured CPU time.
                 "EVA_WS_DEMO_PUBLISHER": "false",
+                # Graceful drain (readiness off, then spread-out closes) is for rolling deploys;
+                # here it would only add ten seconds to every stop.
+                "EVA_WS_DRAIN_DELAY_S": "0",
+                "EVA_WS_DRAIN_SPREAD_S": "0",
             }
         if self.needs_node:
             env["NODE_PATH"] = str(NODE_DIR / "node_modules")
