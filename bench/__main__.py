@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import secrets
@@ -16,8 +15,8 @@ from typing import Any
 
 import uvloop
 
-from bench import procstat, report
-from bench.scenarios import SCENARIOS, Bench, Sizes
+from bench import report
+from bench.scenarios import SCENARIOS, Bench, Sizes, wait_for_quiet
 from bench.targets import ROOT, TARGETS, Target, redis_server, start_target
 from bench.workers import Child, LoadGen
 
@@ -52,8 +51,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--nice",
         type=int,
-        default=-10 if os.geteuid() == 0 else 0,
-        help="scheduling niceness for every process of the run (default -10 as root: less noise on a shared machine)",
+        default=-15 if os.geteuid() == 0 else 0,
+        help="scheduling niceness for every process of the run (default -15 as root: less noise on a shared machine)",
     )
     p.add_argument("--quiet-wait-s", type=float, default=20.0, help="longest wait for other load to calm down")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
@@ -61,24 +60,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="only write the JSON results")
     p.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs", help="server logs")
     return p.parse_args(argv)
-
-
-async def wait_for_quiet(max_wait_s: float, *, threshold_cores: float = 0.3, window_s: float = 1.0) -> float:
-    """Wait (bounded) until processes outside this run use less than `threshold_cores`; return the last reading.
-
-    The machine may be shared: numbers taken while something else keeps a core busy say
-    more about that than about the servers. Each step also records what it saw.
-    """
-    if max_wait_s <= 0:
-        return 0.0
-    deadline = time.monotonic() + max_wait_s
-    own = os.getpid()
-    while True:
-        busy0, mine0 = procstat.machine_busy_s(), procstat.tree_cpu_s(own)
-        await asyncio.sleep(window_s)
-        other = max(0.0, procstat.machine_busy_s() - busy0 - (procstat.tree_cpu_s(own) - mine0)) / window_s
-        if other < threshold_cores or time.monotonic() >= deadline:
-            return other
 
 
 async def run_scenario(
@@ -105,7 +86,13 @@ async def run_scenario(
             }
             out["publish_path"] = (await publisher.call(setup, timeout_s=30.0))["mode"]
             bench = Bench(
-                target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret, redis_pid=redis.pid
+                target=target,
+                server=server,
+                loadgen=loadgen,
+                publisher=publisher,
+                secret=secret,
+                redis_pid=redis.pid,
+                quiet_wait_s=args.quiet_wait_s,
             )
             try:
                 result = await SCENARIOS[name](bench, sizes)

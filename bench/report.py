@@ -36,8 +36,12 @@ METHOD: Final = """## Method
 - In fan-out every event arrives as a burst of one frame per subscriber, and one client process reads
   that burst one frame after the other: a few ms of p50 come from the reading side. The raw aiohttp
   reference shows that floor; compare the others against it rather than against zero.
-- Between scenarios all clients are closed and the harness waits (at most 60 s) until the server's
-  CPU use falls below 5% of a core, so clean-up work is not charged to the next scenario.
+- Every scenario starts a fresh Redis, server and publisher, so none inherits another's memory or
+  clean-up work. Every server keeps its framework's default listen backlog (aiohttp 128, Node 511).
+- The machine may be shared. The harness runs at raised priority (`--nice`), waits (bounded) for
+  outside load to calm down before each scenario, records the cores used by other processes during
+  every step ("other processes' CPU") and measures a step again once if that exceeded 0.3 cores
+  (the disturbed first attempt stays in `results.json`).
 - Idle memory is the growth of the server's RSS from before the clients connected to after they
   settled, divided by the number of connections. The default 19,500 connections stay under the hard
   limit of 20,000 open files per process on the benchmark machine (`ulimit -Hn`).

@@ -123,7 +123,8 @@ async def serve(port: int, redis_url: str) -> None:
     await fanout.start()
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    # aiohttp's default listen backlog (128), as eva-ws uses.
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

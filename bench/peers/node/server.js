@@ -58,7 +58,8 @@ async function main() {
     });
   });
 
-  httpServer.listen(port, "127.0.0.1", 4096);
+  // Node's default listen backlog (511).
+  httpServer.listen(port, "127.0.0.1");
 
   const stop = () => {
     io.close();
