@@ -58,6 +58,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
     p.add_argument("--docs", type=Path, default=ROOT / "docs", help="where benchmarks.md and bench/*.png go")
     p.add_argument("--no-report", action="store_true", help="only write the JSON results")
+    p.add_argument("--report-from", type=Path, metavar="JSON", help="only rewrite the report from saved results")
     p.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench-logs", help="server logs")
     return p.parse_args(argv)
 
@@ -69,10 +70,12 @@ async def run_scenario(
     server_cpus = args.server_cpus or None
     client_cpus = args.client_cpus or None
     secret = secrets.token_urlsafe(32)
+    log_dir = args.log_dir / target.name / name
+    log_dir.mkdir(parents=True, exist_ok=True)
     quiet = await wait_for_quiet(args.quiet_wait_s)
     async with (
-        redis_server(cpus=client_cpus, log_dir=args.log_dir) as redis,
-        start_target(target, redis_url=redis.url, secret=secret, cpus=server_cpus, log_dir=args.log_dir) as server,
+        redis_server(cpus=client_cpus, log_dir=log_dir) as redis,
+        start_target(target, redis_url=redis.url, secret=secret, cpus=server_cpus, log_dir=log_dir) as server,
     ):
         out["ports"] += [server.port, redis.port]
         publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=client_cpus)
@@ -139,7 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
     args.log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "command": "scripts/bench " + shlex.join(sys.argv[1:]),
+        "command": " ".join(["scripts/bench", shlex.join(sys.argv[1:])]).strip(),
         "machine": report.machine(),
         "size": args.size,
         "sizes": report.sizes_json(sizes),
@@ -168,6 +171,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     os.chdir(ROOT)
+    if args.report_from is not None:
+        print(f"report: {report.write(json.loads(args.report_from.read_text()), args.docs)}", file=sys.stderr)
+        return
     if args.nice:
         try:
             # Every process of the run inherits it: server, load generator, publisher, Redis.

@@ -261,7 +261,7 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
         f"- `nproc`: {m['nproc']}; CPU: {m['cpu']}; memory: {m['memory']}",
         f"- kernel: {m['kernel']}; Python {m['python']}; Node.js {m['node']}; {m['redis']}",
         f"- server pinned with `taskset -c {results['server_cpus'] or '(none)'}`; load generator "
-        f"({results['loadgen_processes']} x {results['client']} processes), publisher and Redis on "
+        f"({results['loadgen_processes']} {results['client']} process(es)), publisher and Redis on "
         f"`taskset -c {results['client_cpus'] or '(none)'}`",
         f"- run started {results['started']}, took {results['wall_s'] / 60:.1f} min; size preset `{results['size']}`; "
         f"niceness {results.get('nice', 0)}",
