@@ -54,7 +54,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         default=-15 if os.geteuid() == 0 else 0,
         help="scheduling niceness for every process of the run (default -15 as root: less noise on a shared machine)",
     )
-    p.add_argument("--quiet-wait-s", type=float, default=20.0, help="longest wait for other load to calm down")
+    p.add_argument("--quiet-wait-s", type=float, default=10.0, help="longest wait for other load to calm down")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "results.json", help="raw results")
     p.add_argument("--docs", type=Path, default=ROOT / "docs", help="where benchmarks.md and bench/*.png go")
     p.add_argument("--no-report", action="store_true", help="only write the JSON results")

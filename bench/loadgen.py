@@ -210,6 +210,15 @@ class Worker:
                 paused += 1
         return {"paused": paused}
 
+    def resume_slow(self) -> dict[str, Any]:
+        """Stalled clients read again, so a close the server sent them (e.g. 4008) is seen and counted."""
+        resumed = 0
+        for c in self.clients:
+            if c.slow and not c.closed and c.handle is not None:
+                c.handle.underlying_transport.resume_reading()
+                resumed += 1
+        return {"resumed": resumed}
+
     async def close(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Close every client (bounded wait), forget them and zero the counters."""
         timeout_s = float(cmd.get("timeout_s", 10.0))
@@ -339,6 +348,8 @@ async def serve(kind: ClientKind) -> None:
                 reply = worker.reset()
             elif op == "pause_slow":
                 reply = worker.pause_slow()
+            elif op == "resume_slow":
+                reply = worker.resume_slow()
             elif op == "ping":
                 reply = {"pong": True}
             else:

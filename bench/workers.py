@@ -192,6 +192,9 @@ class LoadGen:
     async def pause_slow(self) -> int:
         return sum(r["paused"] for r in await self.broadcast({"op": "pause_slow"}, timeout_s=30.0))
 
+    async def resume_slow(self) -> int:
+        return sum(r["resumed"] for r in await self.broadcast({"op": "resume_slow"}, timeout_s=30.0))
+
     async def close_all(self) -> None:
         await self.broadcast({"op": "close", "timeout_s": 20.0}, timeout_s=60.0)
 
