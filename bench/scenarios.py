@@ -378,6 +378,7 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
         "p50_with_slow_ms": stalled_step["p50_ms"],
         "rss_growth_mb": (rss1 - rss0) / 2**20,
         "slow_closed_by_server": drained["closed_slow"],
+        "slow_received": drained["slow_received"],
         "close_codes": drained["close_codes"],
         "lost": stalled_step["lost_total"],
         "dups": stalled_step["dups_total"],
