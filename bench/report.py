@@ -29,8 +29,8 @@ METHOD: Final = """## Method
   `perMessageDeflate: false`.
 - Server CPU is `utime + stime` of the server process from `/proc/<pid>/stat` (all threads), not wall
   time. *Deliveries per core-second* = deliveries / server CPU seconds: what one busy core sustains.
-- Fan-out and many-channels: the publish rate grows by a constant factor per step until p99 passes the
-  limit (or events are lost); the summary reports the best step within the limit.
+- Fan-out and many-channels: the publish rate grows by a constant factor per step until p99 is over
+  the limit on two steps in a row (or events are lost); the summary reports the best step within it.
 - The load generator (picows on uvloop) runs on the other core with the publisher and Redis; its CPU
   use is in the step tables: near 100% it, not the server, is the limit.
 - In fan-out every event arrives as a burst of one frame per subscriber, and one client process reads
