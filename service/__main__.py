@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as error:
         print(f"eva-ws: configuration error: {error}", file=sys.stderr)
+        if args.command == "serve":
+            # Log collectors read stdout: say it there too, as every other pod event.
+            configure_logging("error")
+            get_logger("eva_ws").error("config_invalid", error=str(error))
         return 2
     if args.command == "token":
         from service.auth import mint_token

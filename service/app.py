@@ -12,15 +12,19 @@ from aiohttp import web
 
 from service import handlers, keys, ops
 from service.auth import TokenVerifier
-from service.broker import create_broker, create_presence
+from service.broker import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
 from service.config import Settings
+from service.connection import Flusher
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
+from service.jwks import JwksClient
+from service.limits import ConnectionCounter, ConnectionLimits
 from service.log import get_logger
 from service.presence import Presence
 from service.protocol import CloseCode
 from service.publisher import Publisher
+from service.rebalance import rebalance_ctx
 
 log = get_logger("eva_ws.app")
 
@@ -30,13 +34,29 @@ STATIC_DIR: Final = resources.files("service") / "static"
 
 
 def create_app(
-    settings: Settings, *, broker: Broker | None = None, presence: Presence | None = None
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    presence: Presence | None = None,
+    connection_counter: ConnectionCounter | None = None,
 ) -> web.Application:
-    """The whole service; `broker` and `presence` default to what the settings select."""
+    """The whole service; `broker`, `presence` and `connection_counter` default to what the settings select."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[keys.SETTINGS] = settings
-    app[keys.VERIFIER] = TokenVerifier(settings)
+    jwks = None
+    if settings.jwks_url is not None:
+        jwks = app[keys.JWKS] = JwksClient(
+            settings.jwks_url, cooldown_s=settings.jwks_cooldown_s, max_age_s=settings.jwks_max_age_s
+        )
+        app.cleanup_ctx.append(_jwks_ctx)
+    app[keys.VERIFIER] = TokenVerifier(settings, jwks=jwks)
+    app[keys.CONNECTION_LIMITS] = ConnectionLimits(
+        connection_counter or create_connection_counter(settings),
+        per_user=settings.max_connections_per_user,
+        per_ip=settings.max_connections_per_ip,
+    )
     app[keys.LIFECYCLE] = keys.Lifecycle()
+    app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.PRESENCE] = presence or create_presence(settings)
     app[keys.HUB] = Hub(app[keys.BROKER])
@@ -70,12 +90,21 @@ def create_app(
 
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
+    app.cleanup_ctx.append(rebalance_ctx)
     app.on_shutdown.append(_close_remaining_sockets)
     return app
 
 
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(str(STATIC_DIR / "index.html"))
+
+
+async def _jwks_ctx(app: web.Application) -> AsyncIterator[None]:
+    jwks = app[keys.JWKS]
+    # A failed first fetch is logged and retried on demand: the pod still starts.
+    await jwks.start()
+    yield
+    await jwks.close()
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -87,6 +116,7 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.close()
     await presence.close()
     await broker.close()
+    await app[keys.CONNECTION_LIMITS].counter.close()
 
 
 async def _close_remaining_sockets(app: web.Application) -> None:

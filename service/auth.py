@@ -11,10 +11,12 @@ import jwt
 from aiohttp import web
 
 from service.config import Settings
+from service.jwks import JwksClient
 from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
 
 MAX_TOKEN_LENGTH: Final = 8192
 MAX_CUSTOMERS_PER_TOKEN: Final = 1000
+MAX_EXP_S: Final = 253_402_300_799
 ROLE_ADMIN: Final = "admin"
 ROLE_PUBLISHER: Final = "publisher"
 
@@ -56,20 +58,47 @@ class Principal:
 class TokenVerifier:
     """Validates tokens against the configured keys, algorithms, audience and issuer."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._key = settings.verification_key
+    def __init__(self, settings: Settings, *, jwks: JwksClient | None = None) -> None:
+        self._default_key = settings.default_verification_key
+        self._keys: dict[str, str] = dict(settings.jwt_keys)
+        self._jwks = jwks
         self._algorithms = list(settings.jwt_algorithms)
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway_s = settings.jwt_leeway_s
 
-    def verify(self, token: str) -> Principal:
-        if not token or len(token) > MAX_TOKEN_LENGTH:
+    async def verify(self, token: object) -> Principal:
+        """A Principal, or AuthError; messages never repeat the token or any part of it."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed", "token is missing or too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("malformed", "token is malformed") from None
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("malformed", "token kid must be a string")
+        return self._decode(token, await self._key_for(kid))
+
+    async def _key_for(self, kid: str | None) -> Any:
+        if not self._keys and self._jwks is None:
+            # One key configured: issuers that stamp a kid anyway keep working.
+            key: Any = self._default_key
+        elif kid is None:
+            key = self._default_key
+        else:
+            key = self._keys.get(kid)
+            if key is None and self._jwks is not None:
+                key = await self._jwks.key(kid)
+        if key is None:
+            raise AuthError("unknown_key", "token is signed with an unknown key")
+        return key
+
+    def _decode(self, token: str, key: Any) -> Principal:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
+                key,
                 # From configuration, never from the token header (algorithm confusion).
                 algorithms=self._algorithms,
                 audience=self._audience,
@@ -90,7 +119,9 @@ class TokenVerifier:
             raise AuthError("missing_claim", f"token lacks the {exc.claim} claim") from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad_signature", "token signature is invalid") from None
-        except jwt.InvalidTokenError:
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
+            # PyJWTError also covers a key of the wrong type (InvalidKeyError); the others
+            # come from claims PyJWT converts without checking (an `iat` of 1e400 is inf).
             raise AuthError("malformed", "token is malformed") from None
         return _principal(claims)
 
@@ -114,8 +145,9 @@ def _principal(claims: dict[str, Any]) -> Principal:
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise AuthError("invalid_claim", "roles must be a list of strings")
     exp = claims["exp"]
-    if not isinstance(exp, int | float):
-        raise AuthError("invalid_claim", "exp must be a number")
+    # The upper bound keeps timers and ISO dates representable (year 9999).
+    if not isinstance(exp, int | float) or not 0 < exp <= MAX_EXP_S:
+        raise AuthError("invalid_claim", "exp must be a number of seconds before year 10000")
     return Principal(user_id=sub, customer_ids=frozenset(customers), roles=frozenset(roles), expires_at=float(exp))
 
 

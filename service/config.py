@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import socket
@@ -9,6 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 Mode = Literal["development", "production"]
 
@@ -41,6 +46,14 @@ class Settings:
     redis_prefix: str = ""
     history_size: int = 1000
     history_ttl_s: int = 86_400
+    # Upper bound of the jittered backoff between attempts to reach Redis again.
+    redis_reconnect_max_s: float = 5.0
+    # Each pod publishes a canary through Redis to itself this often...
+    broker_canary_interval_s: float = 1.0
+    # ...and is not ready while none sent within this many seconds came back.
+    broker_canary_max_lag_s: float = 5.0
+    # A pod's presence entries outlive a crash of the pod by at most this long.
+    presence_ttl_s: float = 30.0
 
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_secret: str | None = None
@@ -51,6 +64,16 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway_s: int = 30
+    # Key rotation: more verification keys, chosen by the token's `kid` header. A JSON object
+    # kid -> secret (HS*) or PEM public key (others), from EVA_WS_JWT_KEYS or EVA_WS_JWT_KEYS_FILE.
+    # A token without `kid` is checked against the default key (EVA_WS_JWT_SECRET / _PUBLIC_KEY).
+    jwt_keys: tuple[tuple[str, str], ...] = ()
+    # An identity provider's JWKS endpoint (public-key algorithms only); keys are cached by kid.
+    jwks_url: str | None = None
+    # At most one JWKS fetch per cooldown, however many unknown kids arrive (no IdP hammering).
+    jwks_cooldown_s: float = 30.0
+    # Cached JWKS keys are refetched after this, so a key the IdP removed stops working.
+    jwks_max_age_s: float = 300.0
     # After a token expires on an open socket: time to refresh in-band before the close.
     token_refresh_grace_s: int = 25
 
@@ -62,17 +85,36 @@ class Settings:
 
     max_message_bytes: int = 65_536
     send_queue_size: int = 256
+    # Minimum spacing of socket writes under load (see connection.Flusher); 0 writes every loop turn.
+    write_window_ms: float = 10.0
     heartbeat_s: float = 25.0
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 40
     # Messages refused by the rate limiter before the connection is closed with 1008.
     rate_limit_max_violations: int = 20
     max_subscriptions: int = 128
+    # Open sockets per user (token `sub`) and per client IP on this pod; 0 means no cap.
+    # Beyond it the upgrade gets 429. Many users can share one IP behind NAT, hence off by default.
+    max_connections_per_user: int = 100
+    max_connections_per_ip: int = 0
+    # Header a trusted load balancer sets to the client address (e.g. X-Forwarded-For, whose last
+    # entry is used); None uses the TCP peer. Set it only when clients cannot reach pods directly.
+    client_ip_header: str | None = None
+    # A connection must send a complete request within this (slowloris); also the idle time of a
+    # keep-alive HTTP connection between requests. aiohttp's keepalive_timeout.
+    handshake_timeout_s: float = 10.0
 
     # Seconds between readiness turning false and the first socket close on SIGTERM.
     drain_delay_s: float = 5.0
     # Seconds the drain spreads the 1012 closes over, so clients do not reconnect at once.
     drain_spread_s: float = 5.0
+
+    # Seconds between rebalance rounds (Redis broker only); 0 turns rebalancing off.
+    rebalance_interval_s: float = 0.0
+    # A pod sheds connections only above (1 + tolerance) x the cluster average.
+    rebalance_tolerance: float = 0.2
+    # Most connections a pod closes with 4013 per round; 0 turns rebalancing off.
+    rebalance_max_shed_per_interval: int = 20
 
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -90,18 +132,18 @@ class Settings:
     def signing_key(self) -> str:
         """The key `eva-ws token` signs with."""
         if self.jwt_algorithms[0] in SYMMETRIC_ALGORITHMS:
-            assert self.jwt_secret is not None
+            if self.jwt_secret is None:
+                raise ConfigError("EVA_WS_JWT_SECRET is needed to sign tokens (keys in EVA_WS_JWT_KEYS need a kid)")
             return self.jwt_secret
         if self.jwt_private_key is None:
             raise ConfigError("EVA_WS_JWT_PRIVATE_KEY (or _FILE) is needed to sign tokens with an asymmetric algorithm")
         return self.jwt_private_key
 
     @property
-    def verification_key(self) -> str:
+    def default_verification_key(self) -> str | None:
+        """The key for tokens without `kid`; None when only keyed keys (JWT_KEYS, JWKS) are configured."""
         if self.jwt_algorithms[0] in SYMMETRIC_ALGORITHMS:
-            assert self.jwt_secret is not None
             return self.jwt_secret
-        assert self.jwt_public_key is not None
         return self.jwt_public_key
 
     @property
@@ -181,6 +223,9 @@ def _origin(value: str, variable: str) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in {"http", "https"} or not rest or "/" in rest or rest != rest.strip():
         raise ConfigError(f"{ENV_PREFIX}{variable}: {value!r} is not an origin like https://app.example.com")
+    if "*" in rest:
+        # Matching is exact; a pattern here would silently match nothing (or only itself).
+        raise ConfigError(f"{ENV_PREFIX}{variable}: {value!r}: wildcards are not supported; list each origin")
     return value.lower()
 
 
@@ -191,6 +236,7 @@ _KNOWN: Final = frozenset(
         "jwt_public_key_file",
         "jwt_private_key_file",
         "jwt_secret_file",
+        "jwt_keys_file",
     )
 )
 
@@ -221,17 +267,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     secret = _text_or_file(env, "jwt_secret")
     public_key = _text_or_file(env, "jwt_public_key")
     private_key = _text_or_file(env, "jwt_private_key")
+    jwt_keys = _jwt_keys(_text_or_file(env, "jwt_keys"), symmetric=symmetric)
+    jwks_url = _jwks_url(_get(env, "jwks_url"), symmetric=symmetric, mode=mode)
     if symmetric:
         if secret is None:
-            if mode == "production":
+            if mode == "production" and not jwt_keys:
                 raise ConfigError(
-                    f"{ENV_PREFIX}JWT_SECRET is required in production (at least {MIN_SECRET_BYTES} bytes)"
+                    f"{ENV_PREFIX}JWT_SECRET (or {ENV_PREFIX}JWT_KEYS) is required in production "
+                    f"(at least {MIN_SECRET_BYTES} bytes)"
                 )
-            secret = _dev_secret()
+            if mode == "development":
+                secret = _dev_secret()
         elif len(secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(f"{ENV_PREFIX}JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
-    elif public_key is None:
-        raise ConfigError(f"{ENV_PREFIX}JWT_PUBLIC_KEY (or _FILE) is required for {algorithms[0]}")
+    elif public_key is None and not jwt_keys and jwks_url is None:
+        raise ConfigError(
+            f"{ENV_PREFIX}JWT_PUBLIC_KEY (or _FILE), {ENV_PREFIX}JWT_KEYS or {ENV_PREFIX}JWKS_URL "
+            f"is required for {algorithms[0]}"
+        )
 
     tls_cert, tls_key = _get(env, "tls_cert"), _get(env, "tls_key")
     if (tls_cert is None) != (tls_key is None):
@@ -258,6 +311,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{ENV_PREFIX}POD_ID must be printable and at most 128 characters")
 
     burst = _int(env, "rate_limit_burst", 40, minimum=1, maximum=100_000)
+    canary_interval_s = _float(env, "broker_canary_interval_s", 1.0, minimum=0.05, maximum=60.0)
+    canary_max_lag_s = _float(env, "broker_canary_max_lag_s", 5.0, minimum=0.1, maximum=600.0)
+    if canary_max_lag_s <= canary_interval_s:
+        raise ConfigError(
+            f"{ENV_PREFIX}BROKER_CANARY_MAX_LAG_S must be longer than {ENV_PREFIX}BROKER_CANARY_INTERVAL_S"
+        )
     return Settings(
         mode=mode,  # type: ignore[arg-type]  # narrowed by the check above
         host=_get(env, "host") or "0.0.0.0",
@@ -268,6 +327,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_prefix=_get(env, "redis_prefix") or "",
         history_size=_int(env, "history_size", 1000, minimum=1, maximum=1_000_000),
         history_ttl_s=_int(env, "history_ttl_s", 86_400, minimum=1, maximum=30 * 86_400),
+        redis_reconnect_max_s=_float(env, "redis_reconnect_max_s", 5.0, minimum=0.1, maximum=300.0),
+        broker_canary_interval_s=canary_interval_s,
+        broker_canary_max_lag_s=canary_max_lag_s,
+        presence_ttl_s=_float(env, "presence_ttl_s", 30.0, minimum=1.0, maximum=3600.0),
         jwt_algorithms=algorithms,
         jwt_secret=secret,
         jwt_public_key=public_key,
@@ -275,24 +338,91 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwt_audience=_get(env, "jwt_audience"),
         jwt_issuer=_get(env, "jwt_issuer"),
         jwt_leeway_s=_int(env, "jwt_leeway_s", 30, minimum=0, maximum=300),
+        jwt_keys=jwt_keys,
+        jwks_url=jwks_url,
+        jwks_cooldown_s=_float(env, "jwks_cooldown_s", 30.0, minimum=0.0, maximum=86_400.0),
+        jwks_max_age_s=_float(env, "jwks_max_age_s", 300.0, minimum=1.0, maximum=7 * 86_400.0),
         token_refresh_grace_s=_int(env, "token_refresh_grace_s", 25, minimum=1, maximum=3600),
         allowed_origins=tuple(_origin(o, "ALLOWED_ORIGINS") for o in _list(env, "allowed_origins")),
         cors_origins=tuple(_origin(o, "CORS_ORIGINS") for o in _list(env, "cors_origins")),
         max_message_bytes=_int(env, "max_message_bytes", 65_536, minimum=256, maximum=16 * 1024 * 1024),
         send_queue_size=_int(env, "send_queue_size", 256, minimum=1, maximum=1_000_000),
+        write_window_ms=_float(env, "write_window_ms", 10.0, minimum=0.0, maximum=100.0),
         heartbeat_s=_float(env, "heartbeat_s", 25.0, minimum=1.0, maximum=3600.0),
         rate_limit_per_s=_float(env, "rate_limit_per_s", 20.0, minimum=0.1, maximum=100_000.0),
         rate_limit_burst=burst,
         rate_limit_max_violations=_int(env, "rate_limit_max_violations", 20, minimum=1, maximum=100_000),
         max_subscriptions=_int(env, "max_subscriptions", 128, minimum=1, maximum=100_000),
+        max_connections_per_user=_int(env, "max_connections_per_user", 100, minimum=0, maximum=1_000_000),
+        max_connections_per_ip=_int(env, "max_connections_per_ip", 0, minimum=0, maximum=1_000_000),
+        client_ip_header=_get(env, "client_ip_header"),
+        handshake_timeout_s=_float(env, "handshake_timeout_s", 10.0, minimum=0.5, maximum=3600.0),
         drain_delay_s=_float(env, "drain_delay_s", 5.0, minimum=0.0, maximum=600.0),
         drain_spread_s=_float(env, "drain_spread_s", 5.0, minimum=0.0, maximum=600.0),
+        rebalance_interval_s=_float(env, "rebalance_interval_s", 0.0, minimum=0.0, maximum=3600.0),
+        rebalance_tolerance=_float(env, "rebalance_tolerance", 0.2, minimum=0.0, maximum=10.0),
+        rebalance_max_shed_per_interval=_int(env, "rebalance_max_shed_per_interval", 20, minimum=0, maximum=100_000),
         tls_cert=tls_cert,
         tls_key=tls_key,
         log_level=log_level,
         demo_publisher=_bool(env, "demo_publisher"),
         demo_interval_s=_float(env, "demo_interval_s", 1.0, minimum=0.01, maximum=3600.0),
     )
+
+
+def _jwt_keys(raw: str | None, *, symmetric: bool) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    name = f"{ENV_PREFIX}JWT_KEYS"
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ConfigError(f"{name} is not JSON (expected an object kid -> key)") from None
+    if not isinstance(parsed, dict) or not parsed:
+        raise ConfigError(f"{name} must be a non-empty JSON object kid -> key")
+    keys: list[tuple[str, str]] = []
+    for kid, key in parsed.items():
+        if not kid or len(kid) > 128 or not kid.isprintable():
+            raise ConfigError(f"{name}: a kid must be 1-128 printable characters")
+        if not isinstance(key, str):
+            raise ConfigError(f"{name}: the key of kid {kid!r} must be a string")
+        if symmetric and len(key.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{name}: the secret of kid {kid!r} must be at least {MIN_SECRET_BYTES} bytes")
+        if not symmetric:
+            try:
+                load_pem_public_key(key.encode())
+            except (ValueError, TypeError):
+                # A secret or private key here would be a key-confusion or leak waiting to happen.
+                raise ConfigError(f"{name}: the key of kid {kid!r} is not a PEM public key") from None
+        keys.append((kid, key))
+    return tuple(keys)
+
+
+_LOOPBACK_HOSTS: Final = frozenset({"localhost"})
+
+
+def _jwks_url(raw: str | None, *, symmetric: bool, mode: str) -> str | None:
+    if raw is None:
+        return None
+    name = f"{ENV_PREFIX}JWKS_URL"
+    if symmetric:
+        raise ConfigError(f"{name} needs public-key {ENV_PREFIX}JWT_ALGORITHMS (JWKS keys are public keys)")
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{name}={raw!r} is not an http(s) URL")
+    if parts.scheme == "http" and mode == "production" and not _is_loopback(parts.hostname):
+        # Keys fetched in clear text could be replaced on the way: anyone could then mint tokens.
+        raise ConfigError(f"{name} must use https in production (http only for a loopback host)")
+    return raw
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _dev_secret() -> str:

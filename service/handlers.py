@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Final
@@ -14,11 +15,13 @@ from service import keys, metrics
 from service.auth import AuthError, Principal, mint_token, token_from_request
 from service.broker.base import BrokerUnavailable
 from service.connection import CLOSE_TIMEOUT_S, Connection
+from service.limits import client_ip
 from service.log import get_logger
 from service.presence import PresenceEntry
 from service.protocol import CloseCode, is_valid_id, iso_utc
 from service.publisher import InvalidEvent, PreparedEvent, prepare_event
 from service.session import Session
+from service.websocket import ServerWebSocketResponse
 
 log = get_logger("eva_ws.handlers")
 
@@ -38,11 +41,11 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return "*" in allowed or origin.lower() in allowed
 
 
-def _authenticate(request: web.Request) -> Principal:
+async def _authenticate(request: web.Request) -> Principal:
     token = token_from_request(request)
     if token is None:
         raise AuthError("missing", "a token is required (?token= or Authorization: Bearer)")
-    return request.app[keys.VERIFIER].verify(token)
+    return await request.app[keys.VERIFIER].verify(token)
 
 
 def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
@@ -51,8 +54,15 @@ def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
     return _json_error(status, error, message)
 
 
+def _too_many(reason: str, what: str) -> web.Response:
+    response = _reject(reason, 429, "too_many_connections", f"too many open connections for this {what}")
+    # Clients that honour it back off instead of retrying in a tight loop.
+    response.headers["Retry-After"] = "10"
+    return response
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """Authenticate, then upgrade; the socket lives until either side closes it."""
+    """Authenticate and apply the connection caps, then upgrade; the socket lives until either side closes it."""
     app = request.app
     settings = app[keys.SETTINGS]
     lifecycle = app[keys.LIFECYCLE]
@@ -60,29 +70,58 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return _reject("draining", 503, "draining", "this pod is shutting down; reconnect")
     if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
+    limits = app[keys.CONNECTION_LIMITS]
+    conn_id = uuid.uuid4().hex
+    ip = client_ip(request, settings.client_ip_header)
+    # Before the token check: a flood from one address is refused without spending CPU on signatures.
+    if not await limits.acquire_ip(conn_id, ip):
+        return _too_many("ip_connection_limit", "address")
+    user_id: str | None = None
     try:
-        principal = _authenticate(request)
-    except AuthError as error:
-        return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+        try:
+            principal = await _authenticate(request)
+        except AuthError as error:
+            return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+        if not await limits.acquire_user(conn_id, principal.user_id):
+            return _too_many("user_connection_limit", "user")
+        user_id = principal.user_id
+        return await _serve_socket(request, conn_id, principal)
+    finally:
+        await limits.release(conn_id, ip=ip, user_id=user_id)
 
-    ws = web.WebSocketResponse(
+
+async def _serve_socket(request: web.Request, conn_id: str, principal: Principal) -> web.StreamResponse:
+    app = request.app
+    settings = app[keys.SETTINGS]
+    lifecycle = app[keys.LIFECYCLE]
+    ws = ServerWebSocketResponse(
         heartbeat=settings.heartbeat_s,
         max_msg_size=settings.max_message_bytes,
-        # Compression costs ~256 KiB per socket and forbids sharing one frame across clients.
+        # Compression costs ~256 KiB per socket, forbids sharing one frame across clients
+        # and opens the door to decompression bombs: never negotiated.
         compress=False,
+        # Control frames from the client go through the read loop, so pings count against
+        # the rate limit instead of being answered without limit.
+        autoping=False,
         timeout=CLOSE_TIMEOUT_S,
     )
     if not ws.can_prepare(request).ok:
         return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        # aiohttp also speaks the hybi-08 draft; RFC 6455 §4.4 answers 426 with the version we speak.
+        response = _reject("websocket_version", 426, "upgrade_required", "only WebSocket version 13 is supported")
+        response.headers["Sec-WebSocket-Version"] = "13"
+        return response
     await ws.prepare(request)
 
     conn = Connection(
         ws,
-        conn_id=uuid.uuid4().hex,
+        conn_id=conn_id,
         principal=principal,
         send_queue_size=settings.send_queue_size,
         transport=request.transport,
         stream=request.writer,
+        flusher=app[keys.FLUSHER],
     )
     reconnect = request.query.get("reconnect", "0")
     session = Session(
@@ -102,14 +141,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         try:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
-        async for message in ws:
+        except BrokerUnavailable as error:
+            # The connection works without presence; the heartbeat writes the entry later.
+            _presence_unavailable("add", error)
+        while True:
+            message = await ws.receive()
             if message.type is WSMsgType.TEXT:
                 await session.on_text(message.data)
             elif message.type is WSMsgType.BINARY:
                 session.on_binary()
-            else:  # ERROR: a protocol violation; aiohttp already sent the close frame
+            elif message.type is WSMsgType.PING:
+                await session.on_ping(message.data)
+            elif message.type is not WSMsgType.PONG:
+                # CLOSE (answered by aiohttp), CLOSING, CLOSED, or ERROR: a protocol
+                # violation for which aiohttp already sent the close frame.
                 break
     finally:
         await session.close()
@@ -117,8 +162,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         lifecycle.connections.discard(conn)
         try:
             await presence.remove(customers, conn.conn_id)
-        except BrokerUnavailable:
-            log.warning("presence_unavailable")
+        except BrokerUnavailable as error:
+            # The entry dies with this pod's heartbeat at the latest.
+            _presence_unavailable("remove", error)
         code = int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
@@ -128,6 +174,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
         structlog.contextvars.unbind_contextvars("conn_id", "user_id")
     return ws
+
+
+def _presence_unavailable(operation: str, error: BrokerUnavailable) -> None:
+    metrics.PRESENCE_UNAVAILABLE.labels(operation).inc()
+    log.warning("presence_unavailable", operation=operation, error=str(error))
 
 
 _SERVER_REASONS: Final = {
@@ -156,13 +207,19 @@ def close_reason(code: int | None, *, server_initiated: bool) -> str:
 async def publish(request: web.Request) -> web.Response:
     """POST /api/v1/publish: one event object, or {"events": [...]}; role `publisher`."""
     try:
-        principal = _authenticate(request)
+        principal = await _authenticate(request)
     except AuthError as error:
         return _json_error(401, "unauthorized", error.message)
     if not principal.is_publisher:
         return _json_error(403, "forbidden", "the token needs the publisher role")
     try:
-        body = orjson.loads(await request.read())
+        # The handshake timeout bounds the headers only; a trickled body is bounded here.
+        async with asyncio.timeout(request.app[keys.SETTINGS].handshake_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        return _json_error(408, "request_timeout", "the request body did not arrive in time")
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _json_error(400, "invalid_json", "body is not valid JSON")
     single = isinstance(body, dict) and "events" not in body
@@ -216,7 +273,7 @@ def _prepare(item: Any, index: int) -> PreparedEvent:
 async def presence(request: web.Request) -> web.Response:
     """GET /api/v1/presence/{customerId}: who is online for a customer, and on which pod."""
     try:
-        principal = _authenticate(request)
+        principal = await _authenticate(request)
     except AuthError as error:
         return _json_error(401, "unauthorized", error.message)
     customer_id = request.match_info["customer_id"]
@@ -226,7 +283,8 @@ async def presence(request: web.Request) -> web.Response:
         return _json_error(403, "forbidden", "not allowed to see this customer")
     try:
         entries = await request.app[keys.PRESENCE].list(customer_id)
-    except BrokerUnavailable:
+    except BrokerUnavailable as error:
+        _presence_unavailable("list", error)
         return _json_error(503, "unavailable", "presence is unavailable; retry")
     return web.json_response(
         {

@@ -248,7 +248,8 @@ class Hub:
         metrics.RESUMES.labels("recovered").inc()
         sub.epoch, sub.last_offset = since.epoch, since.offset
         replay = self._replay_frames(sub, history.envelopes)
-        result = SubscribeResult(Position(sub.last_offset, sub.epoch), True, len(replay))
+        # The ack's position is where the subscription starts: the replayed events follow it.
+        result = SubscribeResult(since, True, len(replay))
         # The ack must precede the replayed events, so they are queued by `_finish_resume`.
         task = asyncio.ensure_future(self._finish_resume(state, sub, replay))
         self._tasks.add(task)

@@ -102,6 +102,12 @@ HUB_SUBSCRIPTIONS: Final = Gauge(
 BROKER_READY: Final = Gauge(
     "broker_ready", "1 while the broker's live delivery can be trusted.", namespace=NAMESPACE, registry=REGISTRY
 )
+BROKER_CANARY_LAG: Final = Gauge(
+    "broker_canary_lag_seconds",
+    "Age of the newest canary that came back through Redis to this pod (about the canary interval while healthy).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 BROKER_CONNECTS: Final = Counter(
     "broker_connects_total",
     "Broker (re)connections to Redis, by outcome (ok, failed).",
@@ -118,9 +124,37 @@ BROKER_SUBSCRIPTIONS_ACTUAL: Final = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+PRESENCE_UNAVAILABLE: Final = Counter(
+    "presence_unavailable_total",
+    "Presence updates or reads that failed because Redis could not answer, by operation (add, remove, list).",
+    ["operation"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 BROKER_INVALID_MESSAGES: Final = Counter(
     "broker_invalid_messages_total",
     "Messages on a subscribed channel that were not valid events (dropped, logged).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+REBALANCE_SHED: Final = Counter(
+    "rebalance_shed_total",
+    "Connections closed with 4013 because this pod held more than its share.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+REBALANCE_CLUSTER_PODS: Final = Gauge(
+    "rebalance_cluster_pods", "Live pods in the last rebalance report.", namespace=NAMESPACE, registry=REGISTRY
+)
+REBALANCE_CLUSTER_CONNECTIONS: Final = Gauge(
+    "rebalance_cluster_connections",
+    "Connections of all live pods in the last rebalance report.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CONNECTION_CAPS_UNAVAILABLE: Final = Counter(
+    "connection_caps_unavailable_total",
+    "Connection-cap checks Redis could not answer; the connection was let in.",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

@@ -26,10 +26,9 @@ async def readyz(request: web.Request) -> web.Response:
     reasons: list[str] = []
     if app[keys.LIFECYCLE].draining:
         reasons.append("draining")
-    broker = app[keys.BROKER]
-    if not broker.ready:
-        reasons.append("broker_not_ready")
-    metrics.BROKER_READY.set(0 if "broker_not_ready" in reasons else 1)
+    broker_reasons = app[keys.BROKER].not_ready_reasons()
+    reasons.extend(broker_reasons)
+    metrics.BROKER_READY.set(0 if broker_reasons else 1)
     if reasons:
         return web.json_response({"status": "not_ready", "reasons": reasons}, status=503)
     return web.json_response({"status": "ready", "pod": app[keys.SETTINGS].pod_id})

@@ -19,14 +19,17 @@ reader. Entries of a customer nobody reads again stay until they are read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
@@ -86,8 +89,8 @@ class RedisPresence(Presence):
     """See Presence; entries of a pod that stopped without `close` vanish within `heartbeat_ttl_s`.
 
     Every call is bounded by connect + command timeout; when Redis cannot answer it raises
-    redis.exceptions.RedisError or TimeoutError. The heartbeat starts with the first `add`
-    (or `start`), so an app that never calls `start` still keeps its entries alive.
+    BrokerUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
+    never calls `start` still keeps its entries alive) and keeps beating through outages.
     """
 
     def __init__(
@@ -124,6 +127,10 @@ class RedisPresence(Presence):
         self._list_script = self._client.register_script(_LIST)
         # This pod's own entries, re-added if its heartbeat ever lapsed (e.g. a long stall).
         self._local: dict[str, tuple[tuple[str, ...], PresenceEntry]] = {}
+        # An `add` failed (Redis down): the next heartbeat writes every local entry again.
+        self._rewrite_local = False
+        # Connections whose `remove` failed: retried with every heartbeat until Redis takes it.
+        self._unremoved: dict[str, tuple[str, ...]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         self._starting = asyncio.Lock()  # concurrent first `add`s start one heartbeat, not several
@@ -146,12 +153,27 @@ class RedisPresence(Presence):
         return cls(url=settings.redis_url, prefix=settings.redis_prefix, pod_id=settings.pod_id, **options)
 
     async def start(self) -> None:
-        """Write the first heartbeat and keep it alive until `close`; `add` does it if not done yet."""
+        """Write the first heartbeat and keep it alive until `close`; `add` does it if not done yet.
+
+        A Redis that is down does not fail the start: the heartbeat task keeps trying.
+        """
         async with self._starting:
             if self._heartbeat is None:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._beat()
+                try:
+                    async with self._redis_call():
+                        await self._beat()
+                except BrokerUnavailable as exc:
+                    log.warning("presence_heartbeat_failed", instance=self._instance, error=str(exc))
                 self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
+
+    @contextlib.asynccontextmanager
+    async def _redis_call(self) -> AsyncIterator[None]:
+        """Bound a call by the timeout and report any Redis failure as BrokerUnavailable."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"presence: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         """See Presence.close; idempotent."""
@@ -187,24 +209,34 @@ class RedisPresence(Presence):
         )
         if self._heartbeat is None:
             await self.start()  # without a heartbeat, readers would drop the entry at once
-        async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
-            for customer_id in customer_ids:
-                keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-                await self._add_script(keys=keys, args=[entry.conn_id, value, self._instance], client=pipe)
-            await pipe.execute()
+        # Kept even if Redis cannot take it now: a lapsed heartbeat re-adds every local entry.
         self._local[entry.conn_id] = (tuple(customer_ids), entry)
+        try:
+            async with self._redis_call(), self._client.pipeline(transaction=False) as pipe:
+                for customer_id in customer_ids:
+                    keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
+                    await self._add_script(keys=keys, args=[entry.conn_id, value, self._instance], client=pipe)
+                await pipe.execute()
+        except BrokerUnavailable:
+            self._rewrite_local = True
+            raise
 
     async def remove(self, customer_ids: list[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)
-        async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
-            for customer_id in customer_ids:
-                keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-                await self._remove_script(keys=keys, args=[conn_id, self._instance], client=pipe)
-            await pipe.execute()
+        try:
+            async with self._redis_call(), self._client.pipeline(transaction=False) as pipe:
+                for customer_id in customer_ids:
+                    keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
+                    await self._remove_script(keys=keys, args=[conn_id, self._instance], client=pipe)
+                await pipe.execute()
+        except BrokerUnavailable:
+            self._unremoved[conn_id] = tuple(customer_ids)
+            raise
+        self._unremoved.pop(conn_id, None)
 
     async def list(self, customer_id: str) -> list[PresenceEntry]:
         keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-        async with asyncio.timeout(self._timeout_s):
+        async with self._redis_call():
             flat: list[bytes] = await self._list_script(keys=keys, args=[self._heartbeat_prefix])
         entries = []
         for index in range(0, len(flat) - 1, 2):
@@ -215,7 +247,7 @@ class RedisPresence(Presence):
 
     async def count(self, customer_id: str) -> int:
         keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-        async with asyncio.timeout(self._timeout_s):
+        async with self._redis_call():
             total = await self._count_script(keys=keys, args=[self._heartbeat_prefix])
         return int(total)
 
@@ -228,10 +260,14 @@ class RedisPresence(Presence):
 
     async def _refresh(self) -> None:
         """One heartbeat; if it had lapsed, readers may have purged our entries, so write them again."""
-        async with asyncio.timeout(self._timeout_s):
+        async with self._redis_call():
             lapsed = await self._beat()
-        if lapsed and self._local:
-            log.warning("presence_heartbeat_lapsed", instance=self._instance, entries=len(self._local))
+        for conn_id, customer_ids in list(self._unremoved.items()):
+            await self.remove(list(customer_ids), conn_id)
+        if (lapsed or self._rewrite_local) and self._local:
+            if lapsed:
+                log.warning("presence_heartbeat_lapsed", instance=self._instance, entries=len(self._local))
+            self._rewrite_local = False
             for customer_ids, entry in list(self._local.values()):
                 await self.add(list(customer_ids), entry)
 
@@ -241,9 +277,9 @@ class RedisPresence(Presence):
             await asyncio.sleep(interval_s)
             try:
                 await self._refresh()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except BrokerUnavailable as exc:
                 # Keep beating: Redis may be back by the next tick, before the TTL runs out.
-                log.warning("presence_heartbeat_failed", instance=self._instance, error=type(exc).__name__)
+                log.warning("presence_heartbeat_failed", instance=self._instance, error=str(exc))
 
 
 def _parse(conn_id: bytes, raw: bytes) -> PresenceEntry | None:

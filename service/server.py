@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+from typing import Any
 
 from aiohttp import web
 
@@ -27,11 +28,20 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Options of aiohttp's HTTP server that defend the pod (also used by the tests' servers)."""
+    # keepalive_timeout is the only bound aiohttp puts on a connection that has not sent a
+    # complete request yet: headers trickled one byte at a time (slowloris) end with it.
+    return {"keepalive_timeout": settings.handshake_timeout_s}
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop."""
     app = create_app(settings)
     runners: list[web.AppRunner] = []
-    runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger, shutdown_timeout=5.0)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log_class=AccessLogger, shutdown_timeout=5.0, **server_options(settings)
+    )
     await runner.setup()
     runners.append(runner)
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings))

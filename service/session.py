@@ -17,6 +17,7 @@ from service.protocol import (
     CloseCode,
     ErrorCode,
     ProtocolError,
+    channel_of_key,
     encode,
     error_message,
     iso_utc,
@@ -82,6 +83,20 @@ class Session:
                 await self._refresh(message)
         except ProtocolError as error:
             self._reply_error(error)
+
+    async def on_ping(self, payload: bytes) -> None:
+        """A WebSocket PING control frame: rate-limited like any message, then answered.
+
+        The pong is written from the read loop, so a client that pings without reading
+        its pongs stalls its own reads (TCP backpressure) instead of growing a backlog.
+        """
+        if not self._admit():
+            return
+        metrics.MESSAGES_RECEIVED.labels("ws_ping").inc()
+        try:
+            await self._conn.ws.pong(payload)
+        except ConnectionError:
+            return  # the read loop sees the close next
 
     def on_binary(self) -> None:
         if not self._admit():
@@ -160,7 +175,7 @@ class Session:
         assert message.token is not None
         cid = message.correlation_id
         try:
-            principal = self._verifier.verify(message.token)
+            principal = await self._verifier.verify(message.token)
         except AuthError as error:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, error.message, cid) from None
         if principal.user_id != self._conn.principal.user_id:
@@ -168,8 +183,23 @@ class Session:
         self._conn.principal = principal
         # Subscriptions were authorized with the old token; drop those the new one no longer allows.
         for key in [k for k in self._subscriptions if not entitled_to_key(principal, k)]:
-            await self._hub.unsubscribe(self._subscriptions.pop(key))
-            self._reply_error(ProtocolError(ErrorCode.FORBIDDEN, f"the new token does not allow {key!r}", cid))
+            sub = self._subscriptions.pop(key)
+            await self._hub.unsubscribe(sub)
+            self._conn.send(
+                encode(
+                    {
+                        "type": "unsubscribed",
+                        "channel": channel_of_key(key).value,
+                        "subscription": key,
+                        "filters": sub.filters.to_json(),
+                        # Ended by the server, not asked for: the new token does not allow it.
+                        "reason": "forbidden",
+                        "correlationId": cid,
+                        "timestamp": utc_now_iso(),
+                    }
+                ),
+                "unsubscribed",
+            )
         self._schedule_expiry(principal)
         self._conn.send(
             encode(

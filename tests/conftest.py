@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
+from tests.protocol_schemas import assert_client_message, assert_server_message
 from tests.redis_server import RedisServer
 
 SECRET = "test-secret-" + "x" * 60
@@ -75,6 +77,8 @@ async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5
     message = await ws.receive(timeout=timeout_s)
     assert message.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {message.type} {message.data!r}"
     result: dict[str, Any] = message.json()
+    # Every server message the suite reads must match its schema in docs/schemas.
+    assert_server_message(result)
     return result
 
 
@@ -88,8 +92,13 @@ async def receive_type(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout_s
 async def subscribe(
     ws: aiohttp.ClientWebSocketResponse, channel: str = "transactions", **fields: Any
 ) -> dict[str, Any]:
-    await ws.send_json({"type": "subscribe", "channel": channel, **fields})
-    return await receive_json(ws)
+    request = {"type": "subscribe", "channel": channel, **fields}
+    await ws.send_json(request)
+    reply = await receive_json(ws)
+    if reply["type"] == "subscribed":
+        # What the server accepts, the schema must accept too (hostile tests send the rest).
+        assert_client_message(request)
+    return reply
 
 
 async def wait_closed(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 10.0) -> int | None:
@@ -112,15 +121,6 @@ async def publish(
     return await client.post("/api/v1/publish", json=body, headers={"Authorization": f"Bearer {token}"})
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll an observable condition until it holds; fail with `what` if it never does."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def metric_value(text: str, name: str) -> float:
     """The value of one sample line of Prometheus text, 0 when absent."""
     for line in text.splitlines():
@@ -140,6 +140,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client of the test's redis-server, to look at (or tamper with) what pods wrote."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +23,8 @@ def free_port() -> int:
 class ServiceProcess:
     """One `eva-ws serve` with its stdout captured to a file."""
 
-    def __init__(self, tmp_path: Path, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, listen_port: int | None = None, /, **env: str) -> None:
+        self.port = listen_port or free_port()
         self.log_path = tmp_path / f"service-{self.port}.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")},
@@ -44,10 +45,15 @@ class ServiceProcess:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True) -> ServiceProcess:
+    def start(self, wait: bool = True, *, new_session: bool = False) -> ServiceProcess:
+        """Start the process; `new_session` detaches it from the terminal's signals (Ctrl-C)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "service", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=new_session,
             )
         if wait:
             self.wait_healthy()
@@ -81,3 +87,24 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the process drains (readiness false, 1012 closes) and exits."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """kill -9: no drain, clients see their sockets reset."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait_exited(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)

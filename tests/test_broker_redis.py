@@ -6,6 +6,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +15,12 @@ from redis.asyncio import Redis
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
+from service.broker.canary import CANARY_CHANNEL_PART
 from service.broker.redis import RedisBroker
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
+from service.publisher import Publisher
 from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import PartitionProxy
@@ -60,13 +63,6 @@ class TestRedisBrokerContract(BrokerContract):
 
 
 @pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
     """Start any number of brokers sharing one prefix (pods of one deployment); all closed afterwards."""
     factory = redis_factory(redis_server)
@@ -83,9 +79,10 @@ async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def pubsub_channels(raw: Redis, prefix: str) -> set[str]:
+    """The broker channels subscribed in Redis, without the pods' private canary channels."""
     channels = await raw.pubsub_channels(f"{prefix}*")
     names = [c.decode() if isinstance(c, bytes) else c for c in channels]
-    return {name[len(prefix) :] for name in names}
+    return {name[len(prefix) :] for name in names if not name[len(prefix) :].startswith(CANARY_CHANNEL_PART)}
 
 
 def prefix_of(broker: Broker) -> str:
@@ -536,3 +533,38 @@ async def test_subscriber_outlives_a_long_outage_and_many_failed_reconnects(
     await eventually(lambda: [channel] in pod.recorder.resubscribed, "resubscribed handler did not fire")
     position = await pod.broker.publish(channel, payload(1))
     await eventually(lambda: [e.offset for e in pod.recorder.on(channel)] == [position.offset], "no live delivery")
+
+
+async def test_broker_starts_without_redis_and_becomes_ready_when_redis_appears(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started yet
+    started = await start_broker(redis_factory(server), canary_interval_s=0.1, canary_max_lag_s=0.5)
+    try:
+        assert not started.broker.ready
+        assert started.broker.not_ready_reasons() == ["broker_not_ready"]
+        with pytest.raises(BrokerUnavailable):
+            await Publisher(started.broker).publish("transaction_new", {"id": "T1", "customerId": "C1"})
+        server.start()
+        await eventually(lambda: started.broker.ready, "the broker did not become ready when Redis appeared")
+        channel = new_channel()
+        await started.broker.subscribe(channel)
+        position = await started.broker.publish(channel, payload(1))
+        await eventually(lambda: [e.offset for e in started.recorder.on(channel)] == [position.offset], "no delivery")
+    finally:
+        await started.broker.close()
+        server.kill()
+
+
+async def test_a_canary_that_stops_coming_back_makes_the_broker_not_ready_until_it_returns(
+    pods: Callable[..., Any], raw: Redis
+) -> None:
+    pod = await pods(canary_interval_s=0.1, canary_max_lag_s=0.5)
+    await eventually(lambda: pod.broker.ready, "broker never became ready")
+    # Redis holds every PUBLISH but still answers the subscriber's PINGs: connected, yet deaf.
+    await raw.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    await eventually(
+        lambda: pod.broker.not_ready_reasons() == ["broker_canary_lag"], lambda: str(pod.broker.not_ready_reasons())
+    )
+    await eventually(lambda: pod.broker.ready, "readiness did not come back with the canary")
+    # The canary is the pod's own business: not a client channel, never delivered as an event.
+    assert pod.broker.subscribed_channels == frozenset()
+    assert pod.recorder.envelopes == []

@@ -17,6 +17,9 @@ def test_defaults_in_production_with_a_secret():
     assert settings.send_queue_size == 256
     assert settings.jwt_algorithms == ("HS256",)
     assert not settings.demo_enabled
+    assert (settings.broker_canary_interval_s, settings.broker_canary_max_lag_s) == (1.0, 5.0)
+    assert settings.presence_ttl_s == 30.0
+    assert settings.redis_reconnect_max_s == 5.0
 
 
 def test_development_mints_its_own_secret_and_enables_the_demo():
@@ -44,7 +47,7 @@ def test_lists_and_files_are_read(tmp_path):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({}, "EVA_WS_JWT_SECRET is required in production"),
+        ({}, "EVA_WS_JWT_SECRET (or EVA_WS_JWT_KEYS) is required in production"),
         ({"EVA_WS_JWT_SECRET": "short"}, "at least 32 bytes"),
         ({"EVA_WS_PORT": "http"}, "EVA_WS_PORT='http' is not an integer"),
         ({"EVA_WS_PORT": "70000"}, "between 0 and 65535"),
@@ -67,6 +70,12 @@ def test_lists_and_files_are_read(tmp_path):
         ({"EVA_WS_OPS_PORT": "8080"}, "must differ"),
         ({"EVA_WS_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot be read"),
         ({"EVA_WS_POD_ID": "pod\x00one"}, "printable"),
+        (
+            {"EVA_WS_BROKER_CANARY_INTERVAL_S": "2", "EVA_WS_BROKER_CANARY_MAX_LAG_S": "1"},
+            "BROKER_CANARY_MAX_LAG_S must be longer than",
+        ),
+        ({"EVA_WS_PRESENCE_TTL_S": "0.5"}, "EVA_WS_PRESENCE_TTL_S=0.5 must be between"),
+        ({"EVA_WS_REDIS_RECONNECT_MAX_S": "0"}, "between"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(env, message):

@@ -198,6 +198,21 @@ def test_compose_worker_settings_pass_the_service_validation() -> None:
         assert settings.allowed_origins == ("http://localhost:8080",)
 
 
+def test_compose_workers_rebalance_and_trust_only_the_load_balancer_for_client_addresses() -> None:
+    conf = NGINX_TEMPLATE.read_text()
+    for worker in WORKERS:
+        env = {name: interpolate(value, {"EVA_WS_JWT_SECRET": "s" * 48}) for name, value in worker_env(worker).items()}
+        settings = load_settings(env)
+        assert settings.rebalance_interval_s > 0
+        assert settings.rebalance_max_shed_per_interval > 0
+        assert settings.client_ip_header is not None
+        # nginx overwrites the header with the peer it saw, so a client cannot choose its value...
+        assert f"proxy_set_header {settings.client_ip_header} $remote_addr;" in conf
+        # ...and clients reach a worker's main port only through nginx.
+        published = [port.rsplit(":", 1)[-1] for port in compose()["services"][worker]["ports"]]
+        assert env["EVA_WS_PORT"] not in published
+
+
 def test_compose_workers_are_hardened_like_the_chart() -> None:
     for worker in WORKERS:
         service = compose()["services"][worker]

@@ -13,9 +13,11 @@ from typing import Any, Final
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from service import metrics
-from service.config import load_settings
+from service.config import ENV_PREFIX, ConfigError, Settings, load_settings
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 CHART: Final = ROOT / "deploy" / "helm" / "eva-ws"
@@ -26,7 +28,20 @@ DASHBOARD: Final = ROOT / "deploy" / "grafana" / "eva-ws.json"
 KUBERNETES_VERSION: Final = "1.33.0"
 RELEASE: Final = "eva"
 FULLNAME: Final = "eva-eva-ws"
-SECRET_SETTINGS: Final = frozenset({"EVA_WS_JWT_SECRET", "EVA_WS_JWT_PUBLIC_KEY", "EVA_WS_REDIS_URL"})
+SECRET_SETTINGS: Final = frozenset(
+    {"EVA_WS_JWT_SECRET", "EVA_WS_JWT_PUBLIC_KEY", "EVA_WS_JWT_KEYS", "EVA_WS_REDIS_URL"}
+)
+# Settings of the service that no values file makes the chart render, and why.
+NOT_RENDERED: Final = {
+    "EVA_WS_TLS_CERT": "TLS terminates at the ingress",
+    "EVA_WS_TLS_KEY": "TLS terminates at the ingress",
+    "EVA_WS_JWT_PRIVATE_KEY": "a signing key for `eva-ws token`; pods only verify",
+    "EVA_WS_JWT_PRIVATE_KEY_FILE": "a signing key for `eva-ws token`; pods only verify",
+    "EVA_WS_JWT_SECRET_FILE": "the secret comes from the Secret as an env var (secretKeyRef)",
+    "EVA_WS_JWT_PUBLIC_KEY_FILE": "the key comes from the Secret as an env var (secretKeyRef)",
+    "EVA_WS_JWT_KEYS_FILE": "the keys come from the Secret as an env var (secretKeyRef)",
+    "EVA_WS_DEMO_INTERVAL_S": "the demo publisher is always off (EVA_WS_DEMO_PUBLISHER=false)",
+}
 ALERTS: Final = frozenset(
     {
         "EvaWsNoReadyPods",
@@ -159,6 +174,20 @@ BROKEN_VALUES: Final = {
         {"extraEnv": [{"name": "EVA_WS_JWT_SECRET", "value": "s" * 40}]},
         "/extraEnv/0/name",
     ),
+    "literal key set in extraEnv": (
+        {"extraEnv": [{"name": "EVA_WS_JWT_KEYS", "value": '{"k1": "x"}'}]},
+        "/extraEnv/0/name",
+    ),
+    "canary interval below 50 ms": ({"config": {"brokerCanaryIntervalS": 0.01}}, "/config/brokerCanaryIntervalS"),
+    "presence ttl below a second": ({"config": {"presenceTtlS": 0.5}}, "/config/presenceTtlS"),
+    "negative per-ip cap": ({"config": {"maxConnectionsPerIp": -1}}, "/config/maxConnectionsPerIp"),
+    "fractional per-user cap": ({"config": {"maxConnectionsPerUser": 2.5}}, "/config/maxConnectionsPerUser"),
+    "handshake timeout too short": ({"config": {"handshakeTimeoutS": 0.1}}, "/config/handshakeTimeoutS"),
+    "rebalance tolerance above 10": ({"config": {"rebalanceTolerance": 11}}, "/config/rebalanceTolerance"),
+    "rebalance interval above an hour": ({"config": {"rebalanceIntervalS": 3601}}, "/config/rebalanceIntervalS"),
+    "jwks over plain http": ({"config": {"jwksUrl": "http://idp.example.com/jwks"}}, "/config/jwksUrl"),
+    "jwks max age above a week": ({"config": {"jwksMaxAgeS": 700000}}, "/config/jwksMaxAgeS"),
+    "client ip header with a space": ({"config": {"clientIpHeader": "X Real IP"}}, "/config/clientIpHeader"),
 }
 
 
@@ -182,6 +211,12 @@ UNSAFE_COMBINATIONS: Final = {
         "mixes HMAC",
     ),
     "public-key algorithm without a key": (["--set", "config.jwtAlgorithms={ES256}"], "auth.jwtPublicKeyKey"),
+    "hmac without secret or key set": (["--set", "auth.jwtSecretKey="], "auth.jwtKeysKey"),
+    "jwks with hmac": (["--set", "config.jwksUrl=https://idp.example.com/jwks"], "JWKS keys are public keys"),
+    "canary lag not longer than the interval": (
+        ["--set", "config.brokerCanaryIntervalS=2", "--set", "config.brokerCanaryMaxLagS=2"],
+        "brokerCanaryMaxLagS must be longer",
+    ),
 }
 
 
@@ -191,6 +226,20 @@ def test_chart_refuses_unsafe_combinations(helm: str, case: str) -> None:
     result = run_helm(helm, "template", RELEASE, str(CHART), *args)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "auth.jwtSecretKey=", "--set", "auth.jwtKeysKey=jwt-keys"],
+        ["--set", "config.jwtAlgorithms={ES256}", "--set", "config.jwksUrl=https://idp.example.com/jwks"],
+        ["--set", "config.jwtAlgorithms={ES256}", "--set", "auth.jwtSecretKey=", "--set", "auth.jwtKeysKey=k"],
+    ],
+    ids=["hmac key set only", "jwks only", "public key set only"],
+)
+def test_a_key_set_or_jwks_alone_is_enough_to_verify_tokens(helm: str, args: list[str]) -> None:
+    settings = load_settings(pod_env(render(helm, *args)))
+    assert settings.jwt_keys or settings.jwks_url
 
 
 def test_embedded_broker_is_allowed_for_a_single_pod(helm: str) -> None:
@@ -272,6 +321,7 @@ def test_secrets_come_from_the_existing_secret(
     }
     assert refs(all_manifests) == {
         "EVA_WS_JWT_PUBLIC_KEY": ("eva-ws-keys", "jwt-public-key.pem"),
+        "EVA_WS_JWT_KEYS": ("eva-ws-keys", "jwt-keys.json"),
         "EVA_WS_REDIS_URL": ("eva-ws-keys", "redis-url"),
     }
 
@@ -285,19 +335,123 @@ def test_chart_runs_production_mode(manifests: list[Manifest]) -> None:
     assert configmap_data(manifests)["EVA_WS_MODE"] == "production"
 
 
-def test_rendered_settings_pass_the_service_validation(manifests: list[Manifest]) -> None:
+def public_key_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def pod_env(manifests: list[Manifest]) -> dict[str, str]:
+    """The EVA_WS_* environment a pod gets, with dummy values for what the Secret and the pod supply."""
     env = dict(configmap_data(manifests))
+    hmac = env["EVA_WS_JWT_ALGORITHMS"].startswith("HS")
     for entry in container(manifests)["env"]:
-        if entry["name"] == "EVA_WS_JWT_PUBLIC_KEY":
-            env[entry["name"]] = "-----BEGIN PUBLIC KEY-----\nplaceholder\n-----END PUBLIC KEY-----\n"
-        elif entry["name"] == "EVA_WS_REDIS_URL":
-            env[entry["name"]] = "redis://redis:6379/0"
-        elif entry["name"].startswith("EVA_WS_"):
-            env[entry["name"]] = "x" * 48
-    settings = load_settings(env)
+        name = entry["name"]
+        if name == "EVA_WS_JWT_PUBLIC_KEY":
+            env[name] = public_key_pem()
+        elif name == "EVA_WS_JWT_KEYS":
+            keys = {"2026-11": "x" * 48, "2026-12": "y" * 48} if hmac else {"2026-11": public_key_pem()}
+            env[name] = json.dumps(keys)
+        elif name == "EVA_WS_REDIS_URL":
+            env[name] = "redis://redis:6379/0"
+        elif name == "EVA_WS_POD_ID":
+            env[name] = "eva-eva-ws-7d9f-abcde"
+        elif name.startswith("EVA_WS_"):
+            env[name] = "x" * 48
+    return env
+
+
+def test_rendered_settings_pass_the_service_validation(manifests: list[Manifest]) -> None:
+    settings = load_settings(pod_env(manifests))
     assert settings.mode == "production"
     assert settings.ops_port == 9090
     assert settings.demo_enabled is False
+
+
+# values.yaml `config.<key>` -> the Settings field it sets.
+CONFIG_FIELDS: Final = {
+    "redisReconnectMaxS": "redis_reconnect_max_s",
+    "brokerCanaryIntervalS": "broker_canary_interval_s",
+    "brokerCanaryMaxLagS": "broker_canary_max_lag_s",
+    "presenceTtlS": "presence_ttl_s",
+    "jwksCooldownS": "jwks_cooldown_s",
+    "jwksMaxAgeS": "jwks_max_age_s",
+    "maxConnectionsPerUser": "max_connections_per_user",
+    "maxConnectionsPerIp": "max_connections_per_ip",
+    "handshakeTimeoutS": "handshake_timeout_s",
+    "rebalanceIntervalS": "rebalance_interval_s",
+    "rebalanceTolerance": "rebalance_tolerance",
+    "rebalanceMaxShedPerInterval": "rebalance_max_shed_per_interval",
+}
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["default", "all-features"])
+def test_the_pods_get_the_settings_the_values_ask_for(helm: str, values: Path | None) -> None:
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    if values is not None:
+        chart |= yaml.safe_load(values.read_text())["config"]
+    settings = load_settings(pod_env(render(helm, *(["-f", str(values)] if values else []))))
+    for key, field in CONFIG_FIELDS.items():
+        assert getattr(settings, field) == chart[key], key
+    assert settings.jwks_url == (chart["jwksUrl"] or None)
+    assert settings.client_ip_header == (chart["clientIpHeader"] or None)
+
+
+def test_default_values_keep_the_service_defaults_for_the_newer_settings(default_manifests: list[Manifest]) -> None:
+    settings = load_settings(pod_env(default_manifests))
+    defaults = Settings()
+    for field in CONFIG_FIELDS.values():
+        assert getattr(settings, field) == getattr(defaults, field), field
+    assert settings.rebalance_interval_s == 0
+    assert settings.client_ip_header is None
+    assert settings.jwt_keys == ()
+
+
+def test_all_features_pods_verify_with_the_key_set_and_the_jwks(all_manifests: list[Manifest]) -> None:
+    settings = load_settings(pod_env(all_manifests))
+    assert [kid for kid, _ in settings.jwt_keys] == ["2026-11"]
+    assert settings.jwks_url == "https://auth.example.com/.well-known/jwks.json"
+    assert settings.rebalance_interval_s > 0
+    assert settings.client_ip_header == "X-Real-IP"
+
+
+def accepted_by_the_service(name: str) -> bool:
+    try:
+        load_settings({name: "/nonexistent", "EVA_WS_MODE": "development"})
+    except ConfigError as error:
+        return not str(error).startswith("unknown setting")
+    return True
+
+
+def service_setting_names() -> set[str]:
+    """Every EVA_WS_* variable the service reads: one per Settings field, plus the _FILE variants it accepts."""
+    names = {ENV_PREFIX + field.upper() for field in Settings.__dataclass_fields__}
+    return names | {f"{name}_FILE" for name in names if accepted_by_the_service(f"{name}_FILE")}
+
+
+def rendered_setting_names(manifests: list[Manifest]) -> set[str]:
+    names = set(configmap_data(manifests)) | {e["name"] for e in container(manifests)["env"]}
+    return {name for name in names if name.startswith(ENV_PREFIX)}
+
+
+def test_service_setting_names_include_the_file_variants() -> None:
+    names = service_setting_names()
+    assert {"EVA_WS_JWT_SECRET_FILE", "EVA_WS_JWT_KEYS_FILE", "EVA_WS_JWT_PUBLIC_KEY_FILE"} <= names
+    assert "EVA_WS_PORT_FILE" not in names
+
+
+def test_every_service_setting_is_rendered_or_deliberately_left_out(
+    default_manifests: list[Manifest], all_manifests: list[Manifest]
+) -> None:
+    # HMAC (the default) and public-key settings (all-features) exclude each other: the union
+    # of both renders is what the chart can give a pod.
+    rendered = rendered_setting_names(default_manifests) | rendered_setting_names(all_manifests)
+    known = service_setting_names()
+    assert rendered - known == set(), "the chart renders settings the service does not know"
+    assert known - rendered - set(NOT_RENDERED) == set(), "settings neither rendered nor listed in NOT_RENDERED"
+    assert rendered & set(NOT_RENDERED) == set(), "NOT_RENDERED lists settings the chart renders"
+    readme = (CHART / "README.md").read_text()
+    for name in NOT_RENDERED:
+        assert f"`{name}" in readme, f"{name} is left out without a word in the chart README"
 
 
 def test_config_change_rolls_the_pods(helm: str, default_manifests: list[Manifest]) -> None:
@@ -398,7 +552,10 @@ def test_network_policy_allows_clients_metrics_dns_and_redis(all_manifests: list
     ingress_ports = [rule["ports"][0]["port"] for rule in policy["ingress"]]
     assert ingress_ports == ["http", "ops"]
     egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 6379}
+    # 443 is the JWKS endpoint, allowed through networkPolicy.extraEgress in the all-features values.
+    assert egress_ports == {53, 6379, 443}
+    [jwks] = [rule for rule in policy["egress"] if rule["ports"][0]["port"] == 443]
+    assert jwks["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
 
 
 # --- documentation ------------------------------------------------------------------------
@@ -481,9 +638,22 @@ def test_runbook_explains_every_metric_alert_and_log_event() -> None:
         "drain_started",
         "drain_finished",
         "config_invalid",
+        "jwks_fetch_failed",
+        "rebalance_shedding",
     ):
         assert f"`{event}`" in runbook
-    for setting in ("EVA_WS_JWT_ALGORITHMS", "EVA_WS_JWT_SECRET", "EVA_WS_JWT_PUBLIC_KEY", "EVA_WS_DRAIN_SPREAD_S"):
+    for setting in (
+        "EVA_WS_JWT_ALGORITHMS",
+        "EVA_WS_JWT_SECRET",
+        "EVA_WS_JWT_PUBLIC_KEY",
+        "EVA_WS_JWT_KEYS",
+        "EVA_WS_JWKS_URL",
+        "EVA_WS_DRAIN_SPREAD_S",
+        "EVA_WS_BROKER_CANARY_MAX_LAG_S",
+        "EVA_WS_REBALANCE_INTERVAL_S",
+        "EVA_WS_MAX_CONNECTIONS_PER_IP",
+        "EVA_WS_CLIENT_IP_HEADER",
+    ):
         assert setting in runbook
 
 

@@ -6,11 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
@@ -31,13 +33,6 @@ async def simulate_kill(presence: RedisPresence) -> None:
     await cancel_and_wait(presence._heartbeat)
     presence._heartbeat = None
     presence._local.clear()
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -177,3 +172,53 @@ async def test_concurrent_first_adds_start_one_heartbeat_and_close_stops_it(redi
     finally:
         await presence.close()
         await reader.close()
+
+
+async def test_presence_without_redis_raises_broker_unavailable_and_heals_when_redis_is_back(
+    redis_server: RedisServer,
+) -> None:
+    presence = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-d", heartbeat_ttl_s=1.5)
+    reader = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-r")
+    gone_while_down = entry("pod-d", "u-gone")
+    try:
+        await presence.add(["c1"], gone_while_down)
+        redis_server.stop()
+        await presence.start()  # already started: must not touch Redis
+        added_while_down = entry("pod-d", "u-new")
+        for call in (
+            presence.add(["c1"], added_while_down),
+            presence.remove(["c1"], gone_while_down.conn_id),
+            presence.list("c1"),
+            presence.count("c1"),
+        ):
+            with pytest.raises(BrokerUnavailable):
+                await call
+        redis_server.start()
+
+        async def healed() -> bool:
+            return await reader.list("c1") == [added_while_down]
+
+        # The heartbeat writes the add and the remove that Redis could not take.
+        await eventually(healed, "presence did not catch up with what happened while Redis was down")
+    finally:
+        await presence.close()
+        await reader.close()
+
+
+async def test_presence_starts_while_redis_is_down(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started yet
+    presence = RedisPresence(url=server.url, prefix="s:", pod_id="pod-s", heartbeat_ttl_s=1.5)
+    try:
+        await presence.start()
+        connection = entry("pod-s")
+        with pytest.raises(BrokerUnavailable):
+            await presence.add(["c1"], connection)
+        server.start()
+
+        async def listed() -> bool:
+            return await presence.list("c1") == [connection]
+
+        await eventually(listed, "the entry added before Redis was up never reached it")
+    finally:
+        await presence.close()
+        server.kill()

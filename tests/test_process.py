@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import signal
@@ -14,11 +13,8 @@ import sys
 import aiohttp
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.certificates import self_signed
 from tests.conftest import SECRET, make_settings, token_for
 from tests.process import ServiceProcess
 
@@ -57,7 +53,9 @@ def test_token_command_without_a_secret_explains_what_to_set():
 def test_serve_refuses_bad_settings_with_exit_code_2():
     result = _cli("serve", EVA_WS_MODE="production")
     assert result.returncode == 2
-    assert "configuration error: EVA_WS_JWT_SECRET is required in production" in result.stderr
+    assert "configuration error: EVA_WS_JWT_SECRET (or EVA_WS_JWT_KEYS) is required in production" in result.stderr
+    logged = json.loads(result.stdout.splitlines()[-1])
+    assert (logged["event"], logged["level"]) == ("config_invalid", "error")
 
 
 async def test_sigterm_drains_readiness_then_closes_sockets_with_1012_and_exits(tmp_path):
@@ -93,26 +91,7 @@ async def test_sigterm_drains_readiness_then_closes_sockets_with_1012_and_exits(
 
 @pytest.fixture
 def certificate(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
+    return self_signed(tmp_path, "localhost")
 
 
 async def test_wss_with_tls_settings(tmp_path, certificate):

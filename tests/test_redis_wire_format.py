@@ -54,3 +54,20 @@ def test_malformed_envelopes_are_rejected(data: bytes) -> None:
 def test_epochs_are_valid_on_the_wire() -> None:
     epoch = wire.new_epoch()
     assert wire.decode_envelope(wire.encode_envelope(1, epoch, b"{}")).epoch == epoch
+
+
+def test_document_gives_the_cluster_publish_script_sha_and_its_only_difference() -> None:
+    text = DOC.read_text()
+    assert hashlib.sha1(wire.CLUSTER_PUBLISH_SCRIPT.encode()).hexdigest() in text
+    different = set(wire.CLUSTER_PUBLISH_SCRIPT.splitlines()) - set(wire.PUBLISH_SCRIPT.splitlines())
+    assert different == {
+        "-- eva-ws cluster publish v1",
+        "redis.call('SPUBLISH', ARGV[3], 'e1:' .. id .. ':' .. epoch .. '\\n' .. ARGV[5])",
+    }
+    for line in different:
+        assert line in text
+
+
+def test_cluster_names_share_the_channel_hash_tag() -> None:
+    assert wire.shard_channel("app1:", "transactions:C1") == "app1:{transactions:C1}"
+    assert "`app1:{transactions:C1}`" in DOC.read_text()

@@ -11,7 +11,6 @@ import pytest
 from service.protocol import CloseCode
 from tests.conftest import (
     connect,
-    eventually,
     make_settings,
     metric_value,
     publish,
@@ -22,6 +21,7 @@ from tests.conftest import (
     txn,
     wait_closed,
 )
+from tests.waiting import eventually
 
 
 async def test_subscriber_receives_published_event_with_offset_and_correlation_id(app_client):
@@ -256,7 +256,7 @@ async def test_slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_receivin
     async def slow_one_closed() -> bool:
         return metric_value(await (await client.get("/metrics")).text(), slow_closed) == before + 1
 
-    await eventually(slow_one_closed, what="the slow consumer to be closed")
+    await eventually(slow_one_closed, "the slow consumer to be closed")
     sock.close()
 
 
@@ -286,6 +286,7 @@ async def test_resume_replays_missed_events_in_order_without_duplicates(app_clie
     resumed = await receive_type(again, "subscribed")
     assert resumed["recovered"] is True
     assert resumed["replayed"] == 4
+    assert resumed["position"] == last
     replayed = [await receive_json(again) for _ in range(4)]
     assert [e["data"]["id"] for e in replayed] == ["T3", "T4", "T5", "T6"]
     assert [e["offset"] for e in replayed] == [4, 5, 6, 7]

@@ -86,7 +86,8 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def start(self) -> None:
-        """Connect and start delivering; raise BrokerUnavailable if the backend cannot be reached."""
+        """Start delivering. A shared backend that cannot be reached yet does not fail the
+        start: the broker stays not ready and keeps trying until it can."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -116,6 +117,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool:
         """True while live delivery can be trusted (connected, subscriptions in effect)."""
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why live delivery cannot be trusted now (stable snake_case codes); empty when ready."""
+        return [] if self.ready else ["broker_not_ready"]
 
     @property
     @abc.abstractmethod

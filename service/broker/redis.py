@@ -13,6 +13,8 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.broker.canary import Canary, canary_channel, new_instance
+from service.broker.readiness import ReadinessLog
 from service.broker.redis_subscriber import Subscriber
 from service.config import Settings
 from service.redis_client import client_name_part, client_options, command_client
@@ -42,6 +44,8 @@ class RedisBroker(Broker):
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
         max_connections: int = 32,
+        canary_interval_s: float = 1.0,
+        canary_max_lag_s: float = 5.0,
     ) -> None:
         """`url`, `prefix`, `history_size`, `history_ttl_s` and `pod_id` are the EVA_WS_* settings.
 
@@ -57,6 +61,9 @@ class RedisBroker(Broker):
           for a free one, within the same time bound.
         - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
           from min up to max, jittered, reset after a connection that got fully subscribed.
+        - `canary_interval_s`: how often the pod publishes a canary to its private channel.
+        - `canary_max_lag_s`: the pod is not ready while no canary sent within this many
+          seconds came back on its subscriber connection.
         """
         super().__init__()
         if url.startswith("redis+cluster://"):
@@ -78,6 +85,8 @@ class RedisBroker(Broker):
         self._sub_client: Redis = Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
+        self._canary_channel = canary_channel(prefix, client_name_part(new_instance(pod_id)))
+        self._canary = Canary(publish=self._publish_canary, interval_s=canary_interval_s, max_lag_s=canary_max_lag_s)
 
         self._subscriber = Subscriber(
             client=self._sub_client,
@@ -91,8 +100,17 @@ class RedisBroker(Broker):
             subscribe_timeout_s=subscribe_timeout_s,
             reconnect_min_s=reconnect_min_s,
             reconnect_max_s=reconnect_max_s,
+            canary=self._canary,
+            canary_channel=self._canary_channel,
         )
         self._subscribe_timeout_s = subscribe_timeout_s
+        self._readiness_log = ReadinessLog(
+            pod_id=pod_id,
+            reasons=self.not_ready_reasons,
+            disconnects=lambda: (self._subscriber.disconnects, self._subscriber.disconnected_at),
+            canary_lag_s=lambda: self._canary.lag_s,
+            channels=lambda: self._subscriber.wanted_count,
+        )
         self._closed = False
 
     @classmethod
@@ -100,39 +118,70 @@ class RedisBroker(Broker):
         """The broker a pod runs with these settings; `tunables` are the timing options above."""
         if settings.redis_url is None:
             raise ValueError("RedisBroker needs EVA_WS_REDIS_URL")
+        options: dict[str, Any] = {
+            "reconnect_max_s": settings.redis_reconnect_max_s,
+            "canary_interval_s": settings.broker_canary_interval_s,
+            "canary_max_lag_s": settings.broker_canary_max_lag_s,
+        }
+        options.update(tunables)
         return cls(
             url=settings.redis_url,
             prefix=settings.redis_prefix,
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
-            **tunables,
+            **options,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """See Broker.start; waits for the subscriber connection before returning."""
+        """See Broker.start. Waits a bounded time for live delivery to be proven by a canary
+        round trip; a Redis that is down keeps the pod not ready, and the subscriber keeps
+        reconnecting in the background until Redis appears."""
+        self._canary.start()
         try:
+            # Bounded by one connect + command timeout each, so a pod without Redis starts
+            # (not ready) within seconds and its probes can report why.
+            await self._subscriber.start(timeout_s=self._timeout_s)
             async with asyncio.timeout(self._timeout_s):
-                await self._client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            await self.close()
-            raise BrokerUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
-        try:
-            await self._subscriber.start(timeout_s=self._timeout_s + self._subscribe_timeout_s)
-        except BrokerUnavailable:
-            await self.close()
-            raise
+                await self._canary.round_trip()
+        except (BrokerUnavailable, TimeoutError):
+            self._readiness_log.deaf_at_start()
+        self._readiness_log.start()
 
     async def close(self) -> None:
         """See Broker.close."""
         if self._closed:
             return
         self._closed = True
+        await self._readiness_log.close()
+        await self._canary.close()
         await self._subscriber.close()
         await self._sub_client.aclose()
         await self._client.aclose()
+
+    # -- readiness -------------------------------------------------------------------------
+
+    def not_ready_reasons(self) -> list[str]:
+        """See Broker.not_ready_reasons: `broker_not_ready` (no answering subscriber
+        connection), `resubscribe_pending` (Redis lacks wanted channels), `broker_canary_lag`
+        (no canary came back within `canary_max_lag_s`)."""
+        if self._closed or not self._subscriber.connected:
+            return ["broker_not_ready"]
+        reasons = []
+        if self._subscriber.subscriptions_pending:
+            reasons.append("resubscribe_pending")
+        if self._canary.lagging:
+            reasons.append("broker_canary_lag")
+        return reasons
+
+    async def _publish_canary(self, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.publish(self._canary_channel, data)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"canary not sent: {type(exc).__name__}") from exc
 
     # -- publishing and history -----------------------------------------------------------
 
@@ -203,14 +252,12 @@ class RedisBroker(Broker):
         recovered = [e.offset for e in envelopes] == list(expected)
         return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
 
-    # -- subscriptions ------------------------------------------------------------------
-
     # -- subscriptions: see Subscriber ----------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """See Broker.ready: connected, every wanted channel confirmed, and the last PING answered in time."""
-        return self._subscriber.ready
+        """See Broker.ready: connected, PINGs answered, wanted channels in effect, canary on time."""
+        return not self.not_ready_reasons()
 
     @property
     def subscribed_channels(self) -> frozenset[str]:

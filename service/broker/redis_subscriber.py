@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
+from service.broker.canary import Canary
 from service.redis_client import cancel_and_wait
 
 log = structlog.get_logger("eva_ws.broker")
@@ -50,7 +51,12 @@ class Subscriber:
         subscribe_timeout_s: float,
         reconnect_min_s: float,
         reconnect_max_s: float,
+        canary: Canary | None = None,
+        canary_channel: str = "",
     ) -> None:
+        """`canary` gets every message of `canary_channel`, a channel this connection
+        subscribes to on its own, outside the wanted set: it is never reported to the hub
+        nor counted as a subscription."""
         self._client = client
         self._prefix = prefix
         self._prefix_bytes = prefix.encode()
@@ -62,13 +68,21 @@ class Subscriber:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
+        self._canary = canary
+        self._canary_channel = canary_channel.encode()
 
         # Written only by the owner task, except `_wanted` and `_waiters`.
         self._wanted: set[str] = set()
         self._server: set[str] = set()  # what Redis will have once every sent command is applied
         self._actual: set[str] = set()  # what Redis confirmed on the current connection
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Wanted channels not confirmed by Redis yet, with when they were first asked for.
+        self._unconfirmed_since: dict[str, float] = {}
         self._connected = False
+        # Connections lost or failed so far, and when the last one was, so that readiness
+        # reporting sees a reconnect even when it was over before anyone looked.
+        self.disconnects = 0
+        self.disconnected_at = 0.0
         self._up = asyncio.Event()  # set while `_connected`
         self._reached_ready = False  # the current connection had every wanted channel confirmed
         self._ping_sent_at: float | None = None
@@ -100,9 +114,26 @@ class Subscriber:
         self._set_connected(False)
 
     @property
-    def ready(self) -> bool:
-        """Connected, every wanted channel confirmed, and the last PING answered in time."""
-        return self._connected and self._actual == self._wanted and not self._pong_late()
+    def wanted_count(self) -> int:
+        return len(self._wanted)
+
+    @property
+    def connected(self) -> bool:
+        """A connection is up and its last PING was answered in time."""
+        return self._connected and not self._pong_late()
+
+    @property
+    def subscriptions_pending(self) -> bool:
+        """Wanted channels are missing in Redis: the current connection has not yet
+        resubscribed everything, or a new channel waits longer than `subscribe_timeout_s`.
+
+        A channel that a client has just asked for is not pending yet: every subscribe
+        takes a round trip, and readiness must not flap with client traffic.
+        """
+        if not self._reached_ready:
+            return True
+        horizon = time.monotonic() - self._subscribe_timeout_s
+        return any(since < horizon for since in self._unconfirmed_since.values())
 
     @property
     def subscribed_channels(self) -> frozenset[str]:
@@ -117,6 +148,7 @@ class Subscriber:
         metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
         if channel in self._actual and channel in self._server:
             return
+        self._unconfirmed_since.setdefault(channel, time.monotonic())
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(waiter)
         self._wake()
@@ -127,6 +159,7 @@ class Subscriber:
             self._drop_waiter(channel, waiter)
             if channel not in self._actual and not self._waiters.get(channel):
                 self._wanted.discard(channel)
+                self._unconfirmed_since.pop(channel, None)
                 metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
                 self._wake()
             raise BrokerUnavailable("subscription not confirmed by redis") from None
@@ -136,6 +169,7 @@ class Subscriber:
         if channel not in self._wanted:
             return
         self._wanted.discard(channel)
+        self._unconfirmed_since.pop(channel, None)
         metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
         self._resolve(channel)
         self._wake()
@@ -167,7 +201,6 @@ class Subscriber:
             self._up.set()
         else:
             self._up.clear()
-        metrics.BROKER_READY.set(1 if self.ready else 0)
 
     # -- the owner task ------------------------------------------------------------------
 
@@ -193,12 +226,11 @@ class Subscriber:
             except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
                 log.exception("broker_subscriber_failed", pod_id=self._pod_id)
             finally:
-                was_ready = self._connected
+                self.disconnects += 1
+                self.disconnected_at = time.monotonic()
                 self._reset_connection_state()
                 # aclose() cannot hang on a half-open socket: it does not wait for the peer.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-                if was_ready and not self._closed:
-                    log.warning("broker_deaf", pod_id=self._pod_id, wanted=len(self._wanted))
             # Reset only after a connection that got fully subscribed, so a connection that
             # fails right after connecting (e.g. SUBSCRIBE refused) still backs off.
             attempt = 0 if self._reached_ready else attempt + 1
@@ -223,6 +255,8 @@ class Subscriber:
         pending_notice = notify_resubscribed
         self._dirty = True  # a new connection has no subscriptions yet
         changed = True
+        if self._canary is not None:
+            await pubsub.subscribe(self._canary_channel)
         while not self._closed:
             if self._dirty:
                 self._dirty = False
@@ -242,9 +276,8 @@ class Subscriber:
                     self._reached_ready = True
                     if pending_notice:
                         pending_notice = False
-                        log.info("broker_recovered", pod_id=self._pod_id, channels=len(self._actual))
+                        log.info("broker_resubscribed", pod_id=self._pod_id, channels=len(self._actual))
                         self._call_resubscribed(sorted(self._actual))
-                metrics.BROKER_READY.set(1 if self.ready else 0)
             if self._dirty:
                 continue  # changed while we were sending: reconcile before blocking
             if self._ping_sent_at is not None:
@@ -263,7 +296,12 @@ class Subscriber:
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "message":
+            if message.get("channel") == self._canary_channel and self._canary is not None:
+                if kind == "message":
+                    self._canary.received(message["data"])
+                elif kind == "subscribe":
+                    self._canary.kick()  # a round trip now, instead of one interval later
+            elif kind == "message":
                 self._deliver(message)
             elif kind == "pong":
                 if message["data"] == ping_token:
@@ -301,6 +339,7 @@ class Subscriber:
             return
         if kind == "subscribe":
             self._actual.add(channel)
+            self._unconfirmed_since.pop(channel, None)
             if channel in self._wanted and channel in self._server:
                 self._resolve(channel)
         elif kind == "unsubscribe":

@@ -23,6 +23,15 @@ def pubsub_channel(prefix: str, channel: str) -> str:
     return prefix + channel
 
 
+def shard_channel(prefix: str, channel: str) -> str:
+    """The sharded PUB/SUB channel of a broker channel on Redis Cluster.
+
+    SPUBLISH inside the publish script may only name a channel of the script's own slot,
+    so the channel carries the same hash tag as the channel's keys.
+    """
+    return f"{prefix}{{{channel}}}"
+
+
 def meta_key(prefix: str, channel: str) -> str:
     """Hash with fields `epoch` and `offset` (the newest offset of the epoch)."""
     # The braces are a Redis Cluster hash tag: a channel's keys live in one slot.
@@ -116,4 +125,10 @@ if ARGV[4] ~= '' and ARGV[3] == epoch then
 end
 return {epoch, offset, entries}
 """
+)
+
+# The same script for Redis Cluster: SPUBLISH on the shard channel (ARGV[3] = shard_channel()),
+# which lives in the slot of the keys, so only the subscribers of that slot's shard see it.
+CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v1", "-- eva-ws cluster publish v1").replace(
+    "redis.call('PUBLISH', ARGV[3]", "redis.call('SPUBLISH', ARGV[3]"
 )

@@ -91,10 +91,16 @@ namespace="{{ .Release.Namespace }}",job="{{ include "eva-ws.fullname" . }}"
 {{- if and (gt $hmac 0) (lt $hmac (len .Values.config.jwtAlgorithms)) -}}
 {{- fail "config.jwtAlgorithms mixes HMAC (HS*) and public-key algorithms" -}}
 {{- end -}}
-{{- if and (gt $hmac 0) (not .Values.auth.jwtSecretKey) -}}
-{{- fail "config.jwtAlgorithms are HMAC: set auth.jwtSecretKey to the Secret key holding EVA_WS_JWT_SECRET" -}}
+{{- if and (gt $hmac 0) (not (or .Values.auth.jwtSecretKey .Values.auth.jwtKeysKey)) -}}
+{{- fail "config.jwtAlgorithms are HMAC: set auth.jwtSecretKey (EVA_WS_JWT_SECRET) or auth.jwtKeysKey (EVA_WS_JWT_KEYS) to a key of the Secret" -}}
 {{- end -}}
-{{- if and (eq $hmac 0) (not .Values.auth.jwtPublicKeyKey) -}}
-{{- fail "config.jwtAlgorithms are public-key algorithms: set auth.jwtPublicKeyKey to the Secret key holding EVA_WS_JWT_PUBLIC_KEY" -}}
+{{- if and (gt $hmac 0) .Values.config.jwksUrl -}}
+{{- fail "config.jwksUrl needs public-key config.jwtAlgorithms: JWKS keys are public keys" -}}
+{{- end -}}
+{{- if and (eq $hmac 0) (not (or .Values.auth.jwtPublicKeyKey .Values.auth.jwtKeysKey .Values.config.jwksUrl)) -}}
+{{- fail "config.jwtAlgorithms are public-key algorithms: set auth.jwtPublicKeyKey (EVA_WS_JWT_PUBLIC_KEY), auth.jwtKeysKey (EVA_WS_JWT_KEYS) or config.jwksUrl" -}}
+{{- end -}}
+{{- if le (float64 .Values.config.brokerCanaryMaxLagS) (float64 .Values.config.brokerCanaryIntervalS) -}}
+{{- fail "config.brokerCanaryMaxLagS must be longer than config.brokerCanaryIntervalS, or pods are never ready" -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,1 @@
+../../service/static/eva-ws-client.js

@@ -1,0 +1,30 @@
+# Tools for the browser and client tests: Chromium from Debian, Node for the client's unit tests,
+# and the AsyncAPI 3.0 JSON Schema (from the npm package @asyncapi/specs) that docs/asyncapi.yaml
+# is validated against. Sourced by scripts/test after lib/common.sh.
+
+ASYNCAPI_SPECS_VERSION="6.11.1"
+
+# ensure_chromium: headless Chromium and its driver; Playwright drives it, it never downloads one.
+ensure_chromium() {
+  ensure_apt chromium chromium
+  ensure_apt chromedriver chromium-driver
+  export EVA_WS_CHROMIUM="${EVA_WS_CHROMIUM:-$(command -v chromium)}"
+}
+
+# ensure_node: node (>= 18) runs clients/js/test with its built-in test runner; npm fetches schemas.
+ensure_node() {
+  ensure_apt node nodejs
+  ensure_apt npm npm
+}
+
+# ensure_asyncapi_schema: unpack @asyncapi/specs once into .cache and export the 3.0.0 schema path.
+ensure_asyncapi_schema() {
+  local dir="$ROOT/.cache/asyncapi-specs-$ASYNCAPI_SPECS_VERSION"
+  local schema="$dir/package/schemas/3.0.0-without-\$id.json"
+  if [ ! -f "$schema" ]; then
+    log "fetching @asyncapi/specs@$ASYNCAPI_SPECS_VERSION (the AsyncAPI JSON Schemas)"
+    mkdir -p "$dir"
+    (cd "$dir" && npm pack --silent "@asyncapi/specs@$ASYNCAPI_SPECS_VERSION" >/dev/null && tar xzf asyncapi-specs-*.tgz)
+  fi
+  export EVA_WS_ASYNCAPI_SCHEMA="$schema"
+}

@@ -1,0 +1,310 @@
+"""One Redis Cluster master's sharded PUB/SUB connection, owned by one task, for the channels of that master's slots."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from service import metrics
+from service.broker import redis_wire as wire
+from service.broker.base import Envelope
+from service.broker.redis_subscriber import SUBSCRIBE_BATCH_MAX, SilentConnection
+from service.redis_client import cancel_and_wait
+from service.redis_cluster_client import Address
+
+log = structlog.get_logger("eva_ws.broker")
+
+
+class ShardLink:
+    """Live delivery for the channels whose slots one master owns, over one connection to it.
+
+    The ClusterSubscriber decides which channels belong here (`assign`, `drop`); the
+    link's owner task does all I/O: SSUBSCRIBE/SUNSUBSCRIBE of the difference (one
+    command per slot, as Redis refuses shard channels of several slots in one), PINGs
+    to detect a silent node, and reconnects with capped, jittered backoff. It reports
+    confirmations, losses and the need for a fresh slot map through callbacks.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: Address,
+        client: Redis,
+        prefix: str,
+        pod_id: str,
+        on_envelope: Callable[[Envelope], None],
+        on_confirmed: Callable[[ShardLink, str], None],
+        on_recovered: Callable[[list[str]], None],
+        on_topology_doubt: Callable[[], None],
+        ping_interval_s: float,
+        pong_timeout_s: float,
+        reconnect_min_s: float,
+        reconnect_max_s: float,
+    ) -> None:
+        self.address = address
+        self._client = client
+        self._prefix = prefix
+        self._pod_id = pod_id
+        self._on_envelope = on_envelope
+        self._on_confirmed = on_confirmed
+        self._on_recovered = on_recovered
+        self._on_topology_doubt = on_topology_doubt
+        self._ping_interval_s = ping_interval_s
+        self._pong_timeout_s = pong_timeout_s
+        self._reconnect_min_s = reconnect_min_s
+        self._reconnect_max_s = reconnect_max_s
+
+        # What this link should deliver, changed by the coordinator through assign and drop.
+        self.wanted: set[str] = set()
+        self._notice: set[str] = set()  # confirm these, then report them as resubscribed
+        self._displaced: set[str] = set()  # the node dropped them (slot moved): wait for a new slot map
+        self._by_name: dict[bytes, str] = {}  # shard channel name -> broker channel
+        # What the node has, written only by the owner task.
+        self._server: set[str] = set()  # what the node will have once every sent command is applied
+        self._unsubscribing: dict[str, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed, per channel
+        self.actual: set[str] = set()  # what the node confirmed on the current connection
+        self.connected = False
+        self._ping_sent_at: float | None = None
+        self._wake_scope: asyncio.Timeout | None = None
+        self._dirty = False
+        self._owner: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        host, port = self.address
+        self._owner = asyncio.create_task(self._run(), name=f"redis-shard-link-{host}:{port}")
+
+    async def close(self) -> None:
+        """Stop the owner task and release the connection; idempotent."""
+        self._closed = True
+        if self._owner is not None:
+            await cancel_and_wait(self._owner)
+            self._owner = None
+        self.connected = False
+        await self._client.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, every assigned channel confirmed, and the last PING answered in time."""
+        if not self.connected or self._displaced or self._pong_late():
+            return False
+        return self.wanted <= self.actual and self.wanted <= self._server
+
+    def assign(self, channel: str, *, notice: bool) -> None:
+        """Make this link deliver `channel`; with `notice`, report it as resubscribed once confirmed."""
+        self.wanted.add(channel)
+        self._displaced.discard(channel)
+        self._by_name[wire.shard_channel(self._prefix, channel).encode()] = channel
+        if notice:
+            self._notice.add(channel)
+        self._wake()
+
+    def confirmed(self, channel: str) -> bool:
+        """The node confirmed the channel on the current connection and no SUNSUBSCRIBE is on its way."""
+        return self.connected and channel in self.actual and channel in self._server
+
+    @property
+    def has_displaced(self) -> bool:
+        return bool(self._displaced)
+
+    def displaced(self, channel: str) -> bool:
+        """The node gave the channel's slot away and this link waits to be told where it went."""
+        return channel in self._displaced
+
+    def drop(self, channel: str) -> None:
+        self.wanted.discard(channel)
+        self._notice.discard(channel)
+        self._displaced.discard(channel)
+        if channel not in self._server and channel not in self._unsubscribing:
+            self._by_name.pop(wire.shard_channel(self._prefix, channel).encode(), None)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._dirty = True
+        # Cuts the owner's current get_message wait short so it applies the change now.
+        if self._wake_scope is not None and not self._wake_scope.expired():
+            self._wake_scope.reschedule(asyncio.get_running_loop().time())
+
+    def _pong_late(self) -> bool:
+        return self._ping_sent_at is not None and time.monotonic() - self._ping_sent_at > self._pong_timeout_s
+
+    # -- the owner task ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Keep one connection to this master alive until closed: connect, serve, back off, repeat."""
+        attempt = 0
+        connections = 0
+        while not self._closed:
+            pubsub = self._client.pubsub()
+            connected = False
+            reached = False
+            try:
+                await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
+                connections += 1
+                connected = True
+                log.info("broker_shard_connected", pod_id=self._pod_id, node=_node(self.address))
+                if connections > 1:
+                    self._notice |= self.wanted
+                reached = await self._serve(pubsub)
+            except (RedisError, OSError, TimeoutError, SilentConnection) as exc:
+                if not connected:
+                    metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
+                log.warning(
+                    "broker_shard_disconnected",
+                    pod_id=self._pod_id,
+                    node=_node(self.address),
+                    error=type(exc).__name__,
+                    detail=str(exc),
+                )
+            except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
+                log.exception("broker_shard_link_failed", pod_id=self._pod_id, node=_node(self.address))
+            finally:
+                self.connected = False
+                self._server.clear()
+                self._unsubscribing.clear()
+                self.actual.clear()
+                self._ping_sent_at = None
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            # A failover or a resharding often shows up first as a lost connection or a refusal.
+            self._on_topology_doubt()
+            attempt = 0 if reached else attempt + 1
+            await asyncio.sleep(self._backoff_s(attempt))
+
+    def _backoff_s(self, attempt: int) -> float:
+        # Equal jitter: never zero (no hot loop), never synchronised across pods.
+        cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    async def _serve(self, pubsub: PubSub) -> bool:
+        """Serve one connection until it fails; True if it ever had every assigned channel."""
+        ping_token = f"eva-ws-watchdog:{self._pod_id}".encode()
+        next_ping = time.monotonic()
+        self.connected = True
+        self._dirty = True
+        changed = True
+        reached = False
+        while not self._closed:
+            if self._dirty:
+                self._dirty = False
+                await self._reconcile(pubsub)
+                changed = True
+            now = time.monotonic()
+            if self._ping_sent_at is None and now >= next_ping:
+                self._ping_sent_at = now
+                await pubsub.ping(ping_token)
+            if self._pong_late():
+                raise SilentConnection(f"no PONG within {self._pong_timeout_s}s")
+            if changed:
+                changed = False
+                reached = reached or self.healthy
+                self._report_recovered()
+            if self._dirty:
+                continue
+            wait_s = (self._ping_sent_at + self._pong_timeout_s if self._ping_sent_at is not None else next_ping) - now
+            message: Mapping[str, Any] | None = None
+            try:
+                async with asyncio.timeout(None) as scope:
+                    self._wake_scope = scope
+                    message = await pubsub.get_message(timeout=max(0.001, wait_s))
+            except TimeoutError:
+                pass  # woken by _wake: the assignment changed
+            finally:
+                self._wake_scope = None
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "smessage":
+                self._deliver(message)
+            elif kind == "pong":
+                if message["data"] == ping_token:
+                    self._ping_sent_at = None
+                    next_ping = time.monotonic() + self._ping_interval_s
+                    changed = True
+            else:
+                self._confirm(kind, message)
+                changed = True
+        return reached
+
+    async def _reconcile(self, pubsub: PubSub) -> None:
+        to_unsubscribe = self._server - self.wanted
+        to_subscribe = self.wanted - self._server - self._displaced
+        for channels in _by_slot(self._prefix, to_unsubscribe):
+            await pubsub.sunsubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
+            self._server.difference_update(channels)
+            for channel in channels:
+                self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
+        for channels in _by_slot(self._prefix, to_subscribe):
+            await pubsub.ssubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
+            self._server.update(channels)
+
+    def _confirm(self, kind: str, message: Mapping[str, Any]) -> None:
+        channel = self._by_name.get(message["channel"])
+        if channel is None:
+            return
+        if kind == "ssubscribe":
+            self.actual.add(channel)
+            if channel in self.wanted and channel in self._server:
+                self._on_confirmed(self, channel)
+        elif kind == "sunsubscribe":
+            self.actual.discard(channel)
+            pending = self._unsubscribing.get(channel, 0)
+            if pending > 1:
+                self._unsubscribing[channel] = pending - 1
+            elif pending == 1:
+                del self._unsubscribing[channel]  # the confirmation of our own SUNSUBSCRIBE
+            elif channel in self._server and channel in self.wanted:
+                # Not asked for: the node gave the slot away. Wait for the new owner.
+                self._server.discard(channel)
+                self._displaced.add(channel)
+                self._notice.add(channel)
+                log.info("broker_shard_channel_moved", pod_id=self._pod_id, node=_node(self.address), channel=channel)
+                self._on_topology_doubt()
+            if channel not in self.wanted and channel not in self._unsubscribing:
+                self._by_name.pop(message["channel"], None)
+
+    def _report_recovered(self) -> None:
+        if not self._notice or not self._notice <= self.actual:
+            return
+        channels = sorted(self._notice)
+        self._notice.clear()
+        self._on_recovered(channels)
+
+    def _deliver(self, message: Mapping[str, Any]) -> None:
+        channel = self._by_name.get(message["channel"])
+        if channel is None or channel not in self.wanted:
+            return  # unsubscribed or moved while the message was on its way
+        try:
+            event = wire.decode_envelope(message["data"])
+        except wire.MalformedEnvelope as exc:
+            metrics.BROKER_INVALID_MESSAGES.inc()
+            # The channel name is routing data, not payload; the payload is never logged.
+            log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
+            return
+        self._on_envelope(Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload))
+
+
+def _by_slot(prefix: str, channels: set[str]) -> list[list[str]]:
+    """Channels grouped per hash slot, in batches: one SSUBSCRIBE may only name channels of one slot."""
+    groups: defaultdict[int, list[str]] = defaultdict(list)
+    for channel in sorted(channels):
+        groups[key_slot(wire.shard_channel(prefix, channel).encode())].append(channel)
+    return [
+        group[start : start + SUBSCRIBE_BATCH_MAX]
+        for group in groups.values()
+        for start in range(0, len(group), SUBSCRIBE_BATCH_MAX)
+    ]
+
+
+def _node(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"

@@ -1,0 +1,83 @@
+"""How a pod connects to Redis Cluster: the redis+cluster:// URL, the command client, scripts on one slot's master."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+CLUSTER_SCHEME = "redis+cluster://"
+
+Address = tuple[str, int]
+
+# What a command on the cluster can raise when a node cannot answer: redis-py's cluster
+# errors (no reachable node, slot not covered) are not RedisErrors.
+CLUSTER_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
+def parse_cluster_url(url: str) -> tuple[list[Address], dict[str, str]]:
+    """Seed nodes and credentials of `redis+cluster://[user:password@]host:port[,host:port...]`."""
+    if not is_cluster_url(url):
+        raise ValueError("a Redis Cluster URL starts with redis+cluster://")
+    rest = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].split("?", 1)[0]
+    credentials: dict[str, str] = {}
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        if user:
+            credentials["username"] = unquote(user)
+        if password:
+            credentials["password"] = unquote(password)
+    seeds: list[Address] = []
+    for part in rest.split(","):
+        parsed = urlsplit(f"//{part.strip()}")
+        if not parsed.hostname:
+            raise ValueError(f"no host in cluster node {part!r}")
+        seeds.append((parsed.hostname, parsed.port or 6379))
+    return seeds, credentials
+
+
+def cluster_client(url: str, *, max_connections: int, options: dict[str, Any]) -> RedisCluster:
+    """A RedisCluster for commands, with the options of `redis_client.client_options` and the URL's credentials.
+
+    It follows MOVED and ASK by itself; a lost connection is not retried (a retried
+    publish script could run twice) but makes the next command re-read the slot map.
+    """
+    seeds, credentials = parse_cluster_url(url)
+    # RedisCluster picks the hiredis parser by itself and takes no parser_class.
+    cluster_options: dict[str, Any] = {key: value for key, value in options.items() if key != "parser_class"}
+    cluster_options.update(credentials)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        max_connections=max_connections,
+        # A dead master must not stop commands for the slots of the others.
+        require_full_coverage=False,
+        **cluster_options,
+    )
+
+
+async def eval_script(client: Redis | RedisCluster, script: str, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA (on a cluster: on the master of the keys' slot), EVAL if the node does not know the script yet.
+
+    Not redis-py's Script: on NOSCRIPT it runs SCRIPT LOAD on every master, which fails
+    while any master is down, even for keys whose own master is healthy. NOSCRIPT means
+    the script did not run, so falling back to EVAL never runs it twice.
+    """
+    try:
+        return await client.evalsha(_sha1(script), len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script, len(keys), *keys, *args)
+
+
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324  # the name Redis gives a script, not security

@@ -1,0 +1,558 @@
+// eva-ws browser client: one WebSocket, subscriptions that survive reconnects, exactly-once events.
+//
+// Dependency-free ES module. Works in browsers and in Node >= 20 (pass `WebSocket` in the
+// options where the runtime has none). The protocol is described in docs/asyncapi.yaml and
+// docs/clients.md; the close codes below mirror service/protocol.py.
+
+/** Close codes after which reconnecting would not help (or is forbidden for a while). */
+export const NO_RECONNECT_CODES = Object.freeze(new Set([
+  1000, // normal: the client or the server ended the connection on purpose
+  1008, // policy violation: sustained rate-limit abuse; reconnecting at once would be abuse again
+  1009, // message too big: this client sent an oversized frame; resending it would fail the same way
+]));
+/** The token expired without a refresh: reconnect only with a new token. */
+export const TOKEN_EXPIRED_CODE = 4001;
+
+// Errors after which a subscribe is worth retrying later; every other error code is final.
+const RETRYABLE_SUBSCRIBE_ERRORS = new Set(['unavailable', 'rate_limited', 'internal_error']);
+
+// CustomEvent where the runtime has it (browsers, Node >= 19); an Event with `detail` elsewhere.
+function makeEvent(type, detail) {
+  if (typeof CustomEvent === 'function') return new CustomEvent(type, { detail });
+  return Object.assign(new Event(type), { detail });
+}
+
+/** The states a client moves through; `closed` is final until connect() or setToken(). */
+export const State = Object.freeze({
+  IDLE: 'idle',
+  CONNECTING: 'connecting',
+  OPEN: 'open',
+  RECONNECTING: 'reconnecting',
+  CLOSED: 'closed',
+});
+
+/**
+ * Delay before reconnect attempt `attempt` (0-based): "full jitter", uniform in
+ * [0, min(maxDelayMs, initialDelayMs * 2^attempt)). Spreading every client over the
+ * whole window is what keeps a rolling deploy from turning into a reconnect storm.
+ */
+export function backoffDelayMs(attempt, { initialDelayMs = 1000, maxDelayMs = 30000, random = Math.random } = {}) {
+  const ceiling = Math.min(maxDelayMs, initialDelayMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * ceiling);
+}
+
+/** The `exp` claim of a JWT in milliseconds, or null when the token is not a readable JWT. */
+export function tokenExpiryMs(token) {
+  try {
+    const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const exp = JSON.parse(atob(payload.padEnd(payload.length + ((4 - (payload.length % 4)) % 4), '='))).exp;
+    return typeof exp === 'number' ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Where one subscription stands in its stream: the last offset and epoch delivered (or
+ * acknowledged). Offsets increase per subscription but skip the events that filters drop,
+ * so "new" means "greater than the last one", never "exactly one more".
+ */
+export class Position {
+  constructor() {
+    this.offset = null;
+    this.epoch = null;
+  }
+
+  /** The `since` to send when re-subscribing, or undefined before the first acknowledgement. */
+  get since() {
+    return this.epoch === null ? undefined : { offset: this.offset, epoch: this.epoch };
+  }
+
+  /** Move to a position the server stated (ack or resync). */
+  reset(position) {
+    this.offset = position.offset;
+    this.epoch = position.epoch;
+  }
+
+  /**
+   * Record an event; false when it was already delivered (same epoch, offset not beyond the
+   * last). An event of another epoch is a new stream: it is accepted and the epoch adopted.
+   */
+  accept(offset, epoch) {
+    if (epoch === this.epoch && offset <= this.offset) return false;
+    this.offset = offset;
+    this.epoch = epoch;
+    return true;
+  }
+}
+
+/** One wanted subscription. It lives across reconnects until unsubscribe() is called. */
+export class Subscription {
+  constructor(client, id, channel, filters, handlers) {
+    this.client = client;
+    this.id = id;
+    this.channel = channel;
+    this.filters = filters;
+    this.handlers = handlers;
+    /** The server's subscription key ("transactions:CUST-001"), known after the first ack. */
+    this.key = null;
+    this.position = new Position();
+    /** True between the server's ack and the next disconnect. */
+    this.active = false;
+    this.closed = false;
+    this.retryTimer = null;
+    this.ready = new Promise((resolve, reject) => {
+      this.resolveReady = resolve;
+      this.rejectReady = reject;
+    });
+    // Callers that never await `ready` must not get an unhandled rejection.
+    this.ready.catch(() => {});
+  }
+
+  /** Stop receiving; see EvaWsClient.unsubscribe. */
+  unsubscribe() {
+    this.client.unsubscribe(this);
+  }
+}
+
+/**
+ * The client. Events (all CustomEvent, payload in `detail`):
+ *   state       {state, previous, code?, reason?, attempt?, delayMs?}
+ *   event       {message, subscription}             one server event, exactly once
+ *   subscribed  {subscription, ack}
+ *   resumed     {subscription, replayed}            resume succeeded; `replayed` missed events follow
+ *   resync      {subscription, position, reason}    events were lost: refetch the state
+ *   reconnected {missed, resynced}                  every subscription is back after a reconnect
+ *   unsubscribed {subscription}
+ *   tokenrefreshed {expiresAt}
+ *   error       {code, message, correlationId?, subscription?}
+ */
+export class EvaWsClient extends EventTarget {
+  /**
+   * @param {object} options see eva-ws-client.d.ts (EvaWsClientOptions)
+   */
+  constructor(options) {
+    super();
+    if (!options || !options.url) throw new TypeError('EvaWsClient needs options.url');
+    if (options.token === undefined) throw new TypeError('EvaWsClient needs options.token (a string or a function)');
+    this.options = {
+      initialDelayMs: 1000,
+      maxDelayMs: 30000,
+      pingIntervalMs: 30000,
+      pongTimeoutMs: 10000,
+      tokenTimeoutMs: 15000,
+      random: Math.random,
+      ...options,
+    };
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    if (!this.WebSocket) throw new TypeError('no WebSocket implementation: pass options.WebSocket');
+    this.state = State.IDLE;
+    this.token = typeof options.token === 'string' ? options.token : null;
+    this.subscriptions = new Map(); // correlationId of the last subscribe -> Subscription
+    this.wanted = new Set(); // every Subscription not yet unsubscribed, in subscribe order
+    this.ws = null;
+    this.attempt = 0; // failed attempts since the last connection that stayed up
+    this.reconnects = 0; // reconnect attempts in the current outage, sent as ?reconnect=N
+    this.timers = new Set();
+    this.seq = 0;
+    this.generation = 0; // bumped by every open() and close(): a stale open() gives up
+    this.pendingAcks = null; // {missed, resynced, waiting:Set} while re-subscribing after a reconnect
+    this.lastInboundAt = 0;
+    if (options.autoConnect !== false) queueMicrotask(() => this.state === State.IDLE && this.connect());
+  }
+
+  // -- public API -------------------------------------------------------------------
+
+  /** Open the connection (again). Called automatically unless `autoConnect: false`. */
+  connect() {
+    if (this.state === State.CONNECTING || this.state === State.OPEN) return;
+    this.clearTimers();
+    this.attempt = 0;
+    // While reconnecting this retries at once; after close() it starts afresh (and still
+    // resumes every wanted subscription from its position).
+    if (this.state !== State.RECONNECTING) this.reconnects = 0;
+    this.open('connect');
+  }
+
+  /** Close for good: no reconnect until connect() is called again. */
+  close(code = 1000, reason = 'client closed') {
+    this.generation += 1;
+    this.clearTimers();
+    const ws = this.ws;
+    this.detach();
+    if (ws) ws.close(code, reason);
+    this.setState(State.CLOSED, { code, reason });
+  }
+
+  /** Replace a static token; after a 4001 close this also reconnects. */
+  setToken(token) {
+    this.token = token;
+    if (this.state === State.OPEN) this.sendRefresh(token);
+    else if (this.state === State.CLOSED && this.closedForToken) this.connect();
+  }
+
+  /**
+   * Subscribe to a channel with filters. Works in any state: the subscription is part of
+   * the wanted set and is (re)sent whenever a connection opens, with `since` once the
+   * server has acknowledged it. Returns a Subscription; `await sub.ready` for the first ack.
+   */
+  subscribe(channel, filters = {}, handlers = {}) {
+    const sub = new Subscription(this, ++this.seq, channel, filters, handlers);
+    this.wanted.add(sub);
+    if (this.state === State.OPEN) this.sendSubscribe(sub);
+    return sub;
+  }
+
+  /**
+   * Stop a subscription. Offline this just forgets it (the server dropped every subscription
+   * with the connection); online it also tells the server. Events still in flight for it are
+   * dropped.
+   */
+  unsubscribe(sub) {
+    if (sub.closed) return;
+    sub.closed = true;
+    this.wanted.delete(sub);
+    clearTimeout(sub.retryTimer);
+    sub.rejectReady(new Error('unsubscribed'));
+    this.settleReconnect(sub, 0, 0);
+    if (this.state === State.OPEN && sub.active) {
+      this.send({ type: 'unsubscribe', channel: sub.channel, filters: sub.filters, correlationId: this.nextId('unsub') });
+    }
+    sub.active = false;
+  }
+
+  /** Register a listener; returns a function that removes it. */
+  on(type, listener) {
+    const wrapped = (event) => listener(event.detail);
+    this.addEventListener(type, wrapped);
+    return () => this.removeEventListener(type, wrapped);
+  }
+
+  // -- connection life --------------------------------------------------------------
+
+  async open(reason) {
+    const generation = ++this.generation;
+    this.setState(this.reconnects > 0 ? State.RECONNECTING : State.CONNECTING, { attempt: this.reconnects });
+    let token;
+    try {
+      token = await this.currentToken(reason);
+    } catch (error) {
+      this.emit('error', { code: 'token_provider_failed', message: String(error && error.message ? error.message : error) });
+      this.scheduleReconnect(null, 'token provider failed');
+      return;
+    }
+    // close() or another connect() while the token was being fetched.
+    if (generation !== this.generation || this.state === State.CLOSED) return;
+    const url = new URL(this.options.url, globalThis.location ? globalThis.location.href : undefined);
+    if (url.protocol === 'http:' || url.protocol === 'https:') url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    url.searchParams.set('token', token);
+    if (this.options.customerId) url.searchParams.set('customerId', this.options.customerId);
+    if (this.reconnects > 0) url.searchParams.set('reconnect', String(this.reconnects));
+    const ws = new this.WebSocket(url.toString());
+    this.ws = ws;
+    ws.onopen = () => this.onOpen(ws);
+    ws.onmessage = (event) => this.onMessage(ws, event);
+    ws.onclose = (event) => this.onClose(ws, event.code, event.reason);
+    // Browsers follow every error with a close event; nothing to do here.
+    ws.onerror = () => {};
+  }
+
+  async currentToken(reason) {
+    const provider = this.options.token;
+    if (typeof provider !== 'function') return this.token;
+    // A provider stuck on a dead HTTP connection must not stall reconnecting forever.
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error('the token provider timed out')), this.options.tokenTimeoutMs);
+    });
+    try {
+      this.token = await Promise.race([provider({ reason }), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (typeof this.token !== 'string' || !this.token) throw new Error('the token provider returned no token');
+    return this.token;
+  }
+
+  onOpen(ws) {
+    if (ws !== this.ws) return;
+    this.lastInboundAt = Date.now();
+    this.closedForToken = false;
+    const wasReconnect = this.reconnects > 0;
+    this.reconnects = 0;
+    this.setState(State.OPEN, {});
+    // A connection that stays up this long proves the server healthy: start backoff afresh.
+    this.later(() => { this.attempt = 0; }, Math.max(5000, this.options.initialDelayMs));
+    this.startHeartbeat(ws);
+    const subs = [...this.wanted];
+    this.pendingAcks = wasReconnect && subs.length ? { missed: 0, resynced: 0, waiting: new Set(subs) } : null;
+    for (const sub of subs) this.sendSubscribe(sub);
+  }
+
+  onClose(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this.detach();
+    this.afterDisconnect(code, reason);
+  }
+
+  afterDisconnect(code, reason) {
+    if (code === TOKEN_EXPIRED_CODE) {
+      if (typeof this.options.token === 'function') {
+        this.scheduleReconnect(code, reason, 'expired');
+      } else {
+        this.closedForToken = true;
+        this.setState(State.CLOSED, { code, reason: 'token expired: call setToken() with a new token' });
+      }
+      return;
+    }
+    if (code !== null && NO_RECONNECT_CODES.has(code)) {
+      this.setState(State.CLOSED, { code, reason });
+      return;
+    }
+    // A static token that has expired can never open a connection again; say so instead of looping.
+    const expiry = typeof this.options.token === 'string' ? tokenExpiryMs(this.token) : null;
+    if (expiry !== null && expiry <= Date.now()) {
+      this.closedForToken = true;
+      this.setState(State.CLOSED, { code, reason: 'token expired: call setToken() with a new token' });
+      return;
+    }
+    this.scheduleReconnect(code, reason);
+  }
+
+  scheduleReconnect(code, reason, tokenReason = 'reconnect') {
+    const delayMs = backoffDelayMs(this.attempt, this.options);
+    this.attempt += 1;
+    this.reconnects += 1;
+    this.setState(State.RECONNECTING, { code, reason, attempt: this.reconnects, delayMs });
+    this.later(() => this.open(tokenReason), delayMs);
+  }
+
+  detach() {
+    const ws = this.ws;
+    this.ws = null;
+    this.clearTimers();
+    this.pendingAcks = null;
+    for (const sub of this.wanted) {
+      sub.active = false;
+      clearTimeout(sub.retryTimer);
+    }
+    this.subscriptions.clear();
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  // Application-level ping. WebSocket pings from the server are answered by the browser
+  // itself, but a browser never notices a half-open connection on its own: when nothing at
+  // all arrives within pongTimeoutMs of a ping, the socket is abandoned and replaced.
+  startHeartbeat(ws) {
+    const { pingIntervalMs, pongTimeoutMs } = this.options;
+    if (!pingIntervalMs) return;
+    const tick = () => {
+      if (ws !== this.ws) return;
+      const sentAt = Date.now();
+      this.send({ type: 'ping', correlationId: this.nextId('ping') });
+      this.later(() => {
+        if (ws !== this.ws || this.lastInboundAt >= sentAt) return;
+        this.detach();
+        try {
+          ws.close(4000, 'no pong');
+        } catch { /* the socket may already be gone */ }
+        this.afterDisconnect(null, 'no pong');
+      }, pongTimeoutMs);
+      this.later(tick, pingIntervalMs);
+    };
+    this.later(tick, pingIntervalMs);
+  }
+
+  // -- messages ---------------------------------------------------------------------
+
+  onMessage(ws, event) {
+    if (ws !== this.ws) return;
+    this.lastInboundAt = Date.now();
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      this.emit('error', { code: 'invalid_server_message', message: 'the server sent a frame that is not JSON' });
+      return;
+    }
+    this.handleMessage(message);
+  }
+
+  onUnsubscribed(message) {
+    if (message.reason) {
+      // The server ended it (a refreshed token no longer allows it): stop wanting it, so a
+      // reconnect does not ask for it again.
+      const sub = [...this.wanted].find((s) => s.key === message.subscription);
+      if (sub) {
+        sub.active = false; // already gone on the server: nothing to send
+        this.unsubscribe(sub);
+      }
+    }
+    this.emit('unsubscribed', { subscription: message.subscription, reason: message.reason });
+  }
+
+  handleMessage(message) {
+    switch (message.type) {
+      case 'subscribed': return this.onSubscribed(message);
+      case 'unsubscribed': return this.onUnsubscribed(message);
+      case 'resync': return this.onResync(message);
+      case 'error': return this.onError(message);
+      case 'refreshed': return this.emit('tokenrefreshed', { expiresAt: message.expiresAt });
+      case 'pong': return undefined;
+      default: return this.onEvent(message);
+    }
+  }
+
+  onSubscribed(ack) {
+    const sub = this.subscriptions.get(ack.correlationId);
+    if (!sub) return;
+    if (sub.closed) {
+      // unsubscribe() ran while this subscribe was in flight: the server holds it now.
+      this.send({ type: 'unsubscribe', channel: sub.channel, filters: sub.filters, correlationId: this.nextId('unsub') });
+      return;
+    }
+    sub.key = ack.subscription;
+    sub.active = true;
+    const resumed = ack.recovered === true;
+    // The ack's position is where the subscription starts (after a resume: the `since` sent);
+    // the `replayed` missed events follow it.
+    sub.position.reset(ack.position);
+    if (resumed) {
+      this.emit('resumed', { subscription: sub, replayed: ack.replayed });
+      sub.handlers.onResumed?.(ack.replayed);
+    }
+    if (ack.recovered === false) this.resync(sub, ack.position, 'not_recovered');
+    this.settleReconnect(sub, resumed ? ack.replayed : 0, ack.recovered === false ? 1 : 0);
+    this.emit('subscribed', { subscription: sub, ack });
+    sub.resolveReady(ack);
+  }
+
+  onResync(message) {
+    const sub = this.byKey(message.subscription);
+    if (sub) {
+      sub.position.reset(message.position);
+      this.resync(sub, message.position, 'server_resync');
+    }
+  }
+
+  onEvent(message) {
+    if (typeof message.subscription !== 'string' || typeof message.offset !== 'number') {
+      this.emit('error', { code: 'invalid_server_message', message: `unexpected message type ${message.type}` });
+      return;
+    }
+    const sub = this.byKey(message.subscription);
+    if (!sub) return; // unsubscribed while the event was in flight
+    const previousEpoch = sub.position.epoch;
+    if (!sub.position.accept(message.offset, message.epoch)) return; // a duplicate
+    if (previousEpoch !== null && message.epoch !== previousEpoch) {
+      // Offsets of another epoch say nothing about what was missed in between.
+      this.resync(sub, { offset: message.offset, epoch: message.epoch }, 'epoch_changed');
+    }
+    sub.handlers.onEvent?.(message);
+    this.emit('event', { message, subscription: sub });
+  }
+
+  onError(error) {
+    const sub = error.correlationId ? this.subscriptions.get(error.correlationId) : undefined;
+    if (error.code === 'token_expiring') {
+      this.refreshToken();
+    } else if (sub && !sub.active && !sub.closed) {
+      this.subscriptions.delete(error.correlationId);
+      if (RETRYABLE_SUBSCRIBE_ERRORS.has(error.code)) {
+        sub.retryTimer = setTimeout(() => this.state === State.OPEN && this.sendSubscribe(sub),
+          backoffDelayMs(2, this.options));
+      } else {
+        // Forbidden, invalid filters, too many subscriptions: asking again cannot help.
+        this.wanted.delete(sub);
+        sub.closed = true;
+        sub.rejectReady(Object.assign(new Error(error.message), { code: error.code }));
+        this.settleReconnect(sub, 0, 0);
+      }
+    }
+    this.emit('error', { code: error.code, message: error.message, correlationId: error.correlationId, subscription: sub });
+  }
+
+  async refreshToken() {
+    if (typeof this.options.token !== 'function') {
+      // A static token cannot be renewed here; the app may call setToken() within the grace period.
+      this.emit('tokenexpiring', {});
+      return;
+    }
+    const ws = this.ws;
+    try {
+      const token = await this.currentToken('expiring');
+      if (ws === this.ws && this.state === State.OPEN) this.sendRefresh(token);
+    } catch (error) {
+      this.emit('error', { code: 'token_provider_failed', message: String(error && error.message ? error.message : error) });
+    }
+  }
+
+  sendRefresh(token) {
+    this.send({ type: 'refresh', token, correlationId: this.nextId('refresh') });
+  }
+
+  sendSubscribe(sub) {
+    const correlationId = this.nextId('sub');
+    this.subscriptions.set(correlationId, sub);
+    const message = { type: 'subscribe', channel: sub.channel, filters: sub.filters, correlationId };
+    const since = sub.position.since;
+    if (since) message.since = since;
+    this.send(message);
+  }
+
+  // After a reconnect, 'reconnected' sums up once every wanted subscription is settled.
+  settleReconnect(sub, missed, resynced) {
+    const pending = this.pendingAcks;
+    if (!pending || !pending.waiting.delete(sub)) return;
+    pending.missed += missed;
+    pending.resynced += resynced;
+    if (pending.waiting.size > 0) return;
+    this.pendingAcks = null;
+    this.emit('reconnected', { missed: pending.missed, resynced: pending.resynced });
+  }
+
+  resync(sub, position, reason) {
+    sub.handlers.onResync?.(position, reason);
+    this.emit('resync', { subscription: sub, position, reason });
+  }
+
+  // -- small utilities --------------------------------------------------------------
+
+  byKey(key) {
+    for (const sub of this.wanted) if (sub.key === key && sub.active) return sub;
+    return undefined;
+  }
+
+  send(message) {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(message));
+  }
+
+  nextId(prefix) {
+    return `${prefix}-${++this.seq}`;
+  }
+
+  later(fn, delayMs) {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      fn();
+    }, delayMs);
+    this.timers.add(timer);
+  }
+
+  clearTimers() {
+    for (const timer of this.timers) clearTimeout(timer);
+    this.timers.clear();
+  }
+
+  setState(state, info) {
+    const previous = this.state;
+    this.state = state;
+    this.emit('state', { state, previous, ...info });
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(makeEvent(type, detail));
+  }
+}
+
+export default EvaWsClient;

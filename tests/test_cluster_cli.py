@@ -1,0 +1,62 @@
+"""`scripts/cluster up|status|down`: a working cluster in the background, reachable with the printed token, and
+nothing left running after `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import aiohttp
+
+from tests.cluster import ROOT
+
+
+def _cli(directory, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.cluster_cli", "--dir", str(directory), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_up_prints_a_working_url_and_token_and_down_leaves_nothing_running(tmp_path):
+    directory = tmp_path / "cluster"
+    up = _cli(directory, "up", "--workers", "2")
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((directory / "state.json").read_text())
+        assert oct((directory / "state.json").stat().st_mode & 0o777) == "0o600"
+        assert [p["name"] for p in state["processes"]] == ["nginx", "worker-1", "worker-2", "redis"]
+        url = re.search(r"WebSocket:\s+(\S+)", up.stdout)
+        assert url is not None, up.stdout
+
+        status = _cli(directory, "status")
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count('"status": "ready"') == 2
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(url.group(1)) as ws:
+            await ws.send_json({"type": "subscribe", "channel": "transactions", "filters": {"customerId": "CUST-001"}})
+            reply = await ws.receive_json(timeout=10)
+            assert reply["type"] == "subscribed", reply
+    finally:
+        down = _cli(directory, "down")
+    assert down.returncode == 0, down.stderr
+    assert not [p for p in state["processes"] if _alive(p["pid"])]
+    assert not (directory / "state.json").exists()
+    assert _cli(directory, "status").returncode == 1
