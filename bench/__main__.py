@@ -144,6 +144,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": " ".join(["scripts/bench", shlex.join(sys.argv[1:])]).strip(),
         "machine": report.machine(),
+        "commit": report.git_commit(),
         "size": args.size,
         "sizes": report.sizes_json(sizes),
         "client": args.client,

@@ -93,6 +93,13 @@ def machine() -> dict[str, str]:
     }
 
 
+def git_commit() -> str:
+    """The repository commit being measured (with "+changes" when the work tree differs)."""
+    head = _version(["git", "-C", str(Path(__file__).resolve().parent.parent), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(Path(__file__).resolve().parent.parent), "status", "--porcelain", "service"])
+    return head + ("+changes" if dirty not in ("unknown", "not installed") else "")
+
+
 def sizes_json(sizes: Any) -> dict[str, Any]:
     return dataclasses.asdict(sizes)
 
@@ -268,6 +275,7 @@ def markdown(results: dict[str, Any], plot_rel: str | None) -> str:
         f"- server pinned with `taskset -c {results['server_cpus'] or '(none)'}`; load generator "
         f"({results['loadgen_processes']} {results['client']} process(es)), publisher and Redis on "
         f"`taskset -c {results['client_cpus'] or '(none)'}`",
+        f"- commit measured: `{results.get('commit', 'unknown')}`",
         f"- run started {results['started']}, took {results['wall_s'] / 60:.1f} min; size preset `{results['size']}`; "
         f"niceness {results.get('nice', 0)}",
         f"- {_interference(results)}",
