@@ -1,0 +1,1 @@
+"""Benchmark harness: eva-ws and the servers a team would pick instead, under one load generator."""
