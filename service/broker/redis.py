@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
-from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.broker.base import Broker, BrokerUnavailable, History, Position
 from service.broker.canary import Canary, canary_channel, new_instance
 from service.broker.readiness import ReadinessLog
 from service.broker.redis_subscriber import Subscriber
@@ -235,24 +235,12 @@ class RedisBroker(Broker):
         first = str(since.offset + 1) if since is not None else ""
         try:
             async with asyncio.timeout(self._timeout_s):
-                raw_epoch, offset, entries = await self._history_script(
+                reply = await self._history_script(
                     keys=keys, args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
-        epoch = raw_epoch.decode()
-        position = Position(offset=int(offset), epoch=epoch)
-        if since is None:
-            return History(envelopes=[], position=position, recovered=True)
-        if since.epoch != epoch or since.offset > position.offset:
-            return History(envelopes=[], position=position, recovered=False)
-        envelopes = [
-            Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_payload(fields))
-            for entry_id, fields in entries
-        ]
-        expected = range(since.offset + 1, position.offset + 1)
-        recovered = [e.offset for e in envelopes] == list(expected)
-        return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+        return wire.decode_history(channel, since, reply)
 
     # -- subscriptions: see Subscriber ----------------------------------------------
 
@@ -273,11 +261,3 @@ class RedisBroker(Broker):
     async def unsubscribe(self, channel: str) -> None:
         """See Broker.unsubscribe; a subscribe still waiting for this channel returns at once."""
         await self._subscriber.unsubscribe(channel)
-
-
-def _payload(fields: list[bytes]) -> bytes:
-    # Stream entries are flat [field, value, ...]; the payload is field `p`.
-    for index in range(0, len(fields) - 1, 2):
-        if fields[index] == b"p":
-            return fields[index + 1]
-    return b""

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import metrics
 from service.broker import redis_wire as wire
-from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.broker.base import Broker, BrokerUnavailable, History, Position
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.config import Settings
 from service.redis_client import cancel_and_wait, client_name_part, client_options
@@ -212,19 +212,7 @@ class RedisClusterBroker(Broker):
                     reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
         except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
-        raw_epoch, offset, entries = reply
-        epoch = raw_epoch.decode()
-        position = Position(offset=int(offset), epoch=epoch)
-        if since is None:
-            return History(envelopes=[], position=position, recovered=True)
-        if since.epoch != epoch or since.offset > position.offset:
-            return History(envelopes=[], position=position, recovered=False)
-        envelopes = [
-            Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_payload(fields))
-            for entry_id, fields in entries
-        ]
-        recovered = [e.offset for e in envelopes] == list(range(since.offset + 1, position.offset + 1))
-        return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+        return wire.decode_history(channel, since, reply)
 
     # -- subscriptions: see ClusterSubscriber ----------------------------------------------
 
@@ -248,11 +236,3 @@ class RedisClusterBroker(Broker):
     async def unsubscribe(self, channel: str) -> None:
         """See Broker.unsubscribe."""
         await self._subscriber.unsubscribe(channel)
-
-
-def _payload(fields: list[bytes]) -> bytes:
-    # Stream entries are flat [field, value, ...]; the payload is field `p`.
-    for index in range(0, len(fields) - 1, 2):
-        if fields[index] == b"p":
-            return fields[index + 1]
-    return b""

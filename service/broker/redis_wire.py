@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+from service.broker.base import Envelope, History, Position
 
 # Bumped only with an incompatible envelope change; subscribers drop other versions.
 ENVELOPE_VERSION: Final = b"e1"
@@ -132,3 +134,29 @@ return {epoch, offset, entries}
 CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v1", "-- eva-ws cluster publish v1").replace(
     "redis.call('PUBLISH', ARGV[3]", "redis.call('SPUBLISH', ARGV[3]"
 )
+
+
+def decode_history(channel: str, since: Position | None, reply: Any) -> History:
+    """What HISTORY_SCRIPT returned ([epoch, offset, entries]) as a History; see Broker.history."""
+    raw_epoch, offset, entries = reply
+    epoch = raw_epoch.decode()
+    position = Position(offset=int(offset), epoch=epoch)
+    if since is None:
+        return History(envelopes=[], position=position, recovered=True)
+    if since.epoch != epoch or since.offset > position.offset:
+        return History(envelopes=[], position=position, recovered=False)
+    envelopes = [
+        Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_stream_payload(fields))
+        for entry_id, fields in entries
+    ]
+    # Trimming drops the oldest entries: anything missing after `since` means not recovered.
+    recovered = [e.offset for e in envelopes] == list(range(since.offset + 1, position.offset + 1))
+    return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+
+
+def _stream_payload(fields: list[bytes]) -> bytes:
+    # Stream entries are flat [field, value, ...]; the payload is field `p`.
+    for index in range(0, len(fields) - 1, 2):
+        if fields[index] == b"p":
+            return fields[index + 1]
+    return b""
