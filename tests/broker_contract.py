@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,35 @@ def new_channel(kind: str = "transactions") -> str:
 
 def payload(number: int) -> bytes:
     return b'{"type":"transaction_update","n":%d,"text":"\xc3\xa9\xe2\x82\xac"}' % number
+
+
+async def churn_while_publishing(
+    listener: Broker, publisher: Broker, steady: str, events: int
+) -> tuple[set[str], list[Position]]:
+    """Subscribe and unsubscribe 30 channels at random, 300 times, while `events` go to `steady`.
+
+    `steady` must be subscribed already. Returns the set the listener wants at the end
+    (including `steady`) and the positions of the published events.
+    """
+    pool = [new_channel() for _ in range(30)]
+    rng = random.Random(7)
+    wanted: set[str] = {steady}
+
+    async def churn() -> None:
+        for _ in range(300):
+            channel = rng.choice(pool)
+            if channel in wanted:
+                wanted.discard(channel)
+                await listener.unsubscribe(channel)
+            else:
+                wanted.add(channel)
+                await listener.subscribe(channel)
+
+    async def traffic() -> list[Position]:
+        return [await publisher.publish(steady, payload(n)) for n in range(1, events + 1)]
+
+    _, positions = await asyncio.gather(churn(), traffic())
+    return wanted, positions
 
 
 async def start_broker(factory: BrokerFactory, **options: object) -> Started:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +20,15 @@ from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
 from service.publisher import Publisher
-from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
+from tests.broker_contract import (
+    BrokerContract,
+    BrokerFactory,
+    Started,
+    churn_while_publishing,
+    new_channel,
+    payload,
+    start_broker,
+)
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import PartitionProxy
 from tests.waiting import eventually
@@ -373,24 +380,7 @@ async def test_subscription_churn_during_traffic_ends_with_redis_matching_the_wa
     prefix = prefix_of(listener.broker)
     steady = new_channel()
     await listener.broker.subscribe(steady)
-    pool = [new_channel() for _ in range(30)]
-    rng = random.Random(7)
-    wanted: set[str] = {steady}
-
-    async def churn() -> None:
-        for _ in range(300):
-            channel = rng.choice(pool)
-            if channel in wanted:
-                wanted.discard(channel)
-                await listener.broker.unsubscribe(channel)
-            else:
-                wanted.add(channel)
-                await listener.broker.subscribe(channel)
-
-    async def traffic() -> list[Position]:
-        return [await publisher.broker.publish(steady, payload(n)) for n in range(1, 201)]
-
-    _, positions = await asyncio.gather(churn(), traffic())
+    wanted, positions = await churn_while_publishing(listener.broker, publisher.broker, steady, 200)
     await eventually(lambda: listener.broker.ready, "broker not ready after churn")
     assert await pubsub_channels(raw, prefix) == wanted
     assert listener.broker.subscribed_channels == wanted

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,15 @@ from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.redis_cluster import RedisClusterBroker
 from service.config import Settings
 from service.redis_cluster_client import parse_cluster_url
-from tests.broker_contract import BrokerContract, BrokerFactory, Started, new_channel, payload, start_broker
+from tests.broker_contract import (
+    BrokerContract,
+    BrokerFactory,
+    Started,
+    churn_while_publishing,
+    new_channel,
+    payload,
+    start_broker,
+)
 from tests.conftest import AppClient, connect, make_settings, publish, receive_type, subscribe, token_for, txn
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import free_port
@@ -273,24 +280,7 @@ async def test_subscription_churn_during_traffic_ends_with_the_masters_matching_
     prefix = prefix_of(listener.broker)
     steady = new_channel()
     await listener.broker.subscribe(steady)
-    pool = [new_channel() for _ in range(30)]
-    rng = random.Random(7)
-    wanted: set[str] = {steady}
-
-    async def churn() -> None:
-        for _ in range(300):
-            channel = rng.choice(pool)
-            if channel in wanted:
-                wanted.discard(channel)
-                await listener.broker.unsubscribe(channel)
-            else:
-                wanted.add(channel)
-                await listener.broker.subscribe(channel)
-
-    async def traffic() -> list[Position]:
-        return [await publisher.broker.publish(steady, payload(n)) for n in range(1, 101)]
-
-    _, positions = await asyncio.gather(churn(), traffic())
+    wanted, positions = await churn_while_publishing(listener.broker, publisher.broker, steady, 100)
     await eventually(lambda: listener.broker.ready, "broker not ready after churn")
 
     def matches() -> bool:
