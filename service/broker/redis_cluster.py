@@ -107,7 +107,7 @@ class RedisClusterBroker(Broker):
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
-            **tunables,
+            **{"reconnect_max_s": settings.redis_reconnect_max_s, **tunables},
         )
 
     # -- lifecycle ---------------------------------------------------------------------
