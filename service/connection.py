@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -35,24 +35,30 @@ CLOSE_TIMEOUT_S: Final = 2.0
 WRITE_HIGH_WATER_BYTES: Final = 64 * 1024
 
 
+class Flushable(Protocol):
+    def flush(self) -> None:
+        """Write whatever is queued; called by the Flusher once per `add`."""
+
+
 class Flusher:
     """One deferred flush for every connection with queued frames, shared by a pod's connections.
 
     A flush runs on the next loop turn, but never sooner than `window_s` after the previous
-    one: under load each write then carries every frame of the window (one syscall for
-    several deliveries), at the cost of at most `window_s` of latency. An isolated event
-    (the previous flush is older than the window) is written at once. 0 flushes every turn.
+    one ended: under load each write then carries every frame the client got meanwhile (one
+    syscall for several deliveries), at the cost of at most `window_s` of latency. An event
+    after a quiet spell (the previous flush ended longer ago than the window) is written at
+    once. 0 flushes every turn.
     """
 
     __slots__ = ("_dirty", "_handle", "_last_flush", "_window_s")
 
     def __init__(self, *, window_s: float) -> None:
         self._window_s = window_s
-        self._dirty: list[Connection] = []
+        self._dirty: list[Flushable] = []
         self._handle: asyncio.Handle | None = None
         self._last_flush = 0.0
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Flushable) -> None:
         self._dirty.append(conn)
         if self._handle is None:
             loop = asyncio.get_running_loop()
@@ -64,10 +70,12 @@ class Flusher:
 
     def _run(self) -> None:
         self._handle = None
-        self._last_flush = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+        # The window counts from the end: a flush to a thousand clients takes milliseconds,
+        # and events that came in meanwhile should wait for the next flush, not trigger it.
+        self._last_flush = asyncio.get_running_loop().time()
 
 
 class Connection:
@@ -126,14 +134,10 @@ class Connection:
         """Queue one wire frame (see frames.text_frame); never blocks. See Outbox for overflow."""
         if self._closing:
             return
-        outbox = self._outbox
-        conflated = outbox.conflated
-        if not outbox.put(frame, conflation_key):
+        if not self._outbox.put(frame, conflation_key):
             log.warning("slow_consumer_closed", conn_id=self.conn_id, user_id=self.principal.user_id)
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
-        if outbox.conflated != conflated:
-            metrics.EVENTS_CONFLATED.inc()
         if not self._flush_scheduled and self._drain is None:
             self._flush_scheduled = True
             self._flusher.add(self)

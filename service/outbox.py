@@ -2,77 +2,73 @@
 
 from __future__ import annotations
 
-from typing import cast
-
-
-class _Keyed:
-    """A queued frame that a newer one may supersede; voided in place (frame None)."""
-
-    __slots__ = ("frame", "key")
-
-    def __init__(self, frame: bytes, key: str) -> None:
-        self.frame: bytes | None = frame
-        self.key = key
+from service import metrics
 
 
 class Outbox:
     """Frames waiting to be written to one client, oldest first.
 
-    Overflow policy: `put` returns False when `capacity` frames are already waiting;
-    the caller closes the connection as a slow consumer (it resumes from its offsets
-    on reconnect), because silently dropping events would break the no-loss promise.
-    Before that, an entry with a conflation key (a transaction_update) replaces the
-    still-queued entry with the same key: only the newest state of a transaction
-    matters, and its offset tells the client it skipped versions.
+    Overflow policy: `put` returns False when `capacity` frames are already waiting and
+    none of them is superseded; the caller closes the connection as a slow consumer (it
+    resumes from its offsets on reconnect), because silently dropping events would break
+    the no-loss promise.
+
+    Conflation: a frame queued with a conflation key (a transaction_update) is superseded
+    by a newer frame with the same key, since only the newest state of a transaction
+    matters and its offset tells the client it skipped versions. Superseded frames are
+    dropped only once the queue backs up, when it is full or when more than one frame
+    is taken at once, so a client that keeps up pays nothing for it: queueing a frame
+    is two list appends.
     """
 
-    __slots__ = ("_by_key", "_capacity", "_entries", "_live", "conflated")
+    __slots__ = ("_capacity", "_frames", "_keys", "conflated")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        # Plain bytes for frames that are never superseded (the common case: no allocation).
-        self._entries: list[bytes | _Keyed] = []
-        self._by_key: dict[str, _Keyed] = {}
-        self._live = 0
+        self._frames: list[bytes] = []
+        self._keys: list[str | None] = []  # parallel to _frames
         self.conflated = 0
 
     def __len__(self) -> int:
-        """Frames still to be written (voided entries do not count)."""
-        return self._live
+        """Frames waiting, superseded ones included until they are dropped."""
+        return len(self._frames)
 
     def put(self, frame: bytes, conflation_key: str | None = None) -> bool:
-        if conflation_key is None:
-            if self._live >= self._capacity:
-                return False
-            self._entries.append(frame)
-            self._live += 1
-            return True
-        previous = self._by_key.get(conflation_key)
-        if previous is not None:
-            # Void the older update; the newer one goes to the back to keep offsets increasing.
-            previous.frame = None
-            self._live -= 1
-            self.conflated += 1
-        if self._live >= self._capacity:
+        self._frames.append(frame)
+        self._keys.append(conflation_key)
+        if len(self._frames) > self._capacity and not self._conflate():
+            self._frames.pop()
+            self._keys.pop()
             return False
-        entry = _Keyed(frame, conflation_key)
-        self._entries.append(entry)
-        self._by_key[conflation_key] = entry
-        self._live += 1
         return True
 
     def pop_all(self) -> list[bytes]:
-        """Take every waiting frame, oldest first."""
-        entries = self._entries
-        self._entries = []
-        self._live = 0
-        if not self._by_key:
-            return cast(list[bytes], entries)  # nothing keyed was queued: all entries are bytes
-        self._by_key.clear()
-        frames: list[bytes] = []
-        for entry in entries:
-            if isinstance(entry, bytes):
-                frames.append(entry)
-            elif entry.frame is not None:
-                frames.append(entry.frame)
+        """Take every waiting frame that no newer one supersedes, oldest first."""
+        if len(self._frames) > 1:
+            self._conflate()
+        frames = self._frames
+        self._frames = []
+        self._keys = []
         return frames
+
+    def _conflate(self) -> bool:
+        """Drop every frame superseded by a newer one with the same key; False if none was."""
+        keys = self._keys
+        newest: dict[str, int] = {}
+        keyed = 0
+        for i, key in enumerate(keys):
+            if key is not None:
+                newest[key] = i
+                keyed += 1
+        dropped = keyed - len(newest)
+        if not dropped:
+            return False
+        # The newest frame of a key stays where it was queued: later than every frame
+        # before it, so offsets still increase.
+        keep = [i for i, key in enumerate(keys) if key is None or newest[key] == i]
+        frames = self._frames
+        self._frames = [frames[i] for i in keep]
+        self._keys = [keys[i] for i in keep]
+        self.conflated += dropped
+        metrics.EVENTS_CONFLATED.inc(dropped)
+        return True
