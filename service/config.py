@@ -86,7 +86,7 @@ class Settings:
     max_message_bytes: int = 65_536
     send_queue_size: int = 256
     # Minimum spacing of socket writes under load (see connection.Flusher); 0 writes every loop turn.
-    write_window_ms: float = 2.0
+    write_window_ms: float = 8.0
     heartbeat_s: float = 25.0
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 40
@@ -347,7 +347,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cors_origins=tuple(_origin(o, "CORS_ORIGINS") for o in _list(env, "cors_origins")),
         max_message_bytes=_int(env, "max_message_bytes", 65_536, minimum=256, maximum=16 * 1024 * 1024),
         send_queue_size=_int(env, "send_queue_size", 256, minimum=1, maximum=1_000_000),
-        write_window_ms=_float(env, "write_window_ms", 2.0, minimum=0.0, maximum=100.0),
+        write_window_ms=_float(env, "write_window_ms", 8.0, minimum=0.0, maximum=100.0),
         heartbeat_s=_float(env, "heartbeat_s", 25.0, minimum=1.0, maximum=3600.0),
         rate_limit_per_s=_float(env, "rate_limit_per_s", 20.0, minimum=0.1, maximum=100_000.0),
         rate_limit_burst=burst,
