@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -29,6 +30,13 @@ def _default_cpus() -> tuple[str, str]:
     return str(cpus[0]), ",".join(str(c) for c in cpus[1:])
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("EVA_WS_"):
+        raise SystemExit(f"--eva-ws-env takes EVA_WS_NAME=VALUE, not {text!r}")
+    return name, value
+
+
 SCENARIO_ERRORS = (RuntimeError, OSError, TimeoutError, ValueError, KeyError, ProcessLookupError)
 
 
@@ -38,6 +46,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, from: " + ", ".join(SCENARIOS))
     p.add_argument("--size", choices=["tiny", "default"], default="default", help="preset for every size knob")
     p.add_argument("--set", action="append", default=[], metavar="SCENARIO.KNOB=VALUE", help="override one knob")
+    p.add_argument(
+        "--eva-ws-env",
+        action="append",
+        default=[],
+        metavar="EVA_WS_NAME=VALUE",
+        help="one more setting for the eva-ws server, e.g. EVA_WS_WRITE_WINDOW_MS=5 (repeatable)",
+    )
     p.add_argument("--client", choices=["picows", "aiohttp"], default="picows", help="load-generator WebSocket client")
     server_cpus, client_cpus = _default_cpus()
     p.add_argument(
@@ -140,6 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in targets:
         if name not in TARGETS:
             raise SystemExit(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    eva_ws_env = dict(_setting(text) for text in args.eva_ws_env)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": " ".join(["scripts/bench", shlex.join(sys.argv[1:])]).strip(),
@@ -148,6 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "sizes": report.sizes_json(sizes),
         "client": args.client,
+        "eva_ws_env": eva_ws_env,
         "loadgen_processes": args.loadgen_processes,
         "server_cpus": args.server_cpus,
         "nice": args.nice,
@@ -158,6 +175,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     for name in targets:
         target = TARGETS[name]
+        if name == "eva-ws" and eva_ws_env:
+            target = dataclasses.replace(target, extra_env={**target.extra_env, **eva_ws_env})
         missing = target.available()
         if missing is not None:
             print(f"skipping {name}: {missing}", file=sys.stderr)
