@@ -110,6 +110,8 @@ class RedisPresence(Presence):
     Every call is bounded by connect + command timeout; when Redis cannot answer it raises
     BrokerUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
     never calls `start` still keeps its entries alive) and keeps beating through outages.
+    The adds and removes of concurrent connections share one script call (see Batcher); each
+    caller still returns only once its own write is in Redis, or raises.
     """
 
     def __init__(
