@@ -66,11 +66,16 @@ class TokenVerifier:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway_s = settings.jwt_leeway_s
+        # One key configured: issuers that stamp a kid anyway keep working.
+        self._single_key = not self._keys and jwks is None and self._default_key is not None
 
     async def verify(self, token: object) -> Principal:
         """A Principal, or AuthError; messages never repeat the token or any part of it."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed", "token is missing or too long")
+        if self._single_key:
+            # One key whatever the kid: no need to read the header before the signature check.
+            return self._decode(token, self._default_key)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -81,11 +86,8 @@ class TokenVerifier:
         return self._decode(token, await self._key_for(kid))
 
     async def _key_for(self, kid: str | None) -> Any:
-        if not self._keys and self._jwks is None:
-            # One key configured: issuers that stamp a kid anyway keep working.
+        if kid is None:
             key: Any = self._default_key
-        elif kid is None:
-            key = self._default_key
         else:
             key = self._keys.get(kid)
             if key is None and self._jwks is not None:

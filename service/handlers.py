@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from typing import Any, Final
 
 import orjson
@@ -71,7 +71,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
     limits = app[keys.CONNECTION_LIMITS]
-    conn_id = uuid.uuid4().hex
+    conn_id = secrets.token_hex(16)
     ip = client_ip(request, settings.client_ip_header)
     # Before the token check: a flood from one address is refused without spending CPU on signatures.
     if not await limits.acquire_ip(conn_id, ip):

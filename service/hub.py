@@ -153,7 +153,10 @@ class Hub:
         try:
             if state.setup is None or (state.setup.done() and state.setup.exception() is not None):
                 state.setup = asyncio.ensure_future(self._open_channel(key, state))
-            await asyncio.wait_for(asyncio.shield(state.setup), self._subscribe_timeout_s)
+            if state.setup.done():
+                state.setup.result()  # the channel is open already: no timer, no shield
+            else:
+                await asyncio.wait_for(asyncio.shield(state.setup), self._subscribe_timeout_s)
             result = await self._join(state, sub, since)
         except (BrokerUnavailable, TimeoutError) as exc:
             await self.unsubscribe(sub)

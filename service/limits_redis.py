@@ -14,6 +14,7 @@ from service import metrics
 from service.config import Settings
 from service.limits import ConnectionCounter
 from service.log import get_logger
+from service.redis_batch import Batcher
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
 from service.redis_cluster_client import CLUSTER_ERRORS, cluster_client, eval_script, is_cluster_url
 
@@ -36,6 +37,33 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 )
+# Many acquires and releases in one round trip, in order, each as ACQUIRE_SCRIPT would decide it.
+# KEYS: one per operation. ARGV: the TTL, then member and limit per operation (a limit
+# of RELEASE removes the member). Answers 1 (granted, or released) or 0 per operation.
+RELEASE: Final = -1
+LEASES_SCRIPT: Final = (
+    _NOW
+    + """local ttl = tonumber(ARGV[1])
+local answers = {}
+for i = 1, #KEYS do
+  local key, member, limit = KEYS[i], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  if limit < 0 then
+    redis.call('ZREM', key, member)
+    answers[i] = 1
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if not redis.call('ZSCORE', key, member) and redis.call('ZCARD', key) >= limit then
+      answers[i] = 0
+    else
+      redis.call('ZADD', key, now + ttl, member)
+      redis.call('PEXPIRE', key, ttl)
+      answers[i] = 1
+    end
+  end
+end
+return answers
+"""
+)
 # Re-adds as well as extends: a lease dropped while Redis was unreachable counts again.
 REFRESH_SCRIPT: Final = (
     _NOW
@@ -53,6 +81,10 @@ class RedisConnectionCounter(ConnectionCounter):
     When Redis cannot answer, `acquire` lets the connection in (and counts it in
     `eva_ws_connection_caps_unavailable_total`): an outage of the shared store must not
     lock every user out. The pod's leases are refreshed every `lease_ttl_s / 3`.
+
+    On a single Redis the acquires and releases of concurrent connections share one script
+    call (see Batcher); on a Redis Cluster the keys live on different slots, so each key
+    takes its own call.
     """
 
     def __init__(self, client: Redis | RedisCluster, *, prefix: str, pod_id: str, lease_ttl_s: float = 30.0) -> None:
@@ -62,6 +94,10 @@ class RedisConnectionCounter(ConnectionCounter):
         self._ttl_ms = max(1000, int(lease_ttl_s * 1000))
         self._held: defaultdict[str, set[str]] = defaultdict(set)
         self._refresher: asyncio.Task[None] | None = None
+        # (key, member, limit or RELEASE) per operation.
+        self._batcher: Batcher[tuple[str, str, int], int] | None = (
+            None if isinstance(client, RedisCluster) else Batcher(self._send_batch)
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisConnectionCounter:
@@ -92,7 +128,10 @@ class RedisConnectionCounter(ConnectionCounter):
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_forever(), name="connection-lease-refresh")
         try:
-            granted = await self._run(ACQUIRE_SCRIPT, self._key(key), [self._member(lease_id), limit, self._ttl_ms])
+            if self._batcher is None:
+                granted = await self._run(ACQUIRE_SCRIPT, self._key(key), [self._member(lease_id), limit, self._ttl_ms])
+            else:
+                granted = await self._batcher.submit((self._key(key), self._member(lease_id), limit))
         except CLUSTER_ERRORS as exc:
             metrics.CONNECTION_CAPS_UNAVAILABLE.inc()
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
@@ -109,7 +148,10 @@ class RedisConnectionCounter(ConnectionCounter):
         if not held:
             del self._held[key]
         try:
-            await self._client.zrem(self._key(key), self._member(lease_id))
+            if self._batcher is None:
+                await self._client.zrem(self._key(key), self._member(lease_id))
+            else:
+                await self._batcher.submit((self._key(key), self._member(lease_id), RELEASE))
         except CLUSTER_ERRORS as exc:
             # The lease expires by itself once this pod stops refreshing it.
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
@@ -117,6 +159,8 @@ class RedisConnectionCounter(ConnectionCounter):
     async def close(self) -> None:
         if self._refresher is not None:
             await cancel_and_wait(self._refresher)
+        if self._batcher is not None:
+            await self._batcher.wait_idle()
         with contextlib.suppress(*CLUSTER_ERRORS):
             for key, held in list(self._held.items()):
                 await self._client.zrem(self._key(key), *(self._member(lease) for lease in held))
@@ -126,6 +170,14 @@ class RedisConnectionCounter(ConnectionCounter):
     async def _run(self, script: str, key: str, args: list[Any]) -> Any:
         async with asyncio.timeout(2.0):
             return await eval_script(self._client, script, [key], args)
+
+    async def _send_batch(self, operations: list[tuple[str, str, int]]) -> list[int]:
+        args: list[Any] = [self._ttl_ms]
+        for _, member, limit in operations:
+            args += (member, limit)
+        async with asyncio.timeout(2.0):
+            answers: list[int] = await eval_script(self._client, LEASES_SCRIPT, [key for key, _, _ in operations], args)
+        return answers
 
     async def _refresh_forever(self) -> None:
         while True:

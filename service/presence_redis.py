@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
+from service.redis_batch import Batcher
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
 
 log = structlog.get_logger("eva_ws.presence")
@@ -80,6 +81,24 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
 end
 return 1
 """
+# Many adds and removes in one round trip, in order. KEYS: entries hash, counts hash, per
+# operation. ARGV: instance, then conn_id and entry JSON per operation (an empty JSON removes).
+_APPLY: Final = """
+local instance = ARGV[1]
+for i = 1, #KEYS / 2 do
+  local entries, counts, conn_id, value = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i], ARGV[2 * i + 1]
+  if value == '' then
+    if redis.call('HDEL', entries, conn_id) == 1 then
+      if redis.call('HINCRBY', counts, instance, -1) <= 0 then
+        redis.call('HDEL', counts, instance)
+      end
+    end
+  elseif redis.call('HSET', entries, conn_id, value) == 1 then
+    redis.call('HINCRBY', counts, instance, 1)
+  end
+end
+return #KEYS / 2
+"""
 # KEYS: entries hash, counts hash. ARGV: heartbeat key prefix.
 _COUNT: Final = _PURGE + "return purge(KEYS[1], KEYS[2], ARGV[1])\n"
 _LIST: Final = _PURGE + "purge(KEYS[1], KEYS[2], ARGV[1])\nreturn redis.call('HGETALL', KEYS[1])\n"
@@ -91,6 +110,8 @@ class RedisPresence(Presence):
     Every call is bounded by connect + command timeout; when Redis cannot answer it raises
     BrokerUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
     never calls `start` still keeps its entries alive) and keeps beating through outages.
+    The adds and removes of concurrent connections share one script call (see Batcher); each
+    caller still returns only once its own write is in Redis, or raises.
     """
 
     def __init__(
@@ -121,7 +142,7 @@ class RedisPresence(Presence):
                 client_name=f"eva-ws:{client_name_part(pod_id)}:presence",
             ),
         )
-        self._add_script = self._client.register_script(_ADD)
+        self._apply_script = self._client.register_script(_APPLY)
         self._remove_script = self._client.register_script(_REMOVE)
         self._count_script = self._client.register_script(_COUNT)
         self._list_script = self._client.register_script(_LIST)
@@ -134,6 +155,8 @@ class RedisPresence(Presence):
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         self._starting = asyncio.Lock()  # concurrent first `add`s start one heartbeat, not several
+        # Adds and removes of concurrent connections share a round trip: (customers, conn_id, JSON or b"").
+        self._writes: Batcher[tuple[tuple[str, ...], str, bytes], None] = Batcher(self._apply)
 
     def _entries_key(self, customer_id: str) -> str:
         return f"{self._prefix}presence:{customer_id}"
@@ -183,6 +206,7 @@ class RedisPresence(Presence):
         if self._heartbeat is not None:
             await cancel_and_wait(self._heartbeat)
             self._heartbeat = None
+        await self._writes.wait_idle()
         try:
             # One round trip; the heartbeat goes first, so readers drop whatever a failure leaves.
             async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
@@ -210,29 +234,36 @@ class RedisPresence(Presence):
         if self._heartbeat is None:
             await self.start()  # without a heartbeat, readers would drop the entry at once
         # Kept even if Redis cannot take it now: a lapsed heartbeat re-adds every local entry.
-        self._local[entry.conn_id] = (tuple(customer_ids), entry)
+        customers = tuple(customer_ids)
+        self._local[entry.conn_id] = (customers, entry)
         try:
-            async with self._redis_call(), self._client.pipeline(transaction=False) as pipe:
-                for customer_id in customer_ids:
-                    keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-                    await self._add_script(keys=keys, args=[entry.conn_id, value, self._instance], client=pipe)
-                await pipe.execute()
+            await self._writes.submit((customers, entry.conn_id, value))
         except BrokerUnavailable:
             self._rewrite_local = True
             raise
 
     async def remove(self, customer_ids: list[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)
+        customers = tuple(customer_ids)
         try:
-            async with self._redis_call(), self._client.pipeline(transaction=False) as pipe:
-                for customer_id in customer_ids:
-                    keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-                    await self._remove_script(keys=keys, args=[conn_id, self._instance], client=pipe)
-                await pipe.execute()
+            await self._writes.submit((customers, conn_id, b""))
         except BrokerUnavailable:
-            self._unremoved[conn_id] = tuple(customer_ids)
+            self._unremoved[conn_id] = customers
             raise
         self._unremoved.pop(conn_id, None)
+
+    async def _apply(self, writes: list[tuple[tuple[str, ...], str, bytes]]) -> list[None]:
+        """One script for the adds and removes of many connections."""
+        keys: list[str] = []
+        args: list[str | bytes] = [self._instance]
+        for customer_ids, conn_id, value in writes:
+            for customer_id in customer_ids:
+                keys += (self._entries_key(customer_id), self._counts_key(customer_id))
+                args += (conn_id, value)
+        if keys:
+            async with self._redis_call():
+                await self._apply_script(keys=keys, args=args)
+        return [None] * len(writes)
 
     async def list(self, customer_id: str) -> list[PresenceEntry]:
         keys = [self._entries_key(customer_id), self._counts_key(customer_id)]

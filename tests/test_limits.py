@@ -79,6 +79,40 @@ async def test_an_unreachable_redis_lets_connections_in_and_says_so(redis_server
         await counter.close()
 
 
+async def test_concurrent_acquires_and_releases_of_many_keys_get_their_own_answers(redis_server):
+    pod_a, pod_b = _redis_counter(redis_server, "pod-a"), _redis_counter(redis_server, "pod-b")
+    try:
+        assert all(await asyncio.gather(*(pod_a.acquire(f"user:{n}", "old", 2) for n in range(100))))
+        # In one turn, per user: pod A gives back its lease, then both pods ask for two more.
+        answers = await asyncio.gather(
+            *(pod_a.release(f"user:{n}", "old") for n in range(100)),
+            *(pod_a.acquire(f"user:{n}", "a", 2) for n in range(100)),
+            *(pod_b.acquire(f"user:{n}", "b1", 2) for n in range(100)),
+            *(pod_b.acquire(f"user:{n}", "b2", 2) for n in range(100)),
+        )
+        granted_a, granted_b1, granted_b2 = answers[100:200], answers[200:300], answers[300:]
+        assert all(granted_a), "a released slot was not free for the acquires after it"
+        assert all(granted_b1), "a released slot was not free for the acquires after it"
+        assert not any(granted_b2), "a cap was exceeded"
+        await pod_b.release("user:7", "b1")
+        assert await pod_a.acquire("user:7", "a2", 2)
+    finally:
+        await pod_a.close()
+        await pod_b.close()
+
+
+async def test_concurrent_acquires_without_redis_are_all_let_in(redis_server):
+    counter = _redis_counter(redis_server)
+    redis_server.kill()
+    before = metrics.CONNECTION_CAPS_UNAVAILABLE._value.get()
+    try:
+        assert all(await asyncio.gather(*(counter.acquire("user:a", f"c{i}", 1) for i in range(50))))
+        assert metrics.CONNECTION_CAPS_UNAVAILABLE._value.get() == before + 50
+        await asyncio.gather(*(counter.release("user:a", f"c{i}") for i in range(50)))  # logged, not raised
+    finally:
+        await counter.close()
+
+
 async def test_slots_up_to_the_limit_then_refused(counter):
     assert [await counter.acquire("user:a", f"c{i}", 3) for i in range(5)] == [True, True, True, False, False]
 

@@ -222,3 +222,44 @@ async def test_presence_starts_while_redis_is_down(tmp_path: Path) -> None:
     finally:
         await presence.close()
         server.kill()
+
+
+async def evalsha_calls(raw: Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_adds_and_removes_each_land_in_few_round_trips(pods: Callable[..., Any], raw: Redis) -> None:
+    pod, reader = await pods("pod-a"), await pods("pod-b")
+    staying = [entry("pod-a", f"u{n}", at=float(n)) for n in range(200)]
+    leaving = [entry("pod-a", f"v{n}") for n in range(100)]
+    await asyncio.gather(*(pod.add(["c1", f"own{n % 3}"], e) for n, e in enumerate(leaving)))
+    before = await evalsha_calls(raw)
+    # Adds, and removes queued after them in the same turn: applied in the order they were called.
+    await asyncio.gather(
+        *(pod.add(["c1", f"own{n % 3}"], e) for n, e in enumerate(staying)),
+        *(pod.remove(["c1", f"own{n % 3}"], e.conn_id) for n, e in enumerate(leaving)),
+        *(pod.add(["c2"], e) for e in leaving),
+        *(pod.remove(["c2"], e.conn_id) for e in leaving),
+    )
+    assert await evalsha_calls(raw) - before <= 3, "concurrent writes did not share round trips"
+    assert await reader.list("c1") == staying
+    assert await reader.count("c1") == 200
+    assert await reader.list("own1") == [e for n, e in enumerate(staying) if n % 3 == 1]
+    assert await reader.count("c2") == 0
+
+
+async def test_concurrent_adds_without_redis_each_raise_broker_unavailable(redis_server: RedisServer) -> None:
+    presence = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-d")
+    try:
+        await presence.start()
+        redis_server.kill()
+        results = await asyncio.gather(
+            *(presence.add(["c1"], entry("pod-d")) for _ in range(50)),
+            *(presence.remove(["c1"], f"gone{n}") for n in range(50)),
+            return_exceptions=True,
+        )
+        assert len(results) == 100
+        assert all(isinstance(r, BrokerUnavailable) for r in results)
+    finally:
+        await presence.close()
