@@ -74,6 +74,23 @@ return #ARGV - 1
 """
 )
 
+# REFRESH_SCRIPT for many keys. ARGV: the TTL, then per key its member count and members.
+REFRESH_MANY_SCRIPT: Final = (
+    _NOW
+    + """local ttl = tonumber(ARGV[1])
+local a = 2
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  for j = a + 1, a + n do redis.call('ZADD', KEYS[i], now + ttl, ARGV[j]) end
+  redis.call('PEXPIRE', KEYS[i], ttl)
+  a = a + n + 1
+end
+return #KEYS
+"""
+)
+# Bounds one refresh script's run: Redis serves nothing else while it runs.
+REFRESH_KEYS_PER_CALL: Final = 500
+
 
 class RedisConnectionCounter(ConnectionCounter):
     """See ConnectionCounter; the cap holds across every pod sharing the Redis.
@@ -182,12 +199,24 @@ class RedisConnectionCounter(ConnectionCounter):
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
-            for key, held in list(self._held.items()):
-                members = [self._member(lease) for lease in held]
-                if not members:
-                    continue
-                try:
-                    await self._run(REFRESH_SCRIPT, self._key(key), [self._ttl_ms, *members])
-                except CLUSTER_ERRORS as exc:
-                    log.warning("connection_cap_refresh_failed", error=type(exc).__name__)
-                    break  # Redis is down: try every key again next round
+            leases = [(self._key(key), [self._member(lease) for lease in held]) for key, held in self._held.items()]
+            try:
+                await self._refresh([(key, members) for key, members in leases if members])
+            except CLUSTER_ERRORS as exc:
+                log.warning("connection_cap_refresh_failed", error=type(exc).__name__)
+                # Redis is down: every key is tried again next round
+
+    async def _refresh(self, leases: list[tuple[str, list[str]]]) -> None:
+        """Extend (or re-add) every lease: a pod holds one key per user, so on a single Redis
+        many keys share a script call instead of one round trip each."""
+        if self._batcher is None:  # Redis Cluster: the keys live on different slots
+            for key, members in leases:
+                await self._run(REFRESH_SCRIPT, key, [self._ttl_ms, *members])
+            return
+        for start in range(0, len(leases), REFRESH_KEYS_PER_CALL):
+            chunk = leases[start : start + REFRESH_KEYS_PER_CALL]
+            args: list[Any] = [self._ttl_ms]
+            for _, members in chunk:
+                args += (len(members), *members)
+            async with asyncio.timeout(2.0):
+                await eval_script(self._client, REFRESH_MANY_SCRIPT, [key for key, _ in chunk], args)

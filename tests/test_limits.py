@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
-from service.limits_redis import RedisConnectionCounter
+from service.limits_redis import REFRESH_KEYS_PER_CALL, RedisConnectionCounter
 from service.redis_client import command_client
 from tests.redis_server import RedisServer
 from tests.waiting import eventually
@@ -66,6 +66,21 @@ async def test_leases_of_a_pod_that_died_stop_counting(redis_server):
     finally:
         await alive.close()
         await dead.close()
+
+
+async def test_the_refresh_keeps_the_leases_of_many_users_alive(redis_server):
+    # More users than one refresh script takes, each with a lease and a cap of one.
+    users = [f"user:{i}" for i in range(REFRESH_KEYS_PER_CALL + 20)]
+    pod = _redis_counter(redis_server, "pod-a", lease_ttl_s=1.0)
+    other = _redis_counter(redis_server, "pod-b", lease_ttl_s=1.0)
+    try:
+        assert all(await asyncio.gather(*(pod.acquire(user, f"c-{user}", 1) for user in users)))
+        await asyncio.sleep(2.5)  # more than two lease TTLs: only refreshes keep them
+        refused = await asyncio.gather(*(other.acquire(user, f"d-{user}", 1) for user in users))
+        assert not any(refused), "a refreshed lease expired"
+    finally:
+        await other.close()
+        await pod.close()
 
 
 async def test_an_unreachable_redis_lets_connections_in_and_says_so(redis_server):
