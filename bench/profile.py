@@ -124,12 +124,14 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
             bench = Bench(
                 target=target, server=server, loadgen=loadgen, publisher=publisher, secret=secret, redis_pid=redis.pid
             )
-            await bench.connect(bench.tokens(["C0"] * args.subscribers))
-            publishing = asyncio.create_task(bench.publish(["C0"], args.rate, args.seconds + 2))
+            # Subscribers spread round-robin over the customers, as in the many-channels scenario.
+            customers = [f"C{i}" for i in range(args.customers)]
+            await bench.connect(bench.tokens([customers[i % len(customers)] for i in range(args.subscribers)]))
+            publishing = asyncio.create_task(bench.publish(customers, args.rate, args.seconds + 2))
             await asyncio.sleep(1.0)
             spy = await asyncio.create_subprocess_exec(
                 py_spy, "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
-                "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--nonblocking", "--output", str(raw_path),
+                "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--output", str(raw_path), *(["--native"] if args.native else ["--nonblocking"]),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             try:
@@ -154,6 +156,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/bench profile", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="eva-ws", choices=[n for n, t in TARGETS.items() if t.name != "node-socketio"])
     p.add_argument("--subscribers", type=int, default=1000)
+    p.add_argument("--customers", type=int, default=1, help="channels the subscribers are spread over")
+    p.add_argument("--native", action="store_true", help="sample C frames too (pauses the server for each sample)")
     p.add_argument("--rate", type=float, default=20.0, help="events per second on the one channel")
     p.add_argument("--seconds", type=float, default=20.0, help="how long py-spy samples")
     p.add_argument("--server-cpus", default="0")
@@ -169,7 +173,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     uvloop.run(profile_target(args, raw_path))
     profile = parse_collapsed(raw_path.read_text())
-    title = f"{args.target} fan-out profile: {args.subscribers} subscribers, {args.rate:g} events/s"
+    title = (
+        f"{args.target} fan-out profile: {args.subscribers} subscribers on {args.customers} channel(s), "
+        f"{args.rate:g} events/s"
+    )
     out.write_text(to_markdown(profile, title=title, seconds=args.seconds))
     print(out.read_text())
 
