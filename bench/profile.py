@@ -131,7 +131,8 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
             await asyncio.sleep(1.0)
             spy = await asyncio.create_subprocess_exec(
                 py_spy, "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
-                "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--output", str(raw_path), *(["--native"] if args.native else ["--nonblocking"]),
+                "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--output", str(raw_path),
+                "--native" if args.native else "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             try:
