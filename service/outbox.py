@@ -54,6 +54,8 @@ class Outbox:
     def _conflate(self) -> bool:
         """Drop every frame superseded by a newer one with the same key; False if none was."""
         keys = self._keys
+        if len(set(keys)) == len(keys):
+            return False  # the common case, every key distinct: one C-level check
         newest: dict[str, int] = {}
         keyed = 0
         for i, key in enumerate(keys):
