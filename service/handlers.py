@@ -135,7 +135,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
     lifecycle.connections.add(conn)
     metrics.CONNECTIONS_OPENED.inc()
     metrics.CONNECTIONS_ACTIVE.inc()
-    customers = sorted(principal.customer_ids)
+    customers = principal.customer_ids
     presence = app[keys.PRESENCE]
     log.info("connection_opened", customers=len(customers))
     try:
