@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections import defaultdict
 from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
 
 from service import metrics
 from service.config import Settings
-from service.limits import ConnectionCounter
+from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
 from service.redis_cluster_client import CLUSTER_ERRORS, cluster_client, eval_script, is_cluster_url
@@ -60,7 +59,7 @@ class RedisConnectionCounter(ConnectionCounter):
         self._prefix = prefix
         self._instance = f"{pod_id}/{secrets.token_hex(4)}"
         self._ttl_ms = max(1000, int(lease_ttl_s * 1000))
-        self._held: defaultdict[str, set[str]] = defaultdict(set)
+        self._held = Leases()
         self._refresher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -98,16 +97,12 @@ class RedisConnectionCounter(ConnectionCounter):
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
             granted = 1
         if granted:
-            self._held[key].add(lease_id)
+            self._held.add(key, lease_id)
         return bool(granted)
 
     async def release(self, key: str, lease_id: str) -> None:
-        held = self._held.get(key)
-        if held is None or lease_id not in held:
+        if not self._held.discard(key, lease_id):
             return
-        held.discard(lease_id)
-        if not held:
-            del self._held[key]
         try:
             await self._client.zrem(self._key(key), self._member(lease_id))
         except CLUSTER_ERRORS as exc:
@@ -118,8 +113,10 @@ class RedisConnectionCounter(ConnectionCounter):
         if self._refresher is not None:
             await cancel_and_wait(self._refresher)
         with contextlib.suppress(*CLUSTER_ERRORS):
-            for key, held in list(self._held.items()):
-                await self._client.zrem(self._key(key), *(self._member(lease) for lease in held))
+            for key in list(self._held):
+                members = [self._member(lease) for lease in self._held.holders(key)]
+                if members:
+                    await self._client.zrem(self._key(key), *members)
         self._held.clear()
         await self._client.aclose()
 
@@ -130,8 +127,8 @@ class RedisConnectionCounter(ConnectionCounter):
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
-            for key, held in list(self._held.items()):
-                members = [self._member(lease) for lease in held]
+            for key in list(self._held):
+                members = [self._member(lease) for lease in self._held.holders(key)]
                 if not members:
                     continue
                 try:
