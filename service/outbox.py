@@ -31,8 +31,10 @@ class Outbox:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         # Plain bytes for frames that are never superseded (the common case: no allocation).
-        self._entries: list[bytes | _Keyed] = []
-        self._by_key: dict[str, _Keyed] = {}
+        # Both containers exist only while something is queued: most sockets are idle
+        # most of the time, and a pod holds one outbox per socket.
+        self._entries: list[bytes | _Keyed] | None = None
+        self._by_key: dict[str, _Keyed] | None = None
         self._live = 0
         self.conflated = 0
 
@@ -44,10 +46,16 @@ class Outbox:
         if conflation_key is None:
             if self._live >= self._capacity:
                 return False
-            self._entries.append(frame)
+            if self._entries is None:
+                self._entries = [frame]
+            else:
+                self._entries.append(frame)
             self._live += 1
             return True
-        previous = self._by_key.get(conflation_key)
+        by_key = self._by_key
+        if by_key is None:
+            by_key = self._by_key = {}
+        previous = by_key.get(conflation_key)
         if previous is not None:
             # Void the older update; the newer one goes to the back to keep offsets increasing.
             previous.frame = None
@@ -56,19 +64,23 @@ class Outbox:
         if self._live >= self._capacity:
             return False
         entry = _Keyed(frame, conflation_key)
-        self._entries.append(entry)
-        self._by_key[conflation_key] = entry
+        if self._entries is None:
+            self._entries = [entry]
+        else:
+            self._entries.append(entry)
+        by_key[conflation_key] = entry
         self._live += 1
         return True
 
     def pop_all(self) -> list[bytes]:
         """Take every waiting frame, oldest first."""
-        entries = self._entries
-        self._entries = []
+        entries, by_key = self._entries, self._by_key
+        self._entries = self._by_key = None
         self._live = 0
-        if not self._by_key:
+        if entries is None:
+            return []
+        if by_key is None:
             return cast(list[bytes], entries)  # nothing keyed was queued: all entries are bytes
-        self._by_key.clear()
         frames: list[bytes] = []
         for entry in entries:
             if isinstance(entry, bytes):
