@@ -70,6 +70,9 @@ def get_logger(name: str) -> Any:
 class AccessLogger(AbstractAccessLogger):
     """One `http_request` line per request with the path only: `?token=` must never be logged."""
 
+    # aiohttp makes one per TCP connection: no instance dict.
+    __slots__ = ()
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         structlog.get_logger("eva_ws.access").info(
             "http_request",

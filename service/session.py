@@ -33,6 +33,19 @@ log = get_logger("eva_ws.session")
 class Session:
     """Handles the client messages of one connection, one at a time, in arrival order."""
 
+    # One per connection: no instance dict.
+    __slots__ = (
+        "_bucket",
+        "_conn",
+        "_counted_reconnect",
+        "_expiry",
+        "_hub",
+        "_settings",
+        "_subscriptions",
+        "_verifier",
+        "_violations",
+    )
+
     def __init__(
         self,
         conn: Connection,
@@ -130,7 +143,7 @@ class Session:
             metrics.RECONNECTS.inc()
 
         def acknowledge(sub: Subscription, result: SubscribeResult) -> None:
-            self._subscriptions[key] = sub
+            self._subscriptions[sub.key] = sub
             ack: dict[str, Any] = {
                 "type": "subscribed",
                 "channel": message.channel,
