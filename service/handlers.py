@@ -8,7 +8,6 @@ import uuid
 from typing import Any, Final
 
 import orjson
-import structlog
 from aiohttp import WSMsgType, web
 
 from service import keys, metrics
@@ -131,19 +130,20 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         settings=settings,
         reconnecting=reconnect.isdigit() and int(reconnect) > 0,
     )
-    structlog.contextvars.bind_contextvars(conn_id=conn.conn_id, user_id=principal.user_id)
     lifecycle.connections.add(conn)
     metrics.CONNECTIONS_OPENED.inc()
     metrics.CONNECTIONS_ACTIVE.inc()
     customers = principal.customer_ids
     presence = app[keys.PRESENCE]
-    log.info("connection_opened", customers=len(customers))
+    # conn_id and user_id are passed to each line rather than bound to the task's context:
+    # a binding costs every idle socket memory for lines that are rare.
+    log.info("connection_opened", conn_id=conn_id, user_id=principal.user_id, customers=len(customers))
     try:
         try:
             await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
         except BrokerUnavailable as error:
             # The connection works without presence; the heartbeat writes the entry later.
-            _presence_unavailable("add", error)
+            _presence_unavailable("add", error, conn)
         while True:
             message = await ws.receive()
             if message.type is WSMsgType.TEXT:
@@ -164,21 +164,36 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
             await presence.remove(customers, conn.conn_id)
         except BrokerUnavailable as error:
             # The entry dies with this pod's heartbeat at the latest.
-            _presence_unavailable("remove", error)
+            _presence_unavailable("remove", error, conn)
         code = int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
         metrics.CONNECTIONS_ACTIVE.dec()
         metrics.DISCONNECTS.labels(reason).inc()
         metrics.CONNECTION_DURATION.observe(duration_s)
-        log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
-        structlog.contextvars.unbind_contextvars("conn_id", "user_id")
+        log.info(
+            "connection_closed",
+            conn_id=conn_id,
+            user_id=principal.user_id,
+            code=code,
+            reason=reason,
+            duration_s=round(duration_s, 3),
+        )
     return ws
 
 
-def _presence_unavailable(operation: str, error: BrokerUnavailable) -> None:
+def _presence_unavailable(operation: str, error: BrokerUnavailable, conn: Connection | None = None) -> None:
     metrics.PRESENCE_UNAVAILABLE.labels(operation).inc()
-    log.warning("presence_unavailable", operation=operation, error=str(error))
+    if conn is None:
+        log.warning("presence_unavailable", operation=operation, error=str(error))
+    else:
+        log.warning(
+            "presence_unavailable",
+            conn_id=conn.conn_id,
+            user_id=conn.principal.user_id,
+            operation=operation,
+            error=str(error),
+        )
 
 
 _SERVER_REASONS: Final = {

@@ -161,7 +161,9 @@ class Session:
         try:
             await self._hub.subscribe(self._conn, key, filters, since=message.since, on_ready=acknowledge)
         except HubUnavailable:
-            log.warning("subscribe_unavailable", conn_id=self._conn.conn_id, channel=key)
+            log.warning(
+                "subscribe_unavailable", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id, channel=key
+            )
             raise ProtocolError(ErrorCode.UNAVAILABLE, "subscriptions are unavailable right now; retry", cid) from None
 
     async def _unsubscribe(self, message: ClientMessage) -> None:
