@@ -94,7 +94,8 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
     settings = app[keys.SETTINGS]
     lifecycle = app[keys.LIFECYCLE]
     ws = ServerWebSocketResponse(
-        heartbeat=settings.heartbeat_s,
+        # The heartbeat runs on the pod's one timer (see Connection), not on two per socket.
+        heartbeat=None,
         max_msg_size=settings.max_message_bytes,
         # Compression costs ~256 KiB per socket, forbids sharing one frame across clients
         # and opens the door to decompression bombs: never negotiated.
@@ -121,6 +122,8 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         transport=request.transport,
         stream=request.writer,
         flusher=app[keys.FLUSHER],
+        deadlines=app[keys.DEADLINES],
+        heartbeat_s=settings.heartbeat_s,
     )
     reconnect = request.query.get("reconnect", "0")
     session = Session(
@@ -128,6 +131,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         hub=app[keys.HUB],
         verifier=app[keys.VERIFIER],
         settings=settings,
+        deadlines=app[keys.DEADLINES],
         reconnecting=reconnect.isdigit() and int(reconnect) > 0,
     )
     lifecycle.connections.add(conn)
@@ -146,6 +150,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
             _presence_unavailable("add", error, conn)
         while True:
             message = await ws.receive()
+            conn.heard()
             if message.type is WSMsgType.TEXT:
                 await session.on_text(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -165,7 +170,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         except BrokerUnavailable as error:
             # The entry dies with this pod's heartbeat at the latest.
             _presence_unavailable("remove", error, conn)
-        code = int(conn.close_code or ws.close_code or 1006)
+        code = 1006 if conn.heartbeat_missed else int(conn.close_code or ws.close_code or 1006)
         reason = close_reason(code, server_initiated=conn.close_code is not None)
         duration_s = time.monotonic() - conn.opened_at
         metrics.CONNECTIONS_ACTIVE.dec()

@@ -10,6 +10,7 @@ from service import metrics
 from service.auth import AuthError, Principal, TokenVerifier, authorize_subscription, entitled_to_key
 from service.config import Settings
 from service.connection import Connection
+from service.deadlines import Deadlines, Slot
 from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
 from service.log import get_logger
 from service.protocol import (
@@ -38,12 +39,14 @@ class Session:
         "_bucket",
         "_conn",
         "_counted_reconnect",
-        "_expiry",
+        "_deadlines",
+        "_expiry_warned",
         "_hub",
         "_settings",
         "_subscriptions",
         "_verifier",
         "_violations",
+        "deadline_slot",
     )
 
     def __init__(
@@ -53,6 +56,7 @@ class Session:
         hub: Hub,
         verifier: TokenVerifier,
         settings: Settings,
+        deadlines: Deadlines,
         reconnecting: bool,
     ) -> None:
         self._conn = conn
@@ -62,7 +66,10 @@ class Session:
         self._bucket = TokenBucket(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
         self._violations = 0
         self._subscriptions: dict[str, Subscription] = {}
-        self._expiry: asyncio.TimerHandle | None = None
+        self._deadlines = deadlines
+        self.deadline_slot: Slot | None = None
+        # Whether the client was told that its token expired and the grace period runs.
+        self._expiry_warned = False
         self._counted_reconnect = reconnecting
         if reconnecting:
             metrics.RECONNECTS.inc()
@@ -118,8 +125,7 @@ class Session:
         self._reply_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, "send JSON in text frames"))
 
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+        self._deadlines.cancel(self)
         subscriptions = list(self._subscriptions.values())
         self._subscriptions.clear()
         for sub in subscriptions:
@@ -246,13 +252,16 @@ class Session:
         self._conn.send(error_message(error), "error")
 
     def _schedule_expiry(self, principal: Principal) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        loop = asyncio.get_running_loop()
+        self._expiry_warned = False
         delay_s = max(0.0, principal.expires_at - time.time())
-        self._expiry = loop.call_later(delay_s, self._token_expired)
+        self._deadlines.schedule(self, asyncio.get_running_loop().time() + delay_s)
 
-    def _token_expired(self) -> None:
+    def on_deadline(self) -> None:
+        """The token expired: ask for a refresh, then close once the grace period is over."""
+        if self._expiry_warned:
+            log.info("token_expired_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
+            self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
         grace_s = self._settings.token_refresh_grace_s
         self._reply_error(
             ProtocolError(
@@ -260,8 +269,5 @@ class Session:
                 f'token expired; send {{"type": "refresh", "token": ...}} within {grace_s} s',
             )
         )
-        self._expiry = asyncio.get_running_loop().call_later(grace_s, self._expiry_grace_over)
-
-    def _expiry_grace_over(self) -> None:
-        log.info("token_expired_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
-        self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+        self._expiry_warned = True
+        self._deadlines.schedule(self, asyncio.get_running_loop().time() + grace_s)
