@@ -7,6 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import jwt
 from aiohttp import web
@@ -162,9 +163,23 @@ def _principal(claims: dict[str, Any]) -> Principal:
     )
 
 
+def query_value(request: web.BaseRequest, name: str) -> str | None:
+    """The first `name=` of the query string, or None.
+
+    Parsed here rather than read from `request.query`, which keeps a parsed copy on the
+    request: a WebSocket's request lives as long as the socket, so every idle socket
+    would hold it.
+    """
+    _, _, query = request.raw_path.partition("?")
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
 def token_from_request(request: web.Request) -> str | None:
     """`?token=`, else `Authorization: Bearer <t>`, else a bare token in Authorization."""
-    token = request.query.get("token")
+    token = query_value(request, "token")
     if token:
         return token
     header = request.headers.get("Authorization", "").strip()

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from service import keys, metrics
-from service.auth import AuthError, Principal, mint_token, token_from_request
+from service.auth import AuthError, Principal, mint_token, query_value, token_from_request
 from service.broker.base import BrokerUnavailable
 from service.connection import CLOSE_TIMEOUT_S, Connection
 from service.limits import client_ip
@@ -125,7 +125,7 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         deadlines=app[keys.DEADLINES],
         heartbeat_s=settings.heartbeat_s,
     )
-    reconnect = request.query.get("reconnect", "0")
+    reconnect = query_value(request, "reconnect") or "0"
     session = Session(
         conn,
         hub=app[keys.HUB],
