@@ -63,14 +63,15 @@ def _too_many(reason: str, what: str) -> web.Response:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """Authenticate and apply the connection caps, then upgrade; the socket lives until either side closes it."""
-    admitted = await _admit(request)
-    if isinstance(admitted, web.Response):
-        return admitted
-    conn_id, ip, principal = admitted
     app = request.app
     settings = app[keys.SETTINGS]
     lifecycle = app[keys.LIFECYCLE]
     limits = app[keys.CONNECTION_LIMITS]
+    conn_id = uuid.uuid4().hex
+    ip = client_ip(request, settings.client_ip_header)
+    principal = await _admit(request, conn_id, ip)
+    if isinstance(principal, web.Response):
+        return principal
     # The read loop runs in this coroutine, not in one it awaits: an idle socket keeps its
     # handler's coroutines alive for its whole life, so every extra level costs every socket.
     try:
@@ -154,8 +155,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await limits.release(conn_id, ip=ip, user_id=principal.user_id)
 
 
-async def _admit(request: web.Request) -> web.Response | tuple[str, str, Principal]:
-    """A refusal, or the new socket's (conn_id, client ip, principal) with its slots under the caps taken."""
+async def _admit(request: web.Request, conn_id: str, ip: str) -> Principal | web.Response:
+    """The verified user, with the socket's slots under the caps taken; or a refusal."""
     app = request.app
     settings = app[keys.SETTINGS]
     if app[keys.LIFECYCLE].draining:
@@ -163,8 +164,6 @@ async def _admit(request: web.Request) -> web.Response | tuple[str, str, Princip
     if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
     limits = app[keys.CONNECTION_LIMITS]
-    conn_id = uuid.uuid4().hex
-    ip = client_ip(request, settings.client_ip_header)
     # Before the token check: a flood from one address is refused without spending CPU on signatures.
     if not await limits.acquire_ip(conn_id, ip):
         return _too_many("ip_connection_limit", "address")
@@ -177,7 +176,7 @@ async def _admit(request: web.Request) -> web.Response | tuple[str, str, Princip
         if not await limits.acquire_user(conn_id, principal.user_id):
             return _too_many("user_connection_limit", "user")
         admitted = True
-        return conn_id, ip, principal
+        return principal
     finally:
         if not admitted:
             await limits.release(conn_id, ip=ip, user_id=None)
@@ -205,6 +204,9 @@ async def _upgrade(request: web.Request, settings: Settings) -> ServerWebSocketR
         response.headers["Sec-WebSocket-Version"] = "13"
         return response
     await ws.prepare(request)
+    # The 101 response is on the wire: its headers would otherwise stay with the socket
+    # for its whole life.
+    ws.headers.clear()
     return ws
 
 
