@@ -68,7 +68,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     lifecycle = app[keys.LIFECYCLE]
     limits = app[keys.CONNECTION_LIMITS]
     conn_id = uuid.uuid4().hex
-    ip = client_ip(request, settings.client_ip_header)
+    # Kept for the socket's whole life, so only when a cap needs it.
+    ip = client_ip(request, settings.client_ip_header) if limits.per_ip else ""
     principal = await _admit(request, conn_id, ip)
     if isinstance(principal, web.Response):
         return principal

@@ -112,6 +112,11 @@ class ConnectionLimits:
         self._per_user = per_user
         self._per_ip = per_ip
 
+    @property
+    def per_ip(self) -> int:
+        """The cap per client address; 0: none."""
+        return self._per_ip
+
     async def acquire_ip(self, lease_id: str, ip: str) -> bool:
         return not self._per_ip or await self.counter.acquire(f"{IP_SCOPE}:{ip}", lease_id, self._per_ip)
 
