@@ -16,6 +16,7 @@ from service.broker import create_broker, create_connection_counter, create_pres
 from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Flusher
+from service.deadlines import Deadlines
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
 from service.jwks import JwksClient
@@ -57,6 +58,7 @@ def create_app(
     )
     app[keys.LIFECYCLE] = keys.Lifecycle()
     app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
+    app[keys.DEADLINES] = Deadlines()
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.PRESENCE] = presence or create_presence(settings)
     app[keys.HUB] = Hub(app[keys.BROKER])
@@ -88,6 +90,7 @@ def create_app(
         for route in api:
             cors.add(route)
 
+    app.cleanup_ctx.append(_deadlines_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
     app.cleanup_ctx.append(rebalance_ctx)
@@ -105,6 +108,11 @@ async def _jwks_ctx(app: web.Application) -> AsyncIterator[None]:
     await jwks.start()
     yield
     await jwks.close()
+
+
+async def _deadlines_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[keys.DEADLINES].close()
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:

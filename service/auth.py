@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import jwt
 from aiohttp import web
@@ -19,6 +21,8 @@ MAX_CUSTOMERS_PER_TOKEN: Final = 1000
 MAX_EXP_S: Final = 253_402_300_799
 ROLE_ADMIN: Final = "admin"
 ROLE_PUBLISHER: Final = "publisher"
+# Most tokens carry no role; every connection shares this one.
+NO_ROLES: Final[frozenset[str]] = frozenset()
 
 
 class AuthError(Exception):
@@ -35,7 +39,9 @@ class Principal:
     """A verified token: who the user is and what it may see."""
 
     user_id: str
-    customer_ids: frozenset[str]
+    # Sorted and without duplicates. A tuple because a pod holds one Principal per socket
+    # and most tokens name one customer: 48 bytes instead of a 216-byte frozenset.
+    customer_ids: tuple[str, ...]
     roles: frozenset[str]
     # Unix seconds.
     expires_at: float
@@ -150,12 +156,32 @@ def _principal(claims: dict[str, Any]) -> Principal:
     # The upper bound keeps timers and ISO dates representable (year 9999).
     if not isinstance(exp, int | float) or not 0 < exp <= MAX_EXP_S:
         raise AuthError("invalid_claim", "exp must be a number of seconds before year 10000")
-    return Principal(user_id=sub, customer_ids=frozenset(customers), roles=frozenset(roles), expires_at=float(exp))
+    return Principal(
+        user_id=sub,
+        # Interned: the sockets of one customer share its id instead of holding a copy each.
+        customer_ids=tuple(sorted(sys.intern(c) for c in customers)),
+        roles=frozenset(roles) if roles else NO_ROLES,
+        expires_at=float(exp),
+    )
+
+
+def query_value(request: web.BaseRequest, name: str) -> str | None:
+    """The first `name=` of the query string, or None.
+
+    Parsed here rather than read from `request.query`, which keeps a parsed copy on the
+    request: a WebSocket's request lives as long as the socket, so every idle socket
+    would hold it.
+    """
+    _, _, query = request.raw_path.partition("?")
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
 
 
 def token_from_request(request: web.Request) -> str | None:
     """`?token=`, else `Authorization: Bearer <t>`, else a bare token in Authorization."""
-    token = request.query.get("token")
+    token = query_value(request, "token")
     if token:
         return token
     header = request.headers.get("Authorization", "").strip()

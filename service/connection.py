@@ -21,7 +21,8 @@ from aiohttp.abc import AbstractStreamWriter
 
 from service import metrics
 from service.auth import Principal
-from service.frames import text_frame
+from service.deadlines import Deadlines, Slot
+from service.frames import PING, text_frame
 from service.log import get_logger
 from service.outbox import Outbox
 from service.protocol import CloseCode
@@ -83,18 +84,29 @@ class Connection:
 
     A client whose outbox overflows is closed with 4008 (slow consumer): it never slows
     the fan-out to others, and it resumes from its offsets when it reconnects.
+
+    The heartbeat: a client silent for `heartbeat_s` gets a PING; if it stays silent for
+    half that again, its socket is dropped (1006, `heartbeat_missed`). Any frame from the
+    client counts as a sign of life, as in aiohttp's own heartbeat, which this replaces to
+    run on the pod's one `Deadlines` timer instead of two timers per socket.
     """
 
     __slots__ = (
+        "_awaiting_pong",
         "_closing",
+        "_deadlines",
         "_drain",
         "_flush_scheduled",
         "_flusher",
+        "_heartbeat_s",
         "_loop",
         "_outbox",
         "_stream",
         "close_code",
         "conn_id",
+        "deadline_slot",
+        "heartbeat_missed",
+        "last_seen",
         "opened_at",
         "principal",
         "transport",
@@ -111,7 +123,10 @@ class Connection:
         transport: asyncio.Transport | None,
         stream: AbstractStreamWriter | None,
         flusher: Flusher,
+        deadlines: Deadlines,
+        heartbeat_s: float | None,
     ) -> None:
+        """`heartbeat_s` None: no heartbeat."""
         self.ws = ws
         self.conn_id = conn_id
         self.principal = principal
@@ -125,6 +140,15 @@ class Connection:
         self._flush_scheduled = False
         self._drain: asyncio.Task[None] | None = None
         self._closing = False
+        self._deadlines = deadlines
+        self._heartbeat_s = heartbeat_s
+        self._awaiting_pong = False
+        self.heartbeat_missed = False
+        self.deadline_slot: Slot | None = None
+        # Loop time of the last frame from the client.
+        self.last_seen = self._loop.time()
+        if heartbeat_s is not None:
+            deadlines.schedule(self, self.last_seen + heartbeat_s)
 
     @property
     def closing(self) -> bool:
@@ -165,9 +189,36 @@ class Connection:
         self.close_code = code
         await self._close(code, message)
 
+    def heard(self) -> None:
+        """The client sent a frame: it is alive."""
+        self.last_seen = self._loop.time()
+        self._awaiting_pong = False
+
+    def on_deadline(self) -> None:
+        """The heartbeat (see the class): called by `Deadlines`."""
+        transport, heartbeat_s = self.transport, self._heartbeat_s
+        if self._closing or heartbeat_s is None or transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        if self._awaiting_pong:
+            # No close handshake with a peer that does not answer: drop the socket, as aiohttp did.
+            self._closing = True
+            self.heartbeat_missed = True
+            transport.abort()
+            return
+        quiet_until = self.last_seen + heartbeat_s
+        if now < quiet_until:
+            self._deadlines.schedule(self, quiet_until)
+            return
+        # Control frames may go between any two messages; no need to wait for the outbox.
+        transport.write(PING)
+        self._awaiting_pong = True
+        self._deadlines.schedule(self, now + heartbeat_s / 2)
+
     async def stop(self) -> None:
         """Stop writing; called once the read loop has ended."""
         self._closing = True
+        self._deadlines.cancel(self)
         if self._drain is not None:
             self._drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -9,6 +9,8 @@ _FIN_TEXT: Final = 0x81
 _SHORT: Final = struct.Struct("!BB")
 _MEDIUM: Final = struct.Struct("!BBH")
 _LONG: Final = struct.Struct("!BBQ")
+# An empty server-to-client PING (RFC 6455 §5.5.2): FIN + opcode 0x9, no mask, no payload.
+PING: Final = b"\x89\x00"
 
 
 def text_frame(payload: bytes) -> bytes:

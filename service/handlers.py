@@ -8,12 +8,12 @@ import time
 from typing import Any, Final
 
 import orjson
-import structlog
 from aiohttp import WSMsgType, web
 
 from service import keys, metrics
-from service.auth import AuthError, Principal, mint_token, token_from_request
+from service.auth import AuthError, Principal, mint_token, query_value, token_from_request
 from service.broker.base import BrokerUnavailable
+from service.config import Settings
 from service.connection import CLOSE_TIMEOUT_S, Connection
 from service.limits import client_ip
 from service.log import get_logger
@@ -66,17 +66,109 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[keys.SETTINGS]
     lifecycle = app[keys.LIFECYCLE]
-    if lifecycle.draining:
+    limits = app[keys.CONNECTION_LIMITS]
+    conn_id = secrets.token_hex(16)
+    # Kept for the socket's whole life, so only when a cap needs it.
+    ip = client_ip(request, settings.client_ip_header) if limits.per_ip else ""
+    principal = await _admit(request, conn_id, ip)
+    if isinstance(principal, web.Response):
+        return principal
+    # The read loop runs in this coroutine, not in one it awaits: an idle socket keeps its
+    # handler's coroutines alive for its whole life, so every extra level costs every socket.
+    try:
+        upgraded = await _upgrade(request, settings)
+        if isinstance(upgraded, web.Response):
+            return upgraded
+        ws = upgraded
+        conn = Connection(
+            ws,
+            conn_id=conn_id,
+            principal=principal,
+            send_queue_size=settings.send_queue_size,
+            transport=request.transport,
+            stream=request.writer,
+            flusher=app[keys.FLUSHER],
+            deadlines=app[keys.DEADLINES],
+            heartbeat_s=settings.heartbeat_s,
+        )
+        reconnect = query_value(request, "reconnect") or "0"
+        session = Session(
+            conn,
+            hub=app[keys.HUB],
+            verifier=app[keys.VERIFIER],
+            settings=settings,
+            deadlines=app[keys.DEADLINES],
+            reconnecting=reconnect.isdigit() and int(reconnect) > 0,
+        )
+        lifecycle.connections.add(conn)
+        metrics.CONNECTIONS_OPENED.inc()
+        metrics.CONNECTIONS_ACTIVE.inc()
+        customers = principal.customer_ids
+        presence = app[keys.PRESENCE]
+        # conn_id and user_id are passed to each line rather than bound to the task's context:
+        # a binding costs every idle socket memory for lines that are rare.
+        log.info("connection_opened", conn_id=conn_id, user_id=principal.user_id, customers=len(customers))
+        try:
+            try:
+                entry = PresenceEntry(conn_id, principal.user_id, settings.pod_id, time.time())
+                await presence.add(customers, entry)
+            except BrokerUnavailable as error:
+                # The connection works without presence; the heartbeat writes the entry later.
+                _presence_unavailable("add", error, conn)
+            while True:
+                message = await ws.receive()
+                conn.heard()
+                if message.type is WSMsgType.TEXT:
+                    await session.on_text(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    session.on_binary()
+                elif message.type is WSMsgType.PING:
+                    await session.on_ping(message.data)
+                elif message.type is not WSMsgType.PONG:
+                    # CLOSE (answered by aiohttp), CLOSING, CLOSED, or ERROR: a protocol
+                    # violation for which aiohttp already sent the close frame.
+                    break
+        finally:
+            await session.close()
+            await conn.stop()
+            lifecycle.connections.discard(conn)
+            try:
+                await presence.remove(customers, conn.conn_id)
+            except BrokerUnavailable as error:
+                # The entry dies with this pod's heartbeat at the latest.
+                _presence_unavailable("remove", error, conn)
+            code = 1006 if conn.heartbeat_missed else int(conn.close_code or ws.close_code or 1006)
+            reason = close_reason(code, server_initiated=conn.close_code is not None)
+            duration_s = time.monotonic() - conn.opened_at
+            metrics.CONNECTIONS_ACTIVE.dec()
+            metrics.DISCONNECTS.labels(reason).inc()
+            metrics.CONNECTION_DURATION.observe(duration_s)
+            log.info(
+                "connection_closed",
+                conn_id=conn_id,
+                user_id=principal.user_id,
+                code=code,
+                reason=reason,
+                duration_s=round(duration_s, 3),
+            )
+        return ws
+    finally:
+        await limits.release(conn_id, ip=ip, user_id=principal.user_id)
+
+
+async def _admit(request: web.Request, conn_id: str, ip: str) -> Principal | web.Response:
+    """The verified user, with the socket's slots under the caps taken; or a refusal."""
+    app = request.app
+    settings = app[keys.SETTINGS]
+    if app[keys.LIFECYCLE].draining:
         return _reject("draining", 503, "draining", "this pod is shutting down; reconnect")
     if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
     limits = app[keys.CONNECTION_LIMITS]
-    conn_id = secrets.token_hex(16)
-    ip = client_ip(request, settings.client_ip_header)
     # Before the token check: a flood from one address is refused without spending CPU on signatures.
     if not await limits.acquire_ip(conn_id, ip):
         return _too_many("ip_connection_limit", "address")
-    user_id: str | None = None
+    admitted = False
     try:
         try:
             principal = await _authenticate(request)
@@ -84,18 +176,18 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
         if not await limits.acquire_user(conn_id, principal.user_id):
             return _too_many("user_connection_limit", "user")
-        user_id = principal.user_id
-        return await _serve_socket(request, conn_id, principal)
+        admitted = True
+        return principal
     finally:
-        await limits.release(conn_id, ip=ip, user_id=user_id)
+        if not admitted:
+            await limits.release(conn_id, ip=ip, user_id=None)
 
 
-async def _serve_socket(request: web.Request, conn_id: str, principal: Principal) -> web.StreamResponse:
-    app = request.app
-    settings = app[keys.SETTINGS]
-    lifecycle = app[keys.LIFECYCLE]
+async def _upgrade(request: web.Request, settings: Settings) -> ServerWebSocketResponse | web.Response:
+    """The WebSocket handshake, or a refusal of a request that is not a version 13 upgrade."""
     ws = ServerWebSocketResponse(
-        heartbeat=settings.heartbeat_s,
+        # The heartbeat runs on the pod's one timer (see Connection), not on two per socket.
+        heartbeat=None,
         max_msg_size=settings.max_message_bytes,
         # Compression costs ~256 KiB per socket, forbids sharing one frame across clients
         # and opens the door to decompression bombs: never negotiated.
@@ -113,72 +205,24 @@ async def _serve_socket(request: web.Request, conn_id: str, principal: Principal
         response.headers["Sec-WebSocket-Version"] = "13"
         return response
     await ws.prepare(request)
-
-    conn = Connection(
-        ws,
-        conn_id=conn_id,
-        principal=principal,
-        send_queue_size=settings.send_queue_size,
-        transport=request.transport,
-        stream=request.writer,
-        flusher=app[keys.FLUSHER],
-    )
-    reconnect = request.query.get("reconnect", "0")
-    session = Session(
-        conn,
-        hub=app[keys.HUB],
-        verifier=app[keys.VERIFIER],
-        settings=settings,
-        reconnecting=reconnect.isdigit() and int(reconnect) > 0,
-    )
-    structlog.contextvars.bind_contextvars(conn_id=conn.conn_id, user_id=principal.user_id)
-    lifecycle.connections.add(conn)
-    metrics.CONNECTIONS_OPENED.inc()
-    metrics.CONNECTIONS_ACTIVE.inc()
-    customers = sorted(principal.customer_ids)
-    presence = app[keys.PRESENCE]
-    log.info("connection_opened", customers=len(customers))
-    try:
-        try:
-            await presence.add(customers, PresenceEntry(conn.conn_id, principal.user_id, settings.pod_id, time.time()))
-        except BrokerUnavailable as error:
-            # The connection works without presence; the heartbeat writes the entry later.
-            _presence_unavailable("add", error)
-        while True:
-            message = await ws.receive()
-            if message.type is WSMsgType.TEXT:
-                await session.on_text(message.data)
-            elif message.type is WSMsgType.BINARY:
-                session.on_binary()
-            elif message.type is WSMsgType.PING:
-                await session.on_ping(message.data)
-            elif message.type is not WSMsgType.PONG:
-                # CLOSE (answered by aiohttp), CLOSING, CLOSED, or ERROR: a protocol
-                # violation for which aiohttp already sent the close frame.
-                break
-    finally:
-        await session.close()
-        await conn.stop()
-        lifecycle.connections.discard(conn)
-        try:
-            await presence.remove(customers, conn.conn_id)
-        except BrokerUnavailable as error:
-            # The entry dies with this pod's heartbeat at the latest.
-            _presence_unavailable("remove", error)
-        code = int(conn.close_code or ws.close_code or 1006)
-        reason = close_reason(code, server_initiated=conn.close_code is not None)
-        duration_s = time.monotonic() - conn.opened_at
-        metrics.CONNECTIONS_ACTIVE.dec()
-        metrics.DISCONNECTS.labels(reason).inc()
-        metrics.CONNECTION_DURATION.observe(duration_s)
-        log.info("connection_closed", code=code, reason=reason, duration_s=round(duration_s, 3))
-        structlog.contextvars.unbind_contextvars("conn_id", "user_id")
+    # The 101 response is on the wire: its headers would otherwise stay with the socket
+    # for its whole life.
+    ws.headers.clear()
     return ws
 
 
-def _presence_unavailable(operation: str, error: BrokerUnavailable) -> None:
+def _presence_unavailable(operation: str, error: BrokerUnavailable, conn: Connection | None = None) -> None:
     metrics.PRESENCE_UNAVAILABLE.labels(operation).inc()
-    log.warning("presence_unavailable", operation=operation, error=str(error))
+    if conn is None:
+        log.warning("presence_unavailable", operation=operation, error=str(error))
+    else:
+        log.warning(
+            "presence_unavailable",
+            conn_id=conn.conn_id,
+            user_id=conn.principal.user_id,
+            operation=operation,
+            error=str(error),
+        )
 
 
 _SERVER_REASONS: Final = {

@@ -95,9 +95,10 @@ class _Decoded:
 
 
 class _ChannelState:
-    __slots__ = ("catch_up", "epoch", "last_offset", "max_seen", "repair", "setup", "subs")
+    __slots__ = ("catch_up", "epoch", "key", "last_offset", "max_seen", "repair", "setup", "subs")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str) -> None:
+        self.key = key
         self.subs: list[Subscription] = []
         self.epoch = ""
         self.last_offset = 0
@@ -143,11 +144,13 @@ class Hub:
         on_ready: Callable[[Subscription, SubscribeResult], None],
     ) -> Subscription:
         """Join a channel; `on_ready` runs (to send the ack) before any replayed event is queued."""
-        sub = Subscription(recipient, key, filters, filter_in_pod=key.startswith("transactions:"))
         state = self._channels.get(key)
         if state is None:
-            state = self._channels[key] = _ChannelState()
+            state = self._channels[key] = _ChannelState(key)
             metrics.HUB_CHANNELS.set(len(self._channels))
+        # The channel's own key: the subscribers of a channel share one string.
+        key = state.key
+        sub = Subscription(recipient, key, filters, filter_in_pod=key.startswith("transactions:"))
         state.subs.append(sub)
         metrics.HUB_SUBSCRIPTIONS.inc()
         try:

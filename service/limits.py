@@ -35,37 +35,73 @@ class ConnectionCounter(abc.ABC):
         """Release the counter's own resources."""
 
 
+class Leases(dict[str, "str | set[str]"]):
+    """Lease ids held per key.
+
+    A key with a single holder maps to the bare lease id: nearly every user has one socket,
+    and a one-element set would cost each of them 216 bytes.
+    """
+
+    __slots__ = ()
+
+    def holders(self, key: str) -> tuple[str, ...] | set[str]:
+        held = self.get(key)
+        if held is None:
+            return ()
+        return (held,) if isinstance(held, str) else held
+
+    def add(self, key: str, lease_id: str) -> None:
+        held = self.get(key)
+        if held is None:
+            self[key] = lease_id
+        elif isinstance(held, str):
+            if held != lease_id:
+                self[key] = {held, lease_id}
+        else:
+            held.add(lease_id)
+
+    def discard(self, key: str, lease_id: str) -> bool:
+        """Forget a lease; False when it was not held."""
+        held = self.get(key)
+        if held is None:
+            return False
+        if isinstance(held, str):
+            if held != lease_id:
+                return False
+            del self[key]
+            return True
+        if lease_id not in held:
+            return False
+        held.discard(lease_id)
+        if len(held) == 1:
+            self[key] = held.pop()
+        return True
+
+
 class LocalConnectionCounter(ConnectionCounter):
     """Exact counts for this process; see ConnectionCounter for the contract."""
 
     def __init__(self) -> None:
-        self._leases: dict[str, set[str]] = {}
+        self._leases = Leases()
 
     async def acquire(self, key: str, lease_id: str, limit: int) -> bool:
         # No await between the check and the add: atomic on the event loop.
-        holders = self._leases.get(key)
-        if holders is None:
-            holders = self._leases[key] = set()
+        holders = self._leases.holders(key)
         if lease_id in holders:
             return True
         if len(holders) >= limit:
             return False
-        holders.add(lease_id)
+        self._leases.add(key, lease_id)
         return True
 
     async def release(self, key: str, lease_id: str) -> None:
-        holders = self._leases.get(key)
-        if holders is None:
-            return
-        holders.discard(lease_id)
-        if not holders:
-            del self._leases[key]
+        self._leases.discard(key, lease_id)
 
     async def close(self) -> None:
         self._leases.clear()
 
     def count(self, key: str) -> int:
-        return len(self._leases.get(key, ()))
+        return len(self._leases.holders(key))
 
 
 class ConnectionLimits:
@@ -75,6 +111,11 @@ class ConnectionLimits:
         self.counter = counter
         self._per_user = per_user
         self._per_ip = per_ip
+
+    @property
+    def per_ip(self) -> int:
+        """The cap per client address; 0: none."""
+        return self._per_ip
 
     async def acquire_ip(self, lease_id: str, ip: str) -> bool:
         return not self._per_ip or await self.counter.acquire(f"{IP_SCOPE}:{ip}", lease_id, self._per_ip)

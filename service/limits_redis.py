@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections import defaultdict
 from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
 
 from service import metrics
 from service.config import Settings
-from service.limits import ConnectionCounter
+from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
 from service.redis_batch import Batcher
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
@@ -109,7 +108,7 @@ class RedisConnectionCounter(ConnectionCounter):
         self._prefix = prefix
         self._instance = f"{pod_id}/{secrets.token_hex(4)}"
         self._ttl_ms = max(1000, int(lease_ttl_s * 1000))
-        self._held: defaultdict[str, set[str]] = defaultdict(set)
+        self._held = Leases()
         self._refresher: asyncio.Task[None] | None = None
         # (key, member, limit or RELEASE) per operation.
         self._batcher: Batcher[tuple[str, str, int], int] | None = (
@@ -154,16 +153,12 @@ class RedisConnectionCounter(ConnectionCounter):
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
             granted = 1
         if granted:
-            self._held[key].add(lease_id)
+            self._held.add(key, lease_id)
         return bool(granted)
 
     async def release(self, key: str, lease_id: str) -> None:
-        held = self._held.get(key)
-        if held is None or lease_id not in held:
+        if not self._held.discard(key, lease_id):
             return
-        held.discard(lease_id)
-        if not held:
-            del self._held[key]
         try:
             if self._batcher is None:
                 await self._client.zrem(self._key(key), self._member(lease_id))
@@ -179,8 +174,10 @@ class RedisConnectionCounter(ConnectionCounter):
         if self._batcher is not None:
             await self._batcher.wait_idle()
         with contextlib.suppress(*CLUSTER_ERRORS):
-            for key, held in list(self._held.items()):
-                await self._client.zrem(self._key(key), *(self._member(lease) for lease in held))
+            for key in list(self._held):
+                members = [self._member(lease) for lease in self._held.holders(key)]
+                if members:
+                    await self._client.zrem(self._key(key), *members)
         self._held.clear()
         await self._client.aclose()
 
@@ -199,9 +196,9 @@ class RedisConnectionCounter(ConnectionCounter):
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
-            leases = [(self._key(key), [self._member(lease) for lease in held]) for key, held in self._held.items()]
+            leases = [(key, [self._member(lease) for lease in self._held.holders(key)]) for key in self._held]
             try:
-                await self._refresh([(key, members) for key, members in leases if members])
+                await self._refresh([(self._key(key), members) for key, members in leases if members])
             except CLUSTER_ERRORS as exc:
                 log.warning("connection_cap_refresh_failed", error=type(exc).__name__)
                 # Redis is down: every key is tried again next round

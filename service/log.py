@@ -75,6 +75,9 @@ _access_log: Final = get_logger("eva_ws.access")
 class AccessLogger(AbstractAccessLogger):
     """One `http_request` line per request with the path only: `?token=` must never be logged."""
 
+    # aiohttp makes one per TCP connection: no instance dict.
+    __slots__ = ()
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         _access_log.info(
             "http_request",

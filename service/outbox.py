@@ -25,35 +25,41 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._frames: list[bytes] = []
-        self._keys: list[str | None] = []  # parallel to _frames
+        # Both lists exist only while something is queued: most sockets are idle most of
+        # the time, and a pod holds one outbox per socket. _keys runs parallel to _frames.
+        self._frames: list[bytes] | None = None
+        self._keys: list[str | None] | None = None
         self.conflated = 0
 
     def __len__(self) -> int:
         """Frames waiting, superseded ones included until they are dropped."""
-        return len(self._frames)
+        return 0 if self._frames is None else len(self._frames)
 
     def put(self, frame: bytes, conflation_key: str | None = None) -> bool:
-        self._frames.append(frame)
-        self._keys.append(conflation_key)
-        if len(self._frames) > self._capacity and not self._conflate():
-            self._frames.pop()
-            self._keys.pop()
+        frames, keys = self._frames, self._keys
+        if frames is None or keys is None:
+            self._frames, self._keys = [frame], [conflation_key]
+            return True
+        frames.append(frame)
+        keys.append(conflation_key)
+        if len(frames) > self._capacity and not self._conflate(frames, keys):
+            frames.pop()
+            keys.pop()
             return False
         return True
 
     def pop_all(self) -> list[bytes]:
         """Take every waiting frame that no newer one supersedes, oldest first."""
-        if len(self._frames) > 1:
-            self._conflate()
-        frames = self._frames
-        self._frames = []
-        self._keys = []
+        frames, keys = self._frames, self._keys
+        self._frames = self._keys = None
+        if frames is None or keys is None:
+            return []
+        if len(frames) > 1:
+            self._conflate(frames, keys)
         return frames
 
-    def _conflate(self) -> bool:
-        """Drop every frame superseded by a newer one with the same key; False if none was."""
-        keys = self._keys
+    def _conflate(self, frames: list[bytes], keys: list[str | None]) -> bool:
+        """Drop, in place, every frame superseded by a newer one with the same key; False if none was."""
         if len(set(keys)) == len(keys):
             return False  # the common case, every key distinct: one C-level check
         newest: dict[str, int] = {}
@@ -68,9 +74,8 @@ class Outbox:
         # The newest frame of a key stays where it was queued: later than every frame
         # before it, so offsets still increase.
         keep = [i for i, key in enumerate(keys) if key is None or newest[key] == i]
-        frames = self._frames
-        self._frames = [frames[i] for i in keep]
-        self._keys = [keys[i] for i in keep]
+        frames[:] = [frames[i] for i in keep]
+        keys[:] = [keys[i] for i in keep]
         self.conflated += dropped
         metrics.EVENTS_CONFLATED.inc(dropped)
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -29,11 +30,11 @@ class Presence(abc.ABC):
         """Begin background work (e.g. the pod heartbeat); called once before use."""
 
     @abc.abstractmethod
-    async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
+    async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
         """Record a connection under each of its customers."""
 
     @abc.abstractmethod
-    async def remove(self, customer_ids: list[str], conn_id: str) -> None:
+    async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
         """Forget a connection."""
 
     @abc.abstractmethod
@@ -58,11 +59,11 @@ class MemoryPresence(Presence):
     async def start(self) -> None:
         return None
 
-    async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
+    async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
         for customer_id in customer_ids:
             self._by_customer[customer_id][entry.conn_id] = entry
 
-    async def remove(self, customer_ids: list[str], conn_id: str) -> None:
+    async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
         for customer_id in customer_ids:
             entries = self._by_customer.get(customer_id)
             if entries is not None:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import orjson
@@ -222,7 +222,7 @@ class RedisPresence(Presence):
         self._local.clear()
         await self._client.aclose()
 
-    async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
+    async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
         value = orjson.dumps(
             {
                 "user_id": entry.user_id,
@@ -242,7 +242,7 @@ class RedisPresence(Presence):
             self._rewrite_local = True
             raise
 
-    async def remove(self, customer_ids: list[str], conn_id: str) -> None:
+    async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)
         customers = tuple(customer_ids)
         try:
@@ -294,13 +294,13 @@ class RedisPresence(Presence):
         async with self._redis_call():
             lapsed = await self._beat()
         for conn_id, customer_ids in list(self._unremoved.items()):
-            await self.remove(list(customer_ids), conn_id)
+            await self.remove(customer_ids, conn_id)
         if (lapsed or self._rewrite_local) and self._local:
             if lapsed:
                 log.warning("presence_heartbeat_lapsed", instance=self._instance, entries=len(self._local))
             self._rewrite_local = False
             for customer_ids, entry in list(self._local.values()):
-                await self.add(list(customer_ids), entry)
+                await self.add(customer_ids, entry)
 
     async def _beat_forever(self) -> None:
         interval_s = self._heartbeat_ttl_ms / 3000

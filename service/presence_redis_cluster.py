@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import orjson
@@ -161,7 +161,7 @@ class RedisClusterPresence(Presence):
         except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"presence {operation} failed: {type(exc).__name__}") from exc
 
-    async def add(self, customer_ids: list[str], entry: PresenceEntry) -> None:
+    async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
         value = orjson.dumps(
             {
                 "user_id": entry.user_id,
@@ -182,7 +182,7 @@ class RedisClusterPresence(Presence):
             )
         self._local[entry.conn_id] = (tuple(customer_ids), entry)
 
-    async def remove(self, customer_ids: list[str], conn_id: str) -> None:
+    async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
         self._local.pop(conn_id, None)
         async with self._bounded("remove"):
             await asyncio.gather(*(self._remove_one(customer_id, conn_id) for customer_id in customer_ids))
@@ -232,7 +232,7 @@ class RedisClusterPresence(Presence):
         if lapsed and self._local:
             log.warning("presence_heartbeat_lapsed", instance=self._instance, entries=len(self._local))
             for customer_ids, entry in list(self._local.values()):
-                await self.add(list(customer_ids), entry)
+                await self.add(customer_ids, entry)
 
     async def _beat_forever(self) -> None:
         interval_s = self._heartbeat_ttl_ms / 3000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -211,7 +212,11 @@ def _parse_filters(raw: object, fail: Any) -> Filters:
         if not all(is_valid_id(i) for i in ids):
             raise fail(ErrorCode.INVALID_FILTERS, "transactionIds must hold valid ids")
         transaction_ids = frozenset(ids)
-    return Filters(customer_id=raw.get("customerId"), user_id=raw.get("userId"), transaction_ids=transaction_ids)
+    customer_id = raw.get("customerId")
+    if customer_id is not None:
+        # Interned: the subscriptions of every socket of a customer hold its id, one string for all.
+        customer_id = sys.intern(customer_id)
+    return Filters(customer_id=customer_id, user_id=raw.get("userId"), transaction_ids=transaction_ids)
 
 
 def _parse_since(raw: object, fail: Any) -> Position | None:

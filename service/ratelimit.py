@@ -6,19 +6,21 @@ import time
 
 
 class TokenBucket:
-    """Allows `burst` messages at once and `rate_per_s` on average."""
+    """Allows `burst` messages at once and `rate_per_s` on average.
 
-    __slots__ = ("_burst", "_rate_per_s", "_tokens", "_updated")
+    The limits are the same for every connection and passed to `allow`: a pod holds one
+    bucket per socket, so a bucket keeps only its own state.
+    """
 
-    def __init__(self, *, rate_per_s: float, burst: int) -> None:
-        self._rate_per_s = rate_per_s
-        self._burst = float(burst)
+    __slots__ = ("_tokens", "_updated")
+
+    def __init__(self, *, burst: int) -> None:
         self._tokens = float(burst)
         self._updated = time.monotonic()
 
-    def allow(self) -> bool:
+    def allow(self, *, rate_per_s: float, burst: int) -> bool:
         now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate_per_s)
+        self._tokens = min(burst, self._tokens + (now - self._updated) * rate_per_s)
         self._updated = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0

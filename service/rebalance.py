@@ -80,7 +80,7 @@ def routing_key(conn: Connection) -> str:
     """What the load balancer hashes for this socket: the customer of a one-customer token."""
     customers = conn.principal.customer_ids
     if len(customers) == 1:
-        return next(iter(customers))
+        return customers[0]
     # Several customers: the socket's own routing key is unknown here, so it moves alone.
     return f"conn:{conn.conn_id}"
 

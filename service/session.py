@@ -10,6 +10,7 @@ from service import metrics
 from service.auth import AuthError, Principal, TokenVerifier, authorize_subscription, entitled_to_key
 from service.config import Settings
 from service.connection import Connection
+from service.deadlines import Deadlines, Slot
 from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
 from service.log import get_logger
 from service.protocol import (
@@ -33,6 +34,21 @@ log = get_logger("eva_ws.session")
 class Session:
     """Handles the client messages of one connection, one at a time, in arrival order."""
 
+    # One per connection: no instance dict.
+    __slots__ = (
+        "_bucket",
+        "_conn",
+        "_counted_reconnect",
+        "_deadlines",
+        "_expiry_warned",
+        "_hub",
+        "_settings",
+        "_subscriptions",
+        "_verifier",
+        "_violations",
+        "deadline_slot",
+    )
+
     def __init__(
         self,
         conn: Connection,
@@ -40,16 +56,22 @@ class Session:
         hub: Hub,
         verifier: TokenVerifier,
         settings: Settings,
+        deadlines: Deadlines,
         reconnecting: bool,
     ) -> None:
         self._conn = conn
         self._hub = hub
         self._verifier = verifier
         self._settings = settings
-        self._bucket = TokenBucket(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+        self._bucket = TokenBucket(burst=settings.rate_limit_burst)
         self._violations = 0
-        self._subscriptions: dict[str, Subscription] = {}
-        self._expiry: asyncio.TimerHandle | None = None
+        # Usually one or two, and at most max_subscriptions: a tuple costs 48 bytes where the
+        # smallest dict costs 184, and a short linear search is as fast as hashing.
+        self._subscriptions: tuple[Subscription, ...] = ()
+        self._deadlines = deadlines
+        self.deadline_slot: Slot | None = None
+        # Whether the client was told that its token expired and the grace period runs.
+        self._expiry_warned = False
         self._counted_reconnect = reconnecting
         if reconnecting:
             metrics.RECONNECTS.inc()
@@ -57,7 +79,7 @@ class Session:
 
     @property
     def subscription_keys(self) -> frozenset[str]:
-        return frozenset(self._subscriptions)
+        return frozenset(sub.key for sub in self._subscriptions)
 
     async def on_text(self, text: str) -> None:
         if not self._admit():
@@ -105,10 +127,8 @@ class Session:
         self._reply_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, "send JSON in text frames"))
 
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        subscriptions = list(self._subscriptions.values())
-        self._subscriptions.clear()
+        self._deadlines.cancel(self)
+        subscriptions, self._subscriptions = self._subscriptions, ()
         for sub in subscriptions:
             await self._hub.unsubscribe(sub)
 
@@ -117,7 +137,7 @@ class Session:
     async def _subscribe(self, message: ClientMessage) -> None:
         key, filters = authorize_subscription(self._conn.principal, message)
         cid = message.correlation_id
-        if key in self._subscriptions:
+        if self._find(key) is not None:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {key!r}", cid)
         if len(self._subscriptions) >= self._settings.max_subscriptions:
             raise ProtocolError(
@@ -130,7 +150,7 @@ class Session:
             metrics.RECONNECTS.inc()
 
         def acknowledge(sub: Subscription, result: SubscribeResult) -> None:
-            self._subscriptions[key] = sub
+            self._subscriptions += (sub,)
             ack: dict[str, Any] = {
                 "type": "subscribed",
                 "channel": message.channel,
@@ -148,14 +168,17 @@ class Session:
         try:
             await self._hub.subscribe(self._conn, key, filters, since=message.since, on_ready=acknowledge)
         except HubUnavailable:
-            log.warning("subscribe_unavailable", conn_id=self._conn.conn_id, channel=key)
+            log.warning(
+                "subscribe_unavailable", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id, channel=key
+            )
             raise ProtocolError(ErrorCode.UNAVAILABLE, "subscriptions are unavailable right now; retry", cid) from None
 
     async def _unsubscribe(self, message: ClientMessage) -> None:
         key, filters = authorize_subscription(self._conn.principal, message)
-        sub = self._subscriptions.pop(key, None)
+        sub = self._find(key)
         if sub is None:
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {key!r}", message.correlation_id)
+        self._forget(sub)
         await self._hub.unsubscribe(sub)
         self._conn.send(
             encode(
@@ -182,8 +205,9 @@ class Session:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "the new token is for another user", cid)
         self._conn.principal = principal
         # Subscriptions were authorized with the old token; drop those the new one no longer allows.
-        for key in [k for k in self._subscriptions if not entitled_to_key(principal, k)]:
-            sub = self._subscriptions.pop(key)
+        for sub in [s for s in self._subscriptions if not entitled_to_key(principal, s.key)]:
+            key = sub.key
+            self._forget(sub)
             await self._hub.unsubscribe(sub)
             self._conn.send(
                 encode(
@@ -213,10 +237,19 @@ class Session:
             "refreshed",
         )
 
+    def _find(self, key: str) -> Subscription | None:
+        for sub in self._subscriptions:
+            if sub.key == key:
+                return sub
+        return None
+
+    def _forget(self, sub: Subscription) -> None:
+        self._subscriptions = tuple(s for s in self._subscriptions if s is not sub)
+
     # -- limits and timers -----------------------------------------------------------
 
     def _admit(self) -> bool:
-        if self._bucket.allow():
+        if self._bucket.allow(rate_per_s=self._settings.rate_limit_per_s, burst=self._settings.rate_limit_burst):
             return True
         self._violations += 1
         if self._violations >= self._settings.rate_limit_max_violations:
@@ -231,13 +264,16 @@ class Session:
         self._conn.send(error_message(error), "error")
 
     def _schedule_expiry(self, principal: Principal) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        loop = asyncio.get_running_loop()
+        self._expiry_warned = False
         delay_s = max(0.0, principal.expires_at - time.time())
-        self._expiry = loop.call_later(delay_s, self._token_expired)
+        self._deadlines.schedule(self, asyncio.get_running_loop().time() + delay_s)
 
-    def _token_expired(self) -> None:
+    def on_deadline(self) -> None:
+        """The token expired: ask for a refresh, then close once the grace period is over."""
+        if self._expiry_warned:
+            log.info("token_expired_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
+            self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
         grace_s = self._settings.token_refresh_grace_s
         self._reply_error(
             ProtocolError(
@@ -245,8 +281,5 @@ class Session:
                 f'token expired; send {{"type": "refresh", "token": ...}} within {grace_s} s',
             )
         )
-        self._expiry = asyncio.get_running_loop().call_later(grace_s, self._expiry_grace_over)
-
-    def _expiry_grace_over(self) -> None:
-        log.info("token_expired_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
-        self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+        self._expiry_warned = True
+        self._deadlines.schedule(self, asyncio.get_running_loop().time() + grace_s)

@@ -41,7 +41,7 @@ class FakeSocket:
 
 
 def sockets(lifecycle: Lifecycle, customer: str, count: int) -> list[FakeSocket]:
-    principal = Principal(user_id="u", customer_ids=frozenset({customer}), roles=frozenset(), expires_at=0)
+    principal = Principal(user_id="u", customer_ids=(customer,), roles=frozenset(), expires_at=0)
     made = [FakeSocket(principal, lifecycle=lifecycle) for _ in range(count)]
     lifecycle.connections.update(made)  # type: ignore[arg-type]
     return made
