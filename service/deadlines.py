@@ -6,6 +6,10 @@ import asyncio
 import math
 from typing import Protocol
 
+from service.log import get_logger
+
+log = get_logger("eva_ws.deadlines")
+
 
 class Timed(Protocol):
     """Something with at most one pending deadline, which the wheel tracks in `deadline_slot`."""
@@ -89,5 +93,8 @@ class Deadlines:
             for item in slot:
                 # An earlier item's callback may have rescheduled this one already.
                 if item.deadline_slot is None:
-                    item.on_deadline()
+                    try:
+                        item.on_deadline()
+                    except Exception:  # one failing socket must not stop every other socket's timer
+                        log.exception("deadline_failed")
         self._handle = loop.call_at(now + 1, self._tick) if self._slots else None
