@@ -352,7 +352,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         rate_limit_per_s=_float(env, "rate_limit_per_s", 20.0, minimum=0.1, maximum=100_000.0),
         rate_limit_burst=burst,
         rate_limit_max_violations=_int(env, "rate_limit_max_violations", 20, minimum=1, maximum=100_000),
-        max_subscriptions=_int(env, "max_subscriptions", 128, minimum=1, maximum=100_000),
+        max_subscriptions=_int(env, "max_subscriptions", 128, minimum=1, maximum=10_000),
         max_connections_per_user=_int(env, "max_connections_per_user", 100, minimum=0, maximum=1_000_000),
         max_connections_per_ip=_int(env, "max_connections_per_ip", 0, minimum=0, maximum=1_000_000),
         client_ip_header=_get(env, "client_ip_header"),
