@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -11,6 +12,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from service.redis_batch import Batcher
 from service.redis_client import command_client
 from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    made = command_client(redis_server.url, max_connections=4, wait_s=2.0)
+    yield made
+    await made.aclose()
 
 
 def incrementer(client: Redis, batches: list[int]) -> Batcher[str, int]:
@@ -25,67 +33,53 @@ def incrementer(client: Redis, batches: list[int]) -> Batcher[str, int]:
     return Batcher(send, max_batch=100)
 
 
-async def test_concurrent_callers_share_round_trips_and_get_their_own_answers(redis_server: RedisServer) -> None:
-    client = command_client(redis_server.url, max_connections=4, wait_s=2.0)
+async def test_concurrent_callers_share_round_trips_and_get_their_own_answers(client: Redis) -> None:
     batches: list[int] = []
     batcher = incrementer(client, batches)
-    try:
-        names = [f"n{i % 7}" for i in range(250)]
-        answers = await asyncio.gather(*(batcher.submit(name) for name in names))
-        # The n-th request for a counter sees it at n: answers follow the order of the calls.
-        seen: dict[str, int] = {}
-        for name, answer in zip(names, answers, strict=True):
-            seen[name] = seen.get(name, 0) + 1
-            assert answer == seen[name]
-        assert batches == [100, 100, 50]
-        assert await batcher.submit("n0") == seen["n0"] + 1  # a lone request goes on its own
-        assert batches[-1] == 1
-    finally:
-        await client.aclose()
+    names = [f"n{i % 7}" for i in range(250)]
+    answers = await asyncio.gather(*(batcher.submit(name) for name in names))
+    # The n-th request for a counter sees it at n: answers follow the order of the calls.
+    seen: dict[str, int] = {}
+    for name, answer in zip(names, answers, strict=True):
+        seen[name] = seen.get(name, 0) + 1
+        assert answer == seen[name]
+    assert batches == [100, 100, 50]
+    assert await batcher.submit("n0") == seen["n0"] + 1  # a lone request goes on its own
+    assert batches[-1] == 1
 
 
-async def test_every_caller_of_a_failed_batch_gets_the_error_and_none_hangs(redis_server: RedisServer) -> None:
-    client = command_client(redis_server.url, max_connections=4, wait_s=2.0)
+async def test_every_caller_of_a_failed_batch_gets_the_error_and_none_hangs(
+    redis_server: RedisServer, client: Redis
+) -> None:
     batcher = incrementer(client, [])
-    try:
-        redis_server.kill()
-        results = await asyncio.gather(*(batcher.submit(f"n{i}") for i in range(50)), return_exceptions=True)
-        assert len(results) == 50
-        assert all(isinstance(r, RedisConnectionError | OSError) for r in results)
-        redis_server.start()
-        assert await batcher.submit("n0") == 1  # the batcher carries on once Redis is back
-    finally:
-        await client.aclose()
+    redis_server.kill()
+    results = await asyncio.gather(*(batcher.submit(f"n{i}") for i in range(50)), return_exceptions=True)
+    assert len(results) == 50
+    assert all(isinstance(r, RedisConnectionError | OSError) for r in results)
+    redis_server.start()
+    assert await batcher.submit("n0") == 1  # the batcher carries on once Redis is back
 
 
-async def test_a_cancelled_caller_does_not_disturb_the_others(redis_server: RedisServer, raw: Redis) -> None:
-    client = command_client(redis_server.url, max_connections=4, wait_s=2.0)
+async def test_a_cancelled_caller_does_not_disturb_the_others(client: Redis, raw: Redis) -> None:
     batcher = incrementer(client, [])
-    try:
-        calls = [asyncio.ensure_future(batcher.submit("n")) for _ in range(10)]
-        await asyncio.sleep(0)  # every call is queued
-        calls[3].cancel()
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        assert isinstance(answers[3], asyncio.CancelledError)
-        # The cancelled request was still sent: its caller may have been about to use it.
-        assert [a for i, a in enumerate(answers) if i != 3] == [1, 2, 3, 5, 6, 7, 8, 9, 10]
-        assert int(await raw.get("n") or 0) == 10
-    finally:
-        await client.aclose()
+    calls = [asyncio.ensure_future(batcher.submit("n")) for _ in range(10)]
+    await asyncio.sleep(0)  # every call is queued
+    calls[3].cancel()
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(answers[3], asyncio.CancelledError)
+    # The cancelled request was still sent: its caller may have been about to use it.
+    assert [a for i, a in enumerate(answers) if i != 3] == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert int(await raw.get("n") or 0) == 10
 
 
-async def test_wait_idle_returns_once_everything_submitted_is_answered(redis_server: RedisServer, raw: Redis) -> None:
-    client = command_client(redis_server.url, max_connections=4, wait_s=2.0)
+async def test_wait_idle_returns_once_everything_submitted_is_answered(client: Redis, raw: Redis) -> None:
     batcher = incrementer(client, [])
-    try:
-        calls = [asyncio.ensure_future(batcher.submit("n")) for _ in range(5)]
-        await asyncio.sleep(0)
-        await batcher.wait_idle()
-        assert all(c.done() for c in calls)
-        assert int(await raw.get("n") or 0) == 5
-        await batcher.wait_idle()  # idle already: returns at once
-    finally:
-        await client.aclose()
+    calls = [asyncio.ensure_future(batcher.submit("n")) for _ in range(5)]
+    await asyncio.sleep(0)
+    await batcher.wait_idle()
+    assert all(c.done() for c in calls)
+    assert int(await raw.get("n") or 0) == 5
+    await batcher.wait_idle()  # idle already: returns at once
 
 
 @pytest.mark.parametrize("size", [1, 3])
