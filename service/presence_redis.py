@@ -34,6 +34,7 @@ from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
 from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
+from service.redis_cluster_client import eval_script
 
 log = structlog.get_logger("eva_ws.presence")
 
@@ -142,7 +143,6 @@ class RedisPresence(Presence):
                 client_name=f"eva-ws:{client_name_part(pod_id)}:presence",
             ),
         )
-        self._apply_script = self._client.register_script(_APPLY)
         self._remove_script = self._client.register_script(_REMOVE)
         self._count_script = self._client.register_script(_COUNT)
         self._list_script = self._client.register_script(_LIST)
@@ -262,7 +262,9 @@ class RedisPresence(Presence):
                 args += (conn_id, value)
         if keys:
             async with self._redis_call():
-                await self._apply_script(keys=keys, args=args)
+                # Not a registered Script: its call checks the client's type through a
+                # runtime Protocol, a few percent of a handshake's CPU in a connect storm.
+                await eval_script(self._client, _APPLY, keys, args)
         return [None] * len(writes)
 
     async def list(self, customer_id: str) -> list[PresenceEntry]:
