@@ -13,6 +13,7 @@ import jwt
 from aiohttp import web
 
 from service.config import Settings
+from service.hmac_tokens import HmacTokenCheck
 from service.jwks import JwksClient
 from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
 
@@ -74,6 +75,9 @@ class TokenVerifier:
         self._leeway_s = settings.jwt_leeway_s
         # One key configured: issuers that stamp a kid anyway keep working.
         self._single_key = not self._keys and jwks is None and self._default_key is not None
+        self._quick = HmacTokenCheck(
+            settings.jwt_algorithms, audience=self._audience, issuer=self._issuer, leeway_s=self._leeway_s
+        )
 
     async def verify(self, token: object) -> Principal:
         """A Principal, or AuthError; messages never repeat the token or any part of it."""
@@ -103,6 +107,11 @@ class TokenVerifier:
         return key
 
     def _decode(self, token: str, key: Any) -> Principal:
+        claims = self._quick.claims(token, key) if self._quick.enabled else None
+        return _principal(claims if claims is not None else self._pyjwt_decode(token, key))
+
+    def _pyjwt_decode(self, token: str, key: Any) -> dict[str, Any]:
+        """The claims, or AuthError naming why PyJWT refused the token."""
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -131,7 +140,7 @@ class TokenVerifier:
             # PyJWTError also covers a key of the wrong type (InvalidKeyError); the others
             # come from claims PyJWT converts without checking (an `iat` of 1e400 is inf).
             raise AuthError("malformed", "token is malformed") from None
-        return _principal(claims)
+        return claims
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
