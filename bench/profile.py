@@ -1,6 +1,7 @@
-"""Profile a server's fan-out path with py-spy under a steady fan-out load; print and save the hot spots.
+"""Profile a server with py-spy under a steady fan-out load or a connect storm; print and save the hot spots.
 
     scripts/bench profile --target eva-ws --subscribers 1000 --rate 40 --seconds 20
+    scripts/bench profile --target eva-ws --storm --subscribers 15000 --customers 100
 
 Samples come from ``py-spy record --format raw`` (collapsed stacks, non-blocking so the server
 is not paused). Self time is where a sample's innermost Python frame was; inclusive time
@@ -16,6 +17,7 @@ import contextlib
 import re
 import secrets
 import shutil
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -97,6 +99,31 @@ def to_markdown(profile: Profile, *, title: str, seconds: float, top: int = 15) 
     return "\n".join(lines) + "\n"
 
 
+async def _start_py_spy(
+    py_spy: str, pid: int, raw_path: Path, *, native: bool, seconds: float | None = None
+) -> asyncio.subprocess.Process:
+    """py-spy sampling `pid` for `seconds`, or until it gets SIGINT."""
+    duration = ["--duration", str(int(seconds))] if seconds is not None else []
+    return await asyncio.create_subprocess_exec(
+        py_spy, "record", "--pid", str(pid), *duration,
+        "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--output", str(raw_path),
+        "--native" if native else "--nonblocking",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _finish_py_spy(spy: asyncio.subprocess.Process, timeout_s: float) -> None:
+    try:
+        _, err = await asyncio.wait_for(spy.communicate(), timeout_s)
+    finally:
+        if spy.returncode is None:
+            spy.kill()
+            await spy.wait()
+    # py-spy exits with 0 when it ends by itself and may report SIGINT's status when stopped.
+    if spy.returncode not in (0, -signal.SIGINT, 128 + signal.SIGINT):
+        raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-1000:]}")
+
+
 async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
     """Run the load and leave py-spy's collapsed stacks in `raw_path`."""
     target = TARGETS[args.target]
@@ -126,23 +153,22 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
             )
             # Subscribers spread round-robin over the customers, as in the many-channels scenario.
             customers = [f"C{i}" for i in range(args.customers)]
-            await bench.connect(bench.tokens([customers[i % len(customers)] for i in range(args.subscribers)]))
+            clients = bench.tokens([customers[i % len(customers)] for i in range(args.subscribers)])
+            if args.storm:
+                spy = await _start_py_spy(py_spy, server.pid, raw_path, native=args.native)
+                # Let py-spy attach before the first handshake.
+                await asyncio.sleep(1.0)
+                result = await bench.connect(clients, concurrency=args.concurrency)
+                args.seconds = result["elapsed_s"]
+                spy.send_signal(signal.SIGINT)
+                await _finish_py_spy(spy, 30)
+                print(f"{result['ok']} handshakes in {result['elapsed_s']:.1f} s", file=sys.stderr)
+                return
+            await bench.connect(clients)
             publishing = asyncio.create_task(bench.publish(customers, args.rate, args.seconds + 2))
             await asyncio.sleep(1.0)
-            spy = await asyncio.create_subprocess_exec(
-                py_spy, "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
-                "--rate", str(SAMPLE_RATE_HZ), "--format", "raw", "--output", str(raw_path),
-                "--native" if args.native else "--nonblocking",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            try:
-                _, err = await asyncio.wait_for(spy.communicate(), args.seconds + 30)
-            finally:
-                if spy.returncode is None:
-                    spy.kill()
-                    await spy.wait()
-            if spy.returncode != 0:
-                raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-1000:]}")
+            spy = await _start_py_spy(py_spy, server.pid, raw_path, native=args.native, seconds=args.seconds)
+            await _finish_py_spy(spy, args.seconds + 30)
             pub = await publishing
             drained = await loadgen.drain(pub["published"], timeout_s=30.0)
             print(f"published {pub['sent']}, lost {drained['lost']}, dup {drained['dups']}", file=sys.stderr)
@@ -161,12 +187,15 @@ def main() -> None:
     p.add_argument("--native", action="store_true", help="sample C frames too (pauses the server for each sample)")
     p.add_argument("--rate", type=float, default=20.0, help="events per second on the one channel")
     p.add_argument("--seconds", type=float, default=20.0, help="how long py-spy samples")
+    p.add_argument("--storm", action="store_true", help="sample while the subscribers connect instead")
+    p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight with --storm")
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default docs/bench/profile-<target>.md)")
     args = p.parse_args()
     if args.out is None:
-        args.out = ROOT / "docs" / "bench" / f"profile-{args.target}.md"
+        kind = "storm-" if args.storm else ""
+        args.out = ROOT / "docs" / "bench" / f"profile-{kind}{args.target}.md"
     out: Path = args.out
     # Collapsed stacks (for flamegraph tools) stay out of the repository.
     raw_path = ROOT / ".cache" / "bench-logs" / f"profile-{args.target}.collapsed.txt"
@@ -174,10 +203,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     uvloop.run(profile_target(args, raw_path))
     profile = parse_collapsed(raw_path.read_text())
-    title = (
-        f"{args.target} fan-out profile: {args.subscribers} subscribers on {args.customers} channel(s), "
-        f"{args.rate:g} events/s"
-    )
+    if args.storm:
+        title = (
+            f"{args.target} connect-storm profile: {args.subscribers} handshakes over {args.customers} channel(s), "
+            f"{args.concurrency} in flight"
+        )
+    else:
+        title = (
+            f"{args.target} fan-out profile: {args.subscribers} subscribers on {args.customers} channel(s), "
+            f"{args.rate:g} events/s"
+        )
     out.write_text(to_markdown(profile, title=title, seconds=args.seconds))
     print(out.read_text())
 
