@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import jwt
 from aiohttp import web
@@ -182,9 +182,13 @@ def query_value(request: web.BaseRequest, name: str) -> str | None:
     would hold it.
     """
     _, _, query = request.raw_path.partition("?")
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    # As parse_qsl reads it, without decoding every other field (the token is long).
+    for field in query.split("&"):
+        key, _, value = field.partition("=")
+        if key != name and ("%" in key or "+" in key):
+            key = unquote_plus(key)
         if key == name:
-            return value
+            return unquote_plus(value) if "%" in value or "+" in value else value
     return None
 
 

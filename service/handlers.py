@@ -197,18 +197,26 @@ async def _upgrade(request: web.Request, settings: Settings) -> ServerWebSocketR
         autoping=False,
         timeout=CLOSE_TIMEOUT_S,
     )
-    if not ws.can_prepare(request).ok:
-        return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
     if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        if not ws.can_prepare(request).ok:
+            return _not_websocket()
         # aiohttp also speaks the hybi-08 draft; RFC 6455 §4.4 answers 426 with the version we speak.
         response = _reject("websocket_version", 426, "upgrade_required", "only WebSocket version 13 is supported")
         response.headers["Sec-WebSocket-Version"] = "13"
         return response
-    await ws.prepare(request)
+    try:
+        # Checks the rest of the upgrade request before it writes anything.
+        await ws.prepare(request)
+    except web.HTTPBadRequest:
+        return _not_websocket()
     # The 101 response is on the wire: its headers would otherwise stay with the socket
     # for its whole life.
     ws.headers.clear()
     return ws
+
+
+def _not_websocket() -> web.Response:
+    return _reject("not_websocket", 400, "bad_request", "expected a WebSocket upgrade request")
 
 
 def _presence_unavailable(operation: str, error: BrokerUnavailable, conn: Connection | None = None) -> None:

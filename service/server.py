@@ -42,7 +42,10 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """Options of aiohttp's HTTP server that defend the pod (also used by the tests' servers)."""
     # keepalive_timeout is the only bound aiohttp puts on a connection that has not sent a
     # complete request yet: headers trickled one byte at a time (slowloris) end with it.
-    return {"keepalive_timeout": settings.handshake_timeout_s}
+    # No TCP keep-alive: WebSocket heartbeats find dead peers within seconds where the kernel's
+    # probes start after two hours, and switching it on costs every handshake a socket object
+    # and a system call.
+    return {"keepalive_timeout": settings.handshake_timeout_s, "tcp_keepalive": False}
 
 
 def _settle_garbage_collector() -> None:

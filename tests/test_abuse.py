@@ -358,6 +358,7 @@ async def test_failed_handshakes_release_their_slots(app_client):
     for _ in range(5):
         assert (await _upgrade(client, "garbage")).status == 401
         assert (await _upgrade(client, token_for(settings), {"Sec-WebSocket-Version": "8"})).status == 426
+        assert (await _upgrade(client, token_for(settings), {"Sec-WebSocket-Key": "c2hvcnQ="})).status == 400
     ws = await connect(client, token_for(settings))
     assert (await subscribe(ws))["type"] == "subscribed"
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
+from urllib.parse import parse_qsl
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given
+from hypothesis import strategies as st
 
+from service.auth import query_value
 from service.config import Settings, load_settings
 from tests.conftest import BASE_ENV, SECRET, connect, make_settings, receive_type, subscribe, token_for
 
@@ -184,3 +189,10 @@ async def test_pong_for_a_valid_connection(app_client):
     ws = await connect(client, token_for(settings))
     await ws.send_json({"type": "ping", "timestamp": "2026-01-01T00:00:00Z"})
     assert (await receive_type(ws, "pong"))["timestamp"].endswith("Z")
+
+
+@given(query=st.text(alphabet="tokenrc=&%+;3D5aé", max_size=24), name=st.sampled_from(["token", "reconnect"]))
+def test_query_values_are_read_as_parse_qsl_reads_them(query, name):
+    request = SimpleNamespace(raw_path=f"/ws/transactions?{query}")
+    expected = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == name), None)
+    assert query_value(request, name) == expected  # type: ignore[arg-type]
