@@ -11,23 +11,35 @@ Answer = TypeVar("Answer")
 
 # Bounds one script's run: Redis serves nothing else while it runs.
 DEFAULT_MAX_BATCH: Final = 256
+# Least time from the start of one round trip to the start of the next. A round trip costs the
+# pod about 100 µs of CPU whatever it carries (measured with redis-py on loopback), so in a
+# connect storm, where batches would otherwise hold about four requests each, this spacing
+# is what makes them large; a request after a quiet spell still goes on the next loop turn.
+DEFAULT_MIN_INTERVAL_S: Final = 0.01
 
 
 class Batcher(Generic[Item, Answer]):
     """Sends the requests that arrive while a round trip is in flight together, in the next one.
 
     `send(items)` answers every item, in order, in one round trip; when it raises, every
-    caller of that batch gets the exception. One batch is in flight at a time: an idle
-    batcher sends a lone request on the next loop turn (no added wait), a busy one carries
-    everything that queued during the previous round trip. A request whose caller was
-    cancelled is still sent, as it would have been without the batcher.
+    caller of that batch gets the exception. One batch is in flight at a time, and round
+    trips start at least `min_interval_s` apart: an idle batcher sends a lone request on the
+    next loop turn (no added wait), a busy one carries everything that queued since the
+    previous round trip. A request whose caller was cancelled is still sent, as it would
+    have been without the batcher.
     """
 
     def __init__(
-        self, send: Callable[[list[Item]], Awaitable[list[Answer]]], *, max_batch: int = DEFAULT_MAX_BATCH
+        self,
+        send: Callable[[list[Item]], Awaitable[list[Answer]]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
     ) -> None:
         self._send = send
         self._max_batch = max_batch
+        self._min_interval_s = min_interval_s
+        self._last_start = float("-inf")
         # Unbounded by design: it holds one entry per caller awaiting it, so its length is the
         # number of concurrent callers, which the connection caps and handshake timeouts bound.
         self._queue: list[tuple[Item, asyncio.Future[Answer]]] = []
@@ -47,8 +59,13 @@ class Batcher(Generic[Item, Answer]):
 
     async def _send_all(self) -> None:
         batch: list[tuple[Item, asyncio.Future[Answer]]] = []
+        loop = asyncio.get_running_loop()
         try:
             while self._queue:
+                wait_s = self._last_start + self._min_interval_s - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                self._last_start = loop.time()
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 try:

@@ -90,3 +90,27 @@ async def test_a_wrong_number_of_answers_fails_every_caller(size: int) -> None:
     batcher: Batcher[int, int] = Batcher(send)
     results = await asyncio.gather(*(batcher.submit(i) for i in range(size)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_round_trips_start_at_least_the_interval_apart(client: Redis) -> None:
+    batches: list[int] = []
+    script = client.register_script("return #KEYS")
+
+    async def send(names: list[str]) -> list[int]:
+        batches.append(len(names))
+        return [await script(keys=names)] * len(names)
+
+    batcher: Batcher[str, int] = Batcher(send, min_interval_s=3600)
+    assert await batcher.submit("first") == 1  # idle: sent at once
+    later = []
+    for i in range(5):
+        later.append(asyncio.ensure_future(batcher.submit(f"n{i}")))
+        await asyncio.sleep(0.01)  # each in a loop turn of its own, after the first round trip
+    # All five wait for the next round trip, which the interval holds back.
+    assert batches == [1]
+    assert not any(call.done() for call in later)
+    senders = [task for task in asyncio.all_tasks() if task.get_name() == "redis-batch"]
+    assert len(senders) == 1
+    senders[0].cancel()
+    results = await asyncio.gather(*later, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
