@@ -10,7 +10,7 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import web
 
-from service import handlers, keys, ops
+from service import handlers, keys, loop_health, ops
 from service.auth import TokenVerifier
 from service.broker import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
@@ -90,6 +90,7 @@ def create_app(
         for route in api:
             cors.add(route)
 
+    app.cleanup_ctx.append(_loop_health_ctx)
     app.cleanup_ctx.append(_deadlines_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
@@ -108,6 +109,11 @@ async def _jwks_ctx(app: web.Application) -> AsyncIterator[None]:
     await jwks.start()
     yield
     await jwks.close()
+
+
+async def _loop_health_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with loop_health.watching():
+        yield
 
 
 async def _deadlines_ctx(app: web.Application) -> AsyncIterator[None]:

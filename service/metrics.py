@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 NAMESPACE: Final = "eva_ws"
 
 # One registry per process, so tests that build several apps do not collide on names.
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
+# process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (read from /proc
+# at scrape time), as every Prometheus client exports them.
+ProcessCollector(registry=REGISTRY)
 
 CONNECTIONS_ACTIVE: Final = Gauge(
     "connections_active", "Open WebSocket connections on this pod.", namespace=NAMESPACE, registry=REGISTRY
@@ -157,4 +160,19 @@ CONNECTION_CAPS_UNAVAILABLE: Final = Counter(
     "Connection-cap checks Redis could not answer; the connection was let in.",
     namespace=NAMESPACE,
     registry=REGISTRY,
+)
+EVENT_LOOP_LAG: Final = Histogram(
+    "event_loop_lag_seconds",
+    "How much later than asked a timer ran on the event loop, sampled ten times a second.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+GC_PAUSE: Final = Histogram(
+    "gc_pause_seconds",
+    "Pauses of Python's cycle collector, by generation (0, 1, 2).",
+    ["generation"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )

@@ -600,10 +600,15 @@ def test_chart_readme_lists_every_value() -> None:
         assert topic in readme
 
 
+def _own_families() -> list[Any]:
+    """eva-ws's metrics, without the standard process_* ones the registry also exports."""
+    return [family for family in metrics.REGISTRY.collect() if family.name.startswith(f"{metrics.NAMESPACE}_")]
+
+
 def exposed_metric_names() -> set[str]:
     """Names as Prometheus scrapes them (counters end in _total, histograms in _bucket/_sum/_count)."""
     names: set[str] = set()
-    for family in metrics.REGISTRY.collect():
+    for family in _own_families():
         if family.type == "counter":
             names.add(f"{family.name}_total")
         elif family.type == "histogram":
@@ -615,7 +620,7 @@ def exposed_metric_names() -> set[str]:
 
 def base_metric_names() -> set[str]:
     names = set()
-    for family in metrics.REGISTRY.collect():
+    for family in _own_families():
         names.add(f"{family.name}_total" if family.type == "counter" else family.name)
     return names
 

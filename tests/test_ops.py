@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
 from service.ops import create_ops_app
 from tests.conftest import connect, make_settings, metric_value, publish, receive_json, subscribe, token_for, txn
+from tests.waiting import eventually
 
 
 async def test_health_and_readiness(app_client):
@@ -39,6 +43,30 @@ async def test_metrics_count_connections_messages_errors_and_publishes(app_clien
     assert delta('eva_ws_messages_sent_total{type="subscribed"}') == 1
     assert "eva_ws_connection_duration_seconds_bucket" in after
     assert "eva_ws_delivery_lag_seconds_count" in after
+
+
+async def test_metrics_show_a_blocked_event_loop_and_collector_pauses(app_client):
+    client = await app_client(make_settings())
+    before = await (await client.get("/metrics")).text()
+    # The lag sampler is asleep for at most 0.1 s: blocking the loop for 0.4 s makes it wake
+    # at least 0.3 s late, however slow the machine.
+    time.sleep(0.4)  # blocking the loop is the point
+    gc.collect()
+    count = "eva_ws_event_loop_lag_seconds_count"
+    within = 'eva_ws_event_loop_lag_seconds_bucket{le="0.25"}'
+
+    async def late_sample_seen() -> bool:
+        after = await (await client.get("/metrics")).text()
+        return metric_value(after, count) - metric_value(before, count) > metric_value(after, within) - metric_value(
+            before, within
+        )
+
+    await eventually(late_sample_seen, "a loop-lag sample above 0.25 s")
+    after = await (await client.get("/metrics")).text()
+    full = 'eva_ws_gc_pause_seconds_count{generation="2"}'
+    assert metric_value(after, full) > metric_value(before, full)
+    assert metric_value(after, "process_resident_memory_bytes") > 0
+    assert metric_value(after, "process_cpu_seconds_total") > 0
 
 
 async def test_ops_port_serves_probes_and_the_main_port_does_not(aiohttp_client):
