@@ -24,7 +24,7 @@ import orjson
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 
-HASHES: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+_HASHES: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 _COMPACT: Final = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _PLAIN_HEADER: Final = frozenset({"alg", "typ", "kid"})
 _REQUIRED: Final = ("exp", "iat", "sub")
@@ -67,7 +67,7 @@ class HmacTokenCheck:
     def __init__(
         self, algorithms: tuple[str, ...], *, audience: str | None, issuer: str | None, leeway_s: float
     ) -> None:
-        self._hashes = {alg: HASHES[alg] for alg in algorithms if alg in HASHES}
+        self._hashes = {alg: _HASHES[alg] for alg in algorithms if alg in _HASHES}
         self._audience = audience
         self._issuer = issuer
         self._leeway_s = leeway_s
