@@ -10,13 +10,6 @@ _SUB_BITS: Final = 7
 _SUB: Final = 1 << _SUB_BITS
 
 
-def _bucket(value_us: int) -> int:
-    if value_us < _SUB:
-        return max(value_us, 0)
-    shift = value_us.bit_length() - _SUB_BITS - 1
-    return ((shift + 1) << _SUB_BITS) + ((value_us >> shift) - _SUB)
-
-
 def _bucket_floor(index: int) -> int:
     if index < _SUB:
         return index
@@ -35,7 +28,12 @@ class Histogram:
         self.max_us = 0
 
     def record(self, value_us: int) -> None:
-        b = _bucket(value_us)
+        # The bucket: exact below _SUB, else the top _SUB_BITS + 1 bits (runs once per received frame).
+        if value_us < _SUB:
+            b = max(value_us, 0)
+        else:
+            shift = value_us.bit_length() - _SUB_BITS - 1
+            b = ((shift + 1) << _SUB_BITS) + ((value_us >> shift) - _SUB)
         self.counts[b] = self.counts.get(b, 0) + 1
         self.total += 1
         if value_us > self.max_us:

@@ -97,7 +97,8 @@ class Worker:
             client.last_seq = seq
             client.unique += 1
             self.unique_total += 1
-            if self.unique_total >= self.target:
+            # Equal, not at least: set once when the drain's target is reached, not on every event.
+            if self.unique_total == self.target:
                 self.drained.set()
         else:
             client.dups += 1
@@ -265,6 +266,7 @@ class Worker:
 
         worker = self
         dialect = self.dialect
+        text, close = WSMsgType.TEXT, WSMsgType.CLOSE
 
         class Listener(WSListener):
             def on_ws_connected(self, transport: Any) -> None:
@@ -274,7 +276,8 @@ class Worker:
                     transport.send(WSMsgType.TEXT, first)
 
             def on_ws_frame(self, transport: Any, frame: Any) -> None:
-                if frame.msg_type == WSMsgType.TEXT:
+                kind = frame.msg_type
+                if kind == text:
                     mark = parse_mark(frame.get_payload_as_memoryview())
                     if mark is not None:
                         worker.on_event(client, mark[0], mark[1])
@@ -282,7 +285,7 @@ class Worker:
                     answer = worker.on_control(client, frame.get_payload_as_bytes())
                     if answer is not None:
                         transport.send(WSMsgType.TEXT, answer)
-                elif frame.msg_type == WSMsgType.CLOSE:
+                elif kind == close:
                     client.close_code = int(frame.get_close_code())
                     transport.send_close(frame.get_close_code())
                     transport.disconnect()
