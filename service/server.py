@@ -39,7 +39,7 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
-    """Options of aiohttp's HTTP server that defend the pod (also used by the tests' servers)."""
+    """Options of aiohttp's HTTP server for every connection (also used by the tests' servers)."""
     # keepalive_timeout is the only bound aiohttp puts on a connection that has not sent a
     # complete request yet: headers trickled one byte at a time (slowloris) end with it.
     # No TCP keep-alive: WebSocket heartbeats find dead peers within seconds where the kernel's
