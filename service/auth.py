@@ -13,7 +13,7 @@ import jwt
 from aiohttp import web
 
 from service.config import Settings
-from service.hmac_tokens import HmacTokenCheck
+from service.hmac_tokens import HmacTokenCheck, plain_header
 from service.jwks import JwksClient
 from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
 
@@ -86,10 +86,12 @@ class TokenVerifier:
         if self._single_key:
             # One key whatever the kid: no need to read the header before the signature check.
             return self._decode(token, self._default_key)
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("malformed", "token is malformed") from None
+        header = plain_header(token)
+        if header is None:
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError:
+                raise AuthError("malformed", "token is malformed") from None
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthError("malformed", "token kid must be a string")

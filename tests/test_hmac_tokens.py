@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.hmac_tokens import HmacTokenCheck
+from service.hmac_tokens import HmacTokenCheck, plain_header
 
 # Long enough for HS512 (PyJWT warns below 64 bytes).
 SECRET = "k" * 64
@@ -106,6 +106,24 @@ def test_unusual_headers_are_never_accepted_alone(header):
     _agrees(_sign(header, VALID))
 
 
+def _header_agrees(token: str) -> dict[str, Any] | None:
+    """plain_header's answer, after asserting that PyJWT reads the same header whenever it answers."""
+    quick = plain_header(token)
+    if quick is not None:
+        assert jwt.get_unverified_header(token) == quick
+    return quick
+
+
+@pytest.mark.parametrize("header", [*_HEADERS, {"alg": "RS256", "kid": "k1"}], ids=repr)
+def test_headers_are_read_as_pyjwt_reads_them(header):
+    _header_agrees(_sign(header, VALID))
+
+
+def test_a_plain_keyed_header_is_read_without_pyjwt():
+    token = jwt.encode(VALID, SECRET, "HS256", headers={"kid": "k1"})
+    assert _header_agrees(token) == {"alg": "HS256", "typ": "JWT", "kid": "k1"}
+
+
 _PAYLOADS: list[Any] = [
     {**VALID, "exp": NOW - LEEWAY_S - 1},
     {**VALID, "exp": NOW - LEEWAY_S},
@@ -183,6 +201,7 @@ def test_edited_tokens_are_never_accepted_alone(token, edits):
         position %= len(token) + 1
         token = token[:position] + char + token[position + 1 :]
     _agrees(token)
+    _header_agrees(token)
 
 
 _JSON = st.recursive(
