@@ -4,9 +4,9 @@ A connect storm spends its CPU on handshakes, and PyJWT's general decoder costs 
 per token (it checks each base64 character in Python, parses JSON with the standard
 library and re-derives the key), where the checks themselves take about 7. This module
 accepts a token only when it is plainly valid: compact form in the strict base64url
-alphabet, a header of nothing but `alg`, `typ` and `kid`, an allowed HS256/384/512 `alg`, a
-matching signature, integer times inside the leeway, and the audience and issuer in the
-simple forms this service configures. For anything else it answers None and the caller
+alphabet, JSON that orjson and the standard library read alike, a header of nothing but
+`alg`, `typ` and `kid`, an allowed HS256/384/512 `alg`, a matching signature, integer times
+inside the leeway, and the audience and issuer in the simple forms this service configures. For anything else it answers None and the caller
 asks PyJWT, which gives the verdict and the reason. So it can only make a valid token
 cheaper, never let through one PyJWT refuses: tests/test_hmac_tokens.py holds it to that.
 `plain_header` reads the header of such a token the same way, for choosing a key by `kid`.
@@ -29,6 +29,9 @@ _HASHES: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 _COMPACT: Final = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _PLAIN_HEADER: Final = frozenset({"alg", "typ", "kid"})
 _REQUIRED: Final = ("exp", "iat", "sub")
+# Real headers and claims hold a few objects and lists; these bounds only send oddities to PyJWT.
+_MAX_CONTAINERS: Final = 64
+_LONG_NUMBER: Final = re.compile(rb"\d{19}")
 
 
 def _segment(encoded: bytes) -> bytes | None:
@@ -44,6 +47,14 @@ def _segment(encoded: bytes) -> bytes | None:
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
+    """The object, when orjson reads it exactly as the standard library would; else None.
+
+    They differ on nesting (orjson allows 1024 levels, the standard library stops at the
+    recursion limit) and on integers beyond 64 bits (orjson makes them floats): such JSON,
+    and anything that merely looks like it, goes to PyJWT.
+    """
+    if data.count(b"[") + data.count(b"{") > _MAX_CONTAINERS or _LONG_NUMBER.search(data):
+        return None
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -132,7 +143,8 @@ class HmacTokenCheck:
             pass
         try:
             prepared: bytes | None = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)
-        except InvalidKeyError:
+        except (InvalidKeyError, UnicodeError):
+            # UnicodeError: a key with lone surrogates (from the environment) has no UTF-8 bytes.
             prepared = None
         self._keys[key] = prepared
         return prepared
@@ -154,6 +166,7 @@ class HmacTokenCheck:
         if self._audience is None:
             if aud:
                 return False
-        elif aud != self._audience:
+        elif not aud or aud != self._audience:
+            # An empty `aud` is a missing one for PyJWT, even when the audience asked for is empty.
             return False
         return self._issuer is None or claims.get("iss") == self._issuer

@@ -22,6 +22,10 @@ NOW = int(time.time())
 VALID = {"sub": "user-1", "customerIds": ["C1"], "iat": NOW, "exp": NOW + 3600}
 
 
+def _short_id(value: object) -> str:
+    return repr(value)[:60]
+
+
 def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
@@ -98,10 +102,12 @@ _HEADERS: list[Any] = [
     b'{"alg":"HS256",}',
     b"\xef\xbb\xbf" + b'{"alg":"HS256"}',
     b'{"alg":"HS\\u0032\\u00356"}',
+    # orjson reads 1024 levels, the standard library stops near its recursion limit.
+    b'{"alg":"HS256","typ":' + b"[" * 1000 + b"]" * 1000 + b"}",
 ]
 
 
-@pytest.mark.parametrize("header", _HEADERS, ids=repr)
+@pytest.mark.parametrize("header", _HEADERS, ids=_short_id)
 def test_unusual_headers_are_never_accepted_alone(header):
     _agrees(_sign(header, VALID))
 
@@ -114,7 +120,7 @@ def _header_agrees(token: str) -> dict[str, Any] | None:
     return quick
 
 
-@pytest.mark.parametrize("header", [*_HEADERS, {"alg": "RS256", "kid": "k1"}], ids=repr)
+@pytest.mark.parametrize("header", [*_HEADERS, {"alg": "RS256", "kid": "k1"}], ids=_short_id)
 def test_headers_are_read_as_pyjwt_reads_them(header):
     _header_agrees(_sign(header, VALID))
 
@@ -159,13 +165,27 @@ _PAYLOADS: list[Any] = [
     b'{"sub":"user-1","iat":1,"exp":99999999999,"exp":1}',
     b'{"sub":"\\ud800","iat":1,"exp":99999999999}',
     b"\xff\xfe",
+    # Beyond 64 bits orjson gives a float where the standard library keeps the exact integer.
+    {**VALID, "x": 2**64 + 1},
+    {**VALID, "x": -(2**63) - 1},
+    b'{"sub":"user-1","iat":1,"exp":99999999999,"x":' + b"[" * 1000 + b"]" * 1000 + b"}",
 ]
 
 
 @pytest.mark.parametrize("audience", [None, "eva"])
-@pytest.mark.parametrize("payload", _PAYLOADS, ids=repr)
+@pytest.mark.parametrize("payload", _PAYLOADS, ids=_short_id)
 def test_unusual_claims_are_never_accepted_alone(payload, audience):
     _agrees(_sign({"alg": "HS256"}, payload), audience=audience, issuer="https://issuer.example" if audience else None)
+
+
+def test_an_empty_audience_setting_accepts_no_empty_aud():
+    # PyJWT counts an empty `aud` as missing whatever audience it is asked for.
+    assert _agrees(jwt.encode({**VALID, "aud": ""}, SECRET, "HS256"), audience="") is None
+
+
+def test_a_key_without_utf8_bytes_is_left_to_pyjwt():
+    key = "k" * 63 + "\udcff"  # a lone surrogate, as os.environ gives undecodable bytes
+    assert HmacTokenCheck(("HS256",), audience=None, issuer=None, leeway_s=LEEWAY_S).claims("a.b.c", key) is None
 
 
 def test_wrong_key_or_disallowed_algorithm_is_left_to_pyjwt():
