@@ -6,10 +6,11 @@ library and re-derives the key), where the checks themselves take about 7. This 
 accepts a token only when it is plainly valid: compact form in the strict base64url
 alphabet, JSON that orjson and the standard library read alike, a header of nothing but
 `alg`, `typ` and `kid`, an allowed HS256/384/512 `alg`, a matching signature, integer times
-inside the leeway, and the audience and issuer in the simple forms this service configures. For anything else it answers None and the caller
-asks PyJWT, which gives the verdict and the reason. So it can only make a valid token
-cheaper, never let through one PyJWT refuses: tests/test_hmac_tokens.py holds it to that.
-`plain_header` reads the header of such a token the same way, for choosing a key by `kid`.
+inside the leeway, and the audience and issuer in the simple forms this service configures.
+For anything else it answers None and the caller asks PyJWT, which gives the verdict and
+the reason. So it can only make a valid token cheaper, never let through one PyJWT refuses:
+tests/test_hmac_tokens.py holds it to that. `plain_header` reads the header of such a token
+the same way, for choosing a key by `kid`.
 """
 
 from __future__ import annotations
