@@ -37,8 +37,9 @@ class _GcTimer:
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
-        else:
+        elif self._started:  # not a collection that began before this timer was installed
             _GC_PAUSES[info["generation"]].observe(time.perf_counter() - self._started)
+            self._started = 0.0
 
 
 async def _sample_lag(interval_s: float) -> None:
