@@ -124,8 +124,8 @@ async def _finish_py_spy(spy: asyncio.subprocess.Process, timeout_s: float) -> N
         raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-1000:]}")
 
 
-async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
-    """Run the load and leave py-spy's collapsed stacks in `raw_path`."""
+async def profile_target(args: argparse.Namespace, raw_path: Path) -> float:
+    """Run the load, leave py-spy's collapsed stacks in `raw_path`, and return the seconds sampled."""
     target = TARGETS[args.target]
     secret = secrets.token_urlsafe(32)
     log_dir = ROOT / ".cache" / "bench-logs"
@@ -159,11 +159,10 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
                 # Let py-spy attach before the first handshake.
                 await asyncio.sleep(1.0)
                 result = await bench.connect(clients, concurrency=args.concurrency)
-                args.seconds = result["elapsed_s"]
                 spy.send_signal(signal.SIGINT)
                 await _finish_py_spy(spy, 30)
                 print(f"{result['ok']} handshakes in {result['elapsed_s']:.1f} s", file=sys.stderr)
-                return
+                return float(result["elapsed_s"])
             await bench.connect(clients)
             publishing = asyncio.create_task(bench.publish(customers, args.rate, args.seconds + 2))
             await asyncio.sleep(1.0)
@@ -172,6 +171,7 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> None:
             pub = await publishing
             drained = await loadgen.drain(pub["published"], timeout_s=30.0)
             print(f"published {pub['sent']}, lost {drained['lost']}, dup {drained['dups']}", file=sys.stderr)
+            return float(args.seconds)
         finally:
             with contextlib.suppress(RuntimeError, TimeoutError):
                 await loadgen.close_all()
@@ -201,7 +201,7 @@ def main() -> None:
     raw_path = ROOT / ".cache" / "bench-logs" / f"profile-{args.target}.collapsed.txt"
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    uvloop.run(profile_target(args, raw_path))
+    seconds = uvloop.run(profile_target(args, raw_path))
     profile = parse_collapsed(raw_path.read_text())
     if args.storm:
         title = (
@@ -213,7 +213,7 @@ def main() -> None:
             f"{args.target} fan-out profile: {args.subscribers} subscribers on {args.customers} channel(s), "
             f"{args.rate:g} events/s"
         )
-    out.write_text(to_markdown(profile, title=title, seconds=args.seconds))
+    out.write_text(to_markdown(profile, title=title, seconds=seconds))
     print(out.read_text())
 
 
