@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import orjson
@@ -24,6 +27,8 @@ from service.protocol import (
 # Redis kills subscribers whose output buffer overflows; big events must not get that far.
 MAX_EVENT_BYTES: Final = 64 * 1024
 _TRANSACTION_STRING_FIELDS: Final = ("status", "stage", "updatedAt", "updatedBy", "userId")
+# What `Publisher.connect` accepts: an in-process broker would reach no pod.
+REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+cluster://")
 
 
 class InvalidEvent(ValueError):
@@ -110,11 +115,50 @@ def _check_transaction(data: dict[str, Any]) -> None:
 class Publisher:
     """Publishes events through a broker, in-process or from any backend service.
 
-    >>> published = await Publisher(broker).publish("transaction_update", {"id": "T1", "customerId": "C1"})
+    A backend service connects to the Redis the pods share:
+
+    >>> async with Publisher.connect("redis://redis:6379/0") as publisher:
+    ...     await publisher.publish("transaction_update", {"id": "T1", "customerId": "C1"})
     """
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        redis_url: str,
+        *,
+        prefix: str = "",
+        history_size: int | None = None,
+        history_ttl_s: int | None = None,
+    ) -> AsyncIterator[Publisher]:
+        """A publisher on the Redis (or Redis Cluster) the pods use; its connections close with the block.
+
+        `redis_url` and `prefix` are the pods' EVA_WS_REDIS_URL and EVA_WS_REDIS_PREFIX.
+        `history_size` and `history_ttl_s` bound the history this publisher appends to, as
+        EVA_WS_HISTORY_SIZE and EVA_WS_HISTORY_TTL_S do for the pods; None keeps their
+        defaults, so set them only where the pods do. Nothing is sent before the first
+        publish: a Redis that cannot be reached makes `publish` raise BrokerUnavailable.
+        """
+        from service.broker import create_broker
+        from service.config import Settings
+
+        if not redis_url.startswith(REDIS_URL_SCHEMES):
+            raise ValueError(f"redis_url must start with {', '.join(REDIS_URL_SCHEMES)}")
+        # The pod id only names the Redis connections (CLIENT LIST shows who is publishing).
+        settings = Settings(redis_url=redis_url, redis_prefix=prefix, pod_id=f"publisher-{socket.gethostname()}")
+        settings = replace(
+            settings,
+            history_size=settings.history_size if history_size is None else history_size,
+            history_ttl_s=settings.history_ttl_s if history_ttl_s is None else history_ttl_s,
+        )
+        broker = create_broker(settings)
+        try:
+            yield cls(broker)
+        finally:
+            await broker.close()
 
     async def publish(
         self,
