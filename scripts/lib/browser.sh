@@ -11,10 +11,12 @@ ensure_chromium() {
   export EVA_WS_CHROMIUM="${EVA_WS_CHROMIUM:-$(command -v chromium)}"
 }
 
-# ensure_node: node (>= 18) runs clients/js/test with its built-in test runner; npm fetches schemas.
+# ensure_node: node (>= 20) runs clients/js/test with its built-in test runner; npm fetches
+# schemas and packs the client; tsc type-checks an application that installed the package.
 ensure_node() {
   ensure_apt node nodejs
   ensure_apt npm npm
+  ensure_apt tsc node-typescript
 }
 
 # ensure_asyncapi_schema: unpack @asyncapi/specs once into .cache and export the 3.0.0 schema path.
