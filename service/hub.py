@@ -411,7 +411,14 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
             }
         )
     )
-    conflation_key = f"{envelope.channel}|{data.get('id')}" if kind == EventType.TRANSACTION_UPDATE else None
+    txn_id = data.get("id")
+    # The channel's length first, so no channel and id can read as another pair (ids may
+    # hold "|" and ":"); repr tells 5 from "5". An update without an id supersedes nothing.
+    conflation_key = (
+        f"{len(envelope.channel)}:{envelope.channel}{txn_id!r}"
+        if kind == EventType.TRANSACTION_UPDATE and txn_id is not None
+        else None
+    )
     return _Decoded(
         data=data,
         frame=frame,
