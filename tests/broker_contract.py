@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from fleet.waiting import eventually
 from service.broker.base import Broker, Envelope, Position
-from tests.waiting import eventually
 
 BrokerFactory = Callable[..., Broker]
 """Builds an unstarted broker; accepts the keyword `history_size`."""

@@ -1,4 +1,4 @@
-"""What the cluster tests share: a fleet of resuming clients, a numbered event stream, presence and metrics reads."""
+"""What the cluster tests share: a numbered event stream, publishing with retries, presence and metrics reads."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import contextlib
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from fleet.clients import ClientFleet
+from fleet.cluster import Cluster, Worker
+from fleet.waiting import eventually
 from service.auth import mint_token
-from service.config import Settings
-from tests.cluster import Cluster, Worker
 from tests.conftest import SECRET, make_settings, metric_value
-from tests.resuming_client import ResumingClient
-from tests.waiting import eventually
 
 
 @contextlib.contextmanager
@@ -32,72 +30,8 @@ def running_cluster(tmp_path: Path, workers: int, **worker_env: str) -> Iterator
         cluster.stop()
 
 
-def customers(count: int) -> list[str]:
-    return [f"CUST-{i:03d}" for i in range(1, count + 1)]
-
-
 def key(customer: str) -> str:
     return f"transactions:{customer}"
-
-
-@dataclass
-class Fleet:
-    """`per_customer` browser tabs for each customer, each with its own user and a one-customer token."""
-
-    session: aiohttp.ClientSession
-    cluster: Cluster
-    customer_ids: list[str]
-    per_customer: int = 2
-    base_backoff_s: float = 0.1
-    settings: Settings = field(default_factory=make_settings)
-    clients: list[ResumingClient] = field(default_factory=list)
-
-    async def __aenter__(self) -> Fleet:
-        for customer in self.customer_ids:
-            for n in range(self.per_customer):
-                user = f"{customer}-user-{n}"
-                token = mint_token(self.settings, sub=user, customers=[customer], ttl_s=3600)
-                self.clients.append(
-                    ResumingClient(
-                        self.session,
-                        self.cluster.ws_url,
-                        token,
-                        routing_key=customer,
-                        subscriptions=[{"channel": "transactions", "filters": {"customerId": customer}}],
-                        base_backoff_s=self.base_backoff_s,
-                        name=user,
-                    )
-                )
-        for client in self.clients:
-            client.start()
-        try:
-            await self.wait_subscribed()
-        except BaseException:
-            await self.__aexit__()  # `async with` does not exit what failed to enter
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await asyncio.gather(*(c.stop() for c in self.clients))
-
-    async def wait_subscribed(self, deadline_s: float = 30.0) -> None:
-        await eventually(
-            lambda: all(c.subscribed.is_set() for c in self.clients),
-            lambda: f"{sum(not c.subscribed.is_set() for c in self.clients)} clients not subscribed",
-            deadline_s=deadline_s,
-        )
-
-    def of(self, customer: str) -> list[ResumingClient]:
-        return [c for c in self.clients if c.routing_key == customer]
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "duplicates": sum(c.duplicates for c in self.clients),
-            "gaps": sum(c.gaps for c in self.clients),
-            "unrecovered": sum(c.unrecovered for c in self.clients),
-            "resyncs": sum(c.resyncs for c in self.clients),
-            "errors": sum(len(c.errors) for c in self.clients),
-        }
 
 
 def publisher_token() -> str:
@@ -177,7 +111,7 @@ class NumberedStream:
         return sum(len(ids) for ids in self.acked.values())
 
 
-async def wait_all_delivered(fleet: Fleet, stream: NumberedStream, deadline_s: float = 30.0) -> None:
+async def wait_all_delivered(fleet: ClientFleet, stream: NumberedStream, deadline_s: float = 30.0) -> None:
     """Every client ends up with every acknowledged event of its customer."""
 
     def missing() -> int:

@@ -13,11 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from fleet.redis_server import RedisServer
 from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
 from tests.protocol_schemas import assert_client_message, assert_server_message
-from tests.redis_server import RedisServer
 
 SECRET = "test-secret-" + "x" * 60
 

@@ -7,7 +7,7 @@ import socket
 import threading
 from types import TracebackType
 
-from tests.process import free_port
+from fleet.ports import free_port
 
 
 class _Link:

@@ -10,9 +10,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Final
 
+from fleet.process import ServiceProcess
 from service.auth import mint_token
 from service.config import Settings, load_settings
-from tests.process import ServiceProcess
+from tests.conftest import SECRET
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DEV_CUSTOMERS: Final = ["CUST-001", "CUST-002", "CUST-003"]
@@ -26,7 +27,8 @@ class DevService(ServiceProcess):
     """
 
     def __init__(self, tmp_path: Path, **env: str) -> None:
-        super().__init__(tmp_path, **{"mode": "development", "drain_delay_s": "0", "drain_spread_s": "0", **env})
+        env = {"mode": "development", "drain_delay_s": "0", "drain_spread_s": "0", **env}
+        super().__init__(tmp_path, jwt_secret=SECRET, **env)
         self.env.setdefault("EVA_WS_ALLOWED_ORIGINS", self.url)
 
     @property

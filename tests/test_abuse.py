@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fleet.waiting import eventually
 from service.app import create_app
 from service.protocol import CloseCode
 from service.server import server_options
@@ -26,7 +27,6 @@ from tests.conftest import (
     wait_closed,
 )
 from tests.rawws import OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, frame, upgrade_request
-from tests.waiting import eventually
 
 
 class Control:

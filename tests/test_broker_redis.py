@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
@@ -29,9 +31,7 @@ from tests.broker_contract import (
     payload,
     start_broker,
 )
-from tests.redis_server import RedisServer
 from tests.tcp_proxy import PartitionProxy
-from tests.waiting import eventually
 
 # Short watchdog and backoff so faults are noticed quickly; correctness never depends on them.
 FAST: dict[str, Any] = {

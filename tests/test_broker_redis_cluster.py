@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from fleet.ports import free_port
+from fleet.redis_cluster import RedisCluster
+from fleet.waiting import eventually
 from service import metrics
 from service.broker import create_broker
 from service.broker import redis_wire as wire
@@ -30,9 +33,6 @@ from tests.broker_contract import (
     start_broker,
 )
 from tests.conftest import AppClient, connect, make_settings, publish, receive_type, subscribe, token_for, txn
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import free_port
-from tests.waiting import eventually
 
 # Short watchdog, backoff and topology refresh so faults are noticed quickly; correctness never depends on them.
 FAST: dict[str, Any] = {

@@ -19,9 +19,9 @@ from typing import Any, Final
 import pytest
 from playwright.sync_api import Page
 
+from fleet.cluster import Cluster, Worker
 from service.auth import mint_token
 from tests import test_browser
-from tests.cluster import Cluster, Worker
 from tests.cluster_testing import publisher_token
 from tests.conftest import SECRET, make_settings
 from tests.test_browser import HARNESS, events_seen, screenshot, wait_in_page, wait_until

@@ -11,13 +11,13 @@ import sys
 
 import aiohttp
 
-from tests.cluster import ROOT
+from fleet import ROOT
 
 
 def _cli(directory, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")}
     return subprocess.run(
-        [sys.executable, "-m", "tests.cluster_cli", "--dir", str(directory), *args],
+        [sys.executable, "-m", "fleet.cluster_cli", "--dir", str(directory), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -9,15 +9,14 @@ from collections import Counter
 
 import aiohttp
 
+from fleet.clients import ClientFleet, customers
+from fleet.waiting import eventually
 from tests.cluster_testing import (
-    Fleet,
     NumberedStream,
-    customers,
     presence_pods,
     running_cluster,
     wait_all_delivered,
 )
-from tests.waiting import eventually
 
 WORKERS = 3
 CUSTOMERS = 30
@@ -27,7 +26,7 @@ CLEAN = {"duplicates": 0, "gaps": 0, "unrecovered": 0, "resyncs": 0, "errors": 0
 async def test_clients_of_a_killed_worker_resume_on_the_others_without_losing_an_event(tmp_path):
     with running_cluster(tmp_path, WORKERS) as cluster:
         names = customers(CUSTOMERS)
-        async with aiohttp.ClientSession() as session, Fleet(session, cluster, names, per_customer=2) as fleet:
+        async with aiohttp.ClientSession() as session, ClientFleet(session, cluster, names, per_customer=2) as fleet:
             owner = {c: cluster.route(c) for c in names}
             victim = max(cluster.workers, key=lambda w: sum(p == w.pod_id for p in owner.values()))
             on_victim = [c for c in fleet.clients if owner[c.routing_key] == victim.pod_id]
@@ -66,7 +65,7 @@ async def test_clients_of_a_killed_worker_resume_on_the_others_without_losing_an
 async def test_a_rolling_restart_of_every_worker_loses_and_duplicates_nothing(tmp_path):
     with running_cluster(tmp_path, WORKERS, drain_delay_s="0.5", drain_spread_s="1") as cluster:
         names = customers(CUSTOMERS)
-        async with aiohttp.ClientSession() as session, Fleet(session, cluster, names, per_customer=2) as fleet:
+        async with aiohttp.ClientSession() as session, ClientFleet(session, cluster, names, per_customer=2) as fleet:
             stream = NumberedStream(session, cluster, names)
             stream.start()
             codes: Counter[int | None] = Counter()

@@ -10,18 +10,17 @@ from collections import Counter
 import aiohttp
 import pytest
 
+from fleet.clients import ClientFleet, customers
+from fleet.waiting import eventually
 from service.rebalance import plan_shed
 from tests.cluster_testing import (
-    Fleet,
     NumberedStream,
-    customers,
     presence_pods,
     running_cluster,
     wait_all_delivered,
     worker_metric,
 )
 from tests.conftest import make_settings
-from tests.waiting import eventually
 
 TOLERANCE = 0.2
 REBALANCE = {
@@ -58,7 +57,7 @@ def test_rebalance_settings_default_to_off_and_are_validated():
 async def test_after_a_scale_out_the_new_worker_gets_connections_and_the_spread_settles(tmp_path):
     names = customers(40)
     with running_cluster(tmp_path, 2, **REBALANCE) as cluster:
-        async with aiohttp.ClientSession() as session, Fleet(session, cluster, names, per_customer=1) as fleet:
+        async with aiohttp.ClientSession() as session, ClientFleet(session, cluster, names, per_customer=1) as fleet:
             stream = NumberedStream(session, cluster, names)
             stream.start()
             try:

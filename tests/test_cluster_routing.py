@@ -8,9 +8,9 @@ from collections import Counter
 import aiohttp
 import redis.asyncio as aioredis
 
+from fleet.clients import ClientFleet, customers
+from fleet.waiting import eventually
 from tests.cluster_testing import (
-    Fleet,
-    customers,
     key,
     presence_pods,
     publish,
@@ -18,7 +18,6 @@ from tests.cluster_testing import (
     transaction,
     worker_metric,
 )
-from tests.waiting import eventually
 
 WORKERS = 3
 CUSTOMERS = 30
@@ -27,7 +26,7 @@ CUSTOMERS = 30
 async def test_events_reach_exactly_the_entitled_clients_on_whichever_pod_they_are(tmp_path):
     with running_cluster(tmp_path, WORKERS) as cluster:
         names = customers(CUSTOMERS)
-        async with aiohttp.ClientSession() as session, Fleet(session, cluster, names, per_customer=2) as fleet:
+        async with aiohttp.ClientSession() as session, ClientFleet(session, cluster, names, per_customer=2) as fleet:
             expected: dict[str, set[str]] = {}
             for round_ in range(3):
                 batch = [transaction(c, f"{c}-txn-{round_}") for c in names]
@@ -64,7 +63,7 @@ async def test_events_reach_exactly_the_entitled_clients_on_whichever_pod_they_a
 async def test_a_customer_lands_on_one_pod_and_pods_share_the_channels(tmp_path):
     with running_cluster(tmp_path, WORKERS) as cluster:
         names = customers(CUSTOMERS)
-        async with aiohttp.ClientSession() as session, Fleet(session, cluster, names, per_customer=2):
+        async with aiohttp.ClientSession() as session, ClientFleet(session, cluster, names, per_customer=2):
             owner: dict[str, str] = {}
             for customer in names:
                 pods = await presence_pods(session, cluster, customer)

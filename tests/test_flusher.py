@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from fleet.waiting import eventually
 from service.connection import Flusher
-from tests.waiting import eventually
 
 
 class _Recipient:

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
 from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
 from service.limits_redis import REFRESH_KEYS_PER_CALL, RedisConnectionCounter
 from service.redis_client import command_client
-from tests.redis_server import RedisServer
-from tests.waiting import eventually
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 

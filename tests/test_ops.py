@@ -7,10 +7,10 @@ import time
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from fleet.waiting import eventually
 from service.app import create_app
 from service.ops import create_ops_app
 from tests.conftest import connect, make_settings, metric_value, publish, receive_json, subscribe, token_for, txn
-from tests.waiting import eventually
 
 
 async def test_health_and_readiness(app_client):

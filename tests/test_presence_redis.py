@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
 from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
 from service.redis_client import cancel_and_wait
-from tests.redis_server import RedisServer
-from tests.waiting import eventually
 
 
 def entry(pod_id: str, user_id: str = "u1", *, at: float | None = None) -> PresenceEntry:

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from fleet.redis_cluster import RedisCluster
+from fleet.waiting import eventually
 from service.broker import create_presence
 from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis_cluster import RedisClusterPresence
 from service.redis_client import cancel_and_wait
-from tests.redis_cluster import RedisCluster
-from tests.waiting import eventually
 
 
 @pytest.fixture(scope="module")

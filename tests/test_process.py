@@ -14,9 +14,9 @@ import aiohttp
 import jwt
 import pytest
 
+from fleet.process import ServiceProcess
 from tests.certificates import self_signed
 from tests.conftest import SECRET, make_settings, token_for
-from tests.process import ServiceProcess
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -59,7 +59,7 @@ def test_serve_refuses_bad_settings_with_exit_code_2():
 
 
 async def test_sigterm_drains_readiness_then_closes_sockets_with_1012_and_exits(tmp_path):
-    service = ServiceProcess(tmp_path, drain_delay_s="1.5", drain_spread_s="0.5").start()
+    service = ServiceProcess(tmp_path, jwt_secret=SECRET, drain_delay_s="1.5", drain_spread_s="0.5").start()
     token = token_for(make_settings())
     try:
         async with aiohttp.ClientSession() as session:
@@ -96,7 +96,7 @@ def certificate(tmp_path):
 
 async def test_wss_with_tls_settings(tmp_path, certificate):
     cert_path, key_path = certificate
-    service = ServiceProcess(tmp_path, tls_cert=str(cert_path), tls_key=str(key_path)).start()
+    service = ServiceProcess(tmp_path, jwt_secret=SECRET, tls_cert=str(cert_path), tls_key=str(key_path)).start()
     context = ssl.create_default_context(cafile=str(cert_path))
     context.check_hostname = False
     try:
@@ -111,7 +111,7 @@ async def test_wss_with_tls_settings(tmp_path, certificate):
 
 
 async def test_logs_are_json_with_connection_ids_and_never_contain_the_token(tmp_path):
-    service = ServiceProcess(tmp_path).start()
+    service = ServiceProcess(tmp_path, jwt_secret=SECRET).start()
     token = token_for(make_settings(), sub="alice")
     try:
         async with aiohttp.ClientSession() as session:

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from fleet.redis_server import RedisServer
 from service.auth import Principal
 from service.keys import Lifecycle
 from service.protocol import CloseCode
 from service.rebalance import Rebalancer
-from tests.redis_server import RedisServer
 
 _ids = itertools.count()
 

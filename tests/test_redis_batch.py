@@ -9,9 +9,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from fleet.redis_server import RedisServer
 from service.redis_batch import Batcher
 from service.redis_client import command_client
-from tests.redis_server import RedisServer
 
 
 @pytest.fixture

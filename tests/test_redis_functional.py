@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from fleet.process import ServiceProcess
+from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
 from service.broker.canary import CANARY_CHANNEL_PART
-from tests.conftest import make_settings, metric_value, token_for
-from tests.process import ServiceProcess
-from tests.redis_server import RedisServer
-from tests.waiting import eventually
+from tests.conftest import SECRET, make_settings, metric_value, token_for
 
 SETTINGS = make_settings()
 # Short backoff, canary and presence TTL so faults are noticed and healed quickly;
@@ -169,7 +169,10 @@ def start_pods(tmp_path: Path) -> Iterator[PodFactory]:
     running: list[ServiceProcess] = []
 
     def start(redis_url: str, count: int = 2, **env: str) -> list[ServiceProcess]:
-        pods = [ServiceProcess(tmp_path, redis_url=redis_url, **{**FAST_POD, **env}) for _ in range(count)]
+        pods = [
+            ServiceProcess(tmp_path, jwt_secret=SECRET, redis_url=redis_url, **{**FAST_POD, **env})
+            for _ in range(count)
+        ]
         running.extend(pods)
         for pod in pods:
             pod.start(wait=False)

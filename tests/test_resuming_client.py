@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import aiohttp
 
+from fleet.resuming_client import ResumingClient
+from fleet.waiting import eventually
 from service import keys
 from service.protocol import CloseCode
 from tests.conftest import AppClient, make_settings, publish, token_for, txn
-from tests.resuming_client import ResumingClient
-from tests.waiting import eventually
 
 
 async def _started(session: aiohttp.ClientSession, url: str, token: str) -> ResumingClient:

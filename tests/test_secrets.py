@@ -16,6 +16,7 @@ import aiohttp
 import jwt
 import pytest
 
+from fleet.ports import free_port
 from service.auth import mint_token
 from service.config import load_settings
 
@@ -24,15 +25,9 @@ PAYLOAD_MARKER = "PayloadMarker-7f3a9c"
 BAD_PAYLOAD_MARKER = "BadPayloadMarker-41d2"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "EVA_WS_MODE": "production",

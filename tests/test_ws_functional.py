@@ -8,6 +8,7 @@ import socket
 import aiohttp
 import pytest
 
+from fleet.waiting import eventually
 from service.protocol import CloseCode
 from tests.conftest import (
     connect,
@@ -21,7 +22,6 @@ from tests.conftest import (
     txn,
     wait_closed,
 )
-from tests.waiting import eventually
 
 
 async def test_subscriber_receives_published_event_with_offset_and_correlation_id(app_client):

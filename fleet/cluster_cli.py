@@ -1,4 +1,4 @@
-"""`scripts/cluster up|down|status`: the cluster of tests/cluster.py, kept running in the background."""
+"""`scripts/cluster up|down|status`: the cluster of fleet/cluster.py, kept running in the background."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from tests.cluster import ROOT, Cluster, http_get
+from fleet import ROOT
+from fleet.cluster import Cluster
+from fleet.nginx import http_get
 
 DEFAULT_DIR: Final = ROOT / ".cache" / "cluster"
 

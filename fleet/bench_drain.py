@@ -1,7 +1,7 @@
 """Reconnect peaks when a worker goes away behind nginx: drain without spreading, drain spread over 5 s, kill -9.
 
 `scripts/bench-drain [--clients N] [--workers N]` starts a fresh cluster per scenario
-(tests/cluster.py), connects N resuming clients (full-jitter backoff from 0.5 s, like the
+(fleet/cluster.py), connects N resuming clients (full-jitter backoff from 0.5 s, like the
 browser SDKs), takes away the worker holding most of them, and reports how many of its
 clients resubscribed in the busiest second and how long until all of them were back.
 Figures go to docs/scaling.md.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import tempfile
 import time
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.cluster import ROOT, Cluster
-from tests.cluster_testing import Fleet, customers
-from tests.conftest import SECRET
-from tests.waiting import eventually
+from fleet import ROOT
+from fleet.clients import ClientFleet, customers
+from fleet.cluster import Cluster
+from fleet.waiting import eventually
 
 BASE_BACKOFF_S = 0.5
 
@@ -52,13 +53,13 @@ def peak_per_second(times: list[float]) -> int:
 
 async def scenario(name: str, directory: Path, *, clients: int, workers: int, spread_s: float, kill: bool) -> Result:
     env = {"drain_delay_s": "1", "drain_spread_s": str(spread_s)}
-    cluster = Cluster(directory, secret=SECRET, worker_env=env)
+    cluster = Cluster(directory, secret=secrets.token_urlsafe(48), worker_env=env)
     cluster.start(workers)
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            Fleet(session, cluster, customers(clients), per_customer=1, base_backoff_s=BASE_BACKOFF_S) as fleet,
+            ClientFleet(session, cluster, customers(clients), per_customer=1, base_backoff_s=BASE_BACKOFF_S) as fleet,
         ):
             owner = {c: cluster.route(c) for c in fleet.customer_ids}
             victim = max(cluster.workers, key=lambda w: sum(p == w.pod_id for p in owner.values()))

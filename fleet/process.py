@@ -1,34 +1,32 @@
-"""Run `python -m service` as a real process on a free port, for tests that need signals or stdout."""
+"""`eva-ws serve` as a real process on a free loopback port, with its output in a log file."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import SECRET
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from fleet.ports import free_port
 
 
 class ServiceProcess:
-    """One `eva-ws serve` with its stdout captured to a file."""
+    """One `eva-ws serve` with its stdout captured to a file.
 
-    def __init__(self, tmp_path: Path, listen_port: int | None = None, /, **env: str) -> None:
+    Keyword arguments are settings without the prefix (`redis_url="..."` sets EVA_WS_REDIS_URL);
+    the caller's own EVA_WS_* variables are not passed on, so a run depends only on its arguments.
+    """
+
+    def __init__(self, directory: Path, listen_port: int | None = None, /, *, jwt_secret: str, **env: str) -> None:
         self.port = listen_port or free_port()
-        self.log_path = tmp_path / f"service-{self.port}.log"
+        self.log_path = directory / f"service-{self.port}.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")},
-            "EVA_WS_JWT_SECRET": SECRET,
+            "EVA_WS_JWT_SECRET": jwt_secret,
             "EVA_WS_HOST": "127.0.0.1",
             "EVA_WS_PORT": str(self.port),
             "EVA_WS_POD_ID": f"pod-{self.port}",
@@ -60,21 +58,20 @@ class ServiceProcess:
         return self
 
     def wait_healthy(self, timeout_s: float = 20.0) -> None:
-        import ssl
-
-        context = ssl._create_unverified_context() if self.scheme == "https" else None
+        # A local process, often with a self-signed certificate: only "does it answer" matters here.
+        context = ssl._create_unverified_context() if self.scheme == "https" else None  # noqa: S323
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=1, context=context) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise AssertionError(f"service did not become healthy:\n{self.log()}")
+        raise RuntimeError(f"service did not become healthy:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,6 +1,6 @@
 """Start a local three-master Redis Cluster and measure how one pod's channels spread over it.
 
-Run from the repository root: `.venv/bin/python scripts/measure_redis_cluster.py [channels]`.
+Run from the repository root: `.venv/bin/python -m fleet.measure_redis_cluster [channels]`.
 Prints channels and SSUBSCRIBE commands per master, and how long the pod took to have every
 channel of a killed and restarted master back.
 """
@@ -13,10 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from fleet.redis_cluster import RedisCluster
+from fleet.waiting import eventually
 from service.broker.redis_cluster import RedisClusterBroker
-from tests.redis_cluster import RedisCluster
 
 
 async def measure(cluster: RedisCluster, channels: int) -> None:
@@ -39,13 +38,12 @@ async def measure(cluster: RedisCluster, channels: int) -> None:
         victim = cluster.nodes[0]
         victim.kill()
         started = time.perf_counter()
-        while broker.ready:  # noqa: ASYNC110  # readiness is a property, polled as /readyz would be
-            await asyncio.sleep(0.01)
+        # Readiness is a property, polled as /readyz would be.
+        await eventually(lambda: not broker.ready, "the broker stayed ready", deadline_s=60, interval_s=0.01)
         print(f"not ready {time.perf_counter() - started:.2f} s after killing {victim.address}")
         restarted = time.perf_counter()
         victim.start()
-        while not broker.ready:  # noqa: ASYNC110  # same
-            await asyncio.sleep(0.01)
+        await eventually(lambda: broker.ready, "the broker did not become ready", deadline_s=60, interval_s=0.01)
         print(f"ready again {time.perf_counter() - restarted:.2f} s after restarting it")
     finally:
         await broker.close()
