@@ -99,7 +99,12 @@ def test_image_installs_the_package_and_runs_serve() -> None:
     copies = " ".join(a for k, a in steps if k == "COPY")
     assert "setup.cfg" in copies
     assert "service" in copies
-    assert any(k == "RUN" and "pip install --no-cache-dir ." in a for k, a in steps)
+    runs = [a for k, a in steps if k == "RUN"]
+    lock_install = "pip install --no-cache-dir --require-hashes -r requirements/runtime.txt"
+    locked = next(i for i, a in enumerate(runs) if lock_install in a)
+    package = next(i for i, a in enumerate(runs) if "pip install --no-cache-dir --no-deps ." in a)
+    assert locked < package  # every dependency comes from the lock, none from resolving setup.cfg
+    assert "requirements/runtime.txt" in copies
     assert ("ENTRYPOINT", '["eva-ws"]') in steps
     assert ("CMD", '["serve"]') in steps
 

@@ -7,9 +7,14 @@ PY="$VENV/bin/python"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# ensure_venv EXTRAS: create .venv with Python >= 3.11 and install the package (editable).
+# ensure_venv [test]: create .venv with Python >= 3.11, install the locked dependencies
+# (requirements/runtime.txt, or requirements/test.txt for the test extra) with their hashes
+# checked, then the package itself, editable, without dependencies. Nothing is installed while
+# the lock and setup.cfg are those of the last install. scripts/lock refreshes the locks.
 ensure_venv() {
   local extras="${1:-}"
+  local lock="$ROOT/requirements/${extras:-runtime}.txt"
+  [ -f "$lock" ] || { echo "no lock file $lock" >&2; exit 1; }
   if [ ! -x "$PY" ]; then
     local python
     python="$(command -v python3.11 || command -v python3)"
@@ -18,17 +23,20 @@ ensure_venv() {
     log "creating virtualenv in $VENV"
     "$python" -m venv "$VENV"
   fi
-  local stamp="$VENV/.installed${extras:+-$extras}"
-  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
-    log "installing eva-ws${extras:+[$extras]}"
+  # The stamp holds a digest of what the install was made from; any change to it reinstalls.
+  local stamp="$VENV/.installed${extras:+-$extras}" made_from
+  made_from="$(cat "$lock" "$ROOT/setup.cfg" | sha256sum)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$made_from" ]; then
+    log "installing eva-ws${extras:+[$extras]} from ${lock#"$ROOT/"}"
     # Quiet on success; the whole pip output on failure.
     if ! { "$PY" -m pip install --quiet --upgrade pip \
-           && "$PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"; } >"$VENV/pip.log" 2>&1; then
+           && "$PY" -m pip install --quiet --require-hashes -r "$lock" \
+           && "$PY" -m pip install --quiet --no-deps -e "$ROOT"; } >"$VENV/pip.log" 2>&1; then
       cat "$VENV/pip.log" >&2
       echo "installing eva-ws failed (log above)" >&2
       exit 1
     fi
-    touch "$stamp"
+    printf '%s\n' "$made_from" > "$stamp"
   fi
 }
 
