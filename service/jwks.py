@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any, Final
 
 import aiohttp
 import jwt
 import orjson
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from service.log import get_logger
 
@@ -17,6 +19,13 @@ log = get_logger("eva_ws.jwks")
 # A JWKS document is a few KiB; a bigger answer is refused rather than buffered.
 MAX_JWKS_BYTES: Final = 256 * 1024
 FETCH_TIMEOUT_S: Final = 5.0
+# What a JWKS may contribute: public keys of the kinds JWT signatures use.
+_PUBLIC_KEY_TYPES: Final = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
 
 
 class JwksClient:
@@ -81,11 +90,11 @@ class JwksClient:
                 if response.status != 200:
                     log.warning("jwks_fetch_failed", status=response.status)
                     return
-                body = await response.content.read(MAX_JWKS_BYTES + 1)
+                body = await _read_capped(response, MAX_JWKS_BYTES)
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning("jwks_fetch_failed", error=type(error).__name__)
             return
-        if len(body) > MAX_JWKS_BYTES:
+        if body is None:
             log.warning("jwks_fetch_failed", error="too_large")
             return
         keys = parse_jwks(body)
@@ -97,8 +106,24 @@ class JwksClient:
         log.info("jwks_loaded", keys=len(keys))
 
 
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, however many pieces it arrives in; None as soon as it is longer than `limit` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    body = bytearray()
+    # read(n) returns what has arrived so far (a chunk, a TCP segment), and b"" only at the end.
+    while piece := await response.content.read(limit + 1 - len(body)):
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def parse_jwks(body: bytes) -> dict[str, Any] | None:
-    """Signing public keys by kid; None when the document is not a JWKS at all."""
+    """Signing public keys by kid; None when the document is not a JWKS at all.
+
+    Every other entry is skipped, and one log line counts them by reason.
+    """
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -106,16 +131,35 @@ def parse_jwks(body: bytes) -> dict[str, Any] | None:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         return None
     keys: dict[str, Any] = {}
+    skipped: Counter[str] = Counter()
     for entry in document["keys"]:
-        if not isinstance(entry, dict):
-            continue
-        kid = entry.get("kid")
-        # Symmetric ("oct") keys never come from a JWKS: accepting one would let its
-        # holder, or anyone who reads the document, mint tokens.
-        if not isinstance(kid, str) or entry.get("kty") == "oct" or entry.get("use", "sig") != "sig":
-            continue
-        try:
-            keys[kid] = jwt.PyJWK(entry).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
-            continue
+        read = _read_entry(entry)
+        if isinstance(read, str):
+            skipped[read] += 1
+        else:
+            kid, key = read
+            keys[kid] = key
+    if skipped:
+        log.warning("jwks_keys_skipped", **skipped)
     return keys
+
+
+def _read_entry(entry: object) -> tuple[str, Any] | str:
+    """(kid, public key) of one JWKS entry, or the reason it is skipped."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+        return "no_kid"
+    # Symmetric ("oct") keys never come from a JWKS: accepting one would let its holder, or
+    # anyone who reads the document, mint tokens (and JWKS needs public-key algorithms).
+    if entry.get("kty") == "oct":
+        return "symmetric_key"
+    if entry.get("use", "sig") != "sig":
+        return "not_for_signing"
+    try:
+        key = jwt.PyJWK(entry).key
+    except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+        return "unreadable"
+    # A JWK with private parts (`d`) becomes a private key: PyJWT cannot always verify with
+    # one (an RSA one raises), and a published private key lets anyone who reads it mint tokens.
+    if not isinstance(key, _PUBLIC_KEY_TYPES):
+        return "private_key"
+    return entry["kid"], key

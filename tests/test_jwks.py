@@ -14,12 +14,12 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from fleet.waiting import eventually
 from service import keys
 from service.config import load_settings
-from service.jwks import parse_jwks
+from service.jwks import MAX_JWKS_BYTES, parse_jwks
 from tests.conftest import BASE_ENV, connect, receive_type
 
 SECRET_FOR_OCT = "o" * 48
@@ -203,6 +203,34 @@ async def test_symmetric_and_encryption_keys_in_the_jwks_are_ignored(app_client,
     assert await _status(client, _token("e")) == 401
 
 
+def _private_jwks() -> dict[str, tuple[str, Any, dict[str, Any]]]:
+    """kid -> (algorithm, private key, its JWK): keys an IdP must never publish (the JWK carries `d`)."""
+    keys: dict[str, tuple[str, Any, type[jwt.algorithms.Algorithm]]] = {
+        "rsa-private": ("RS256", _rsa_key("rsa-private"), jwt.algorithms.RSAAlgorithm),
+        "ec-private": ("ES256", ec.generate_private_key(ec.SECP256R1()), jwt.algorithms.ECAlgorithm),
+        "ed-private": ("EdDSA", ed25519.Ed25519PrivateKey.generate(), jwt.algorithms.OKPAlgorithm),
+    }
+    return {
+        kid: (alg, key, {**json.loads(kind.to_jwk(key)), "kid": kid, "use": "sig"})
+        for kid, (alg, key, kind) in keys.items()
+    }
+
+
+async def test_private_keys_in_the_jwks_are_skipped_and_the_public_ones_kept(app_client, idp):
+    private = _private_jwks()
+    idp.kids = ["a"]
+    idp.extra = [jwk for _, _, jwk in private.values()]
+    assert all("d" in entry for entry in idp.extra)
+    client = await app_client(_settings(idp, jwt_algorithms="RS256,ES256,EdDSA"))
+    now = int(time.time())
+    claims = {"sub": "u1", "customerId": "C1", "iat": now, "exp": now + 600}
+    for kid, (alg, key, _) in private.items():
+        # Whoever read the document could sign this token: refused, and never a 500.
+        assert await _status(client, jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})) == 401, kid
+    assert await _status(client, _token("a")) == 101
+    assert list(parse_jwks(json.dumps({"keys": idp.extra}).encode()) or {}) == []
+
+
 @pytest.mark.parametrize(
     "body",
     [b"", b"not json", b"[]", b'{"keys": 5}', b'{"nokeys": []}'],
@@ -217,3 +245,79 @@ def test_broken_entries_are_skipped_and_good_ones_kept():
         {"keys": [5, {"kid": 7, "kty": "RSA"}, {"kid": "x", "kty": "RSA", "n": "!!", "e": "AQAB"}, {"kid": "y"}, good]}
     )
     assert list(parse_jwks(body.encode()) or {}) == ["g"]
+
+
+class TricklingKeyServer:
+    """A JWKS endpoint on a raw socket that writes its answer in pieces, pausing between them.
+
+    As a key server behind a proxy may: chunked, or with a Content-Length and the body split
+    over several TCP segments. Either way the client sees a body that arrives a piece at a time.
+    """
+
+    def __init__(self, body: bytes, *, chunked: bool, pieces: int = 4) -> None:
+        self.body = body
+        self.chunked = chunked
+        self.pieces = pieces
+        self.url = ""
+
+    async def __aenter__(self) -> TricklingKeyServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/jwks"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        framing = "Transfer-Encoding: chunked" if self.chunked else f"Content-Length: {len(self.body)}"
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n{framing}\r\n\r\n"
+        writer.write(head.encode())
+        size = -(-len(self.body) // self.pieces)
+        try:
+            for start in range(0, len(self.body), size):
+                await writer.drain()
+                # Pacing, not a timing assertion: the client has read what came before.
+                await asyncio.sleep(0.05)
+                piece = self.body[start : start + size]
+                writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece)
+            if self.chunked:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client stopped reading: a body it refused
+        finally:
+            writer.close()
+
+
+def _key_set(kids: list[str], *, size: int | None = None) -> bytes:
+    """A JWKS document, padded with whitespace to exactly `size` bytes when given."""
+    entries = [
+        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(_rsa_key(kid).public_key())), "kid": kid, "use": "sig"}
+        for kid in kids
+    ]
+    body = json.dumps({"keys": entries}).encode()
+    return body if size is None else body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def _trickled_settings(server: TricklingKeyServer):
+    env = {k: v for k, v in BASE_ENV.items() if k != "EVA_WS_JWT_SECRET"}
+    return load_settings({**env, "EVA_WS_JWT_ALGORITHMS": "RS256", "EVA_WS_JWKS_URL": server.url})
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+@pytest.mark.parametrize("size", [None, MAX_JWKS_BYTES], ids=["small", "at-the-cap"])
+async def test_a_key_set_written_in_pieces_is_read_to_the_end(app_client, chunked, size):
+    async with TricklingKeyServer(_key_set(["a", "b"], size=size), chunked=chunked) as server:
+        client = await app_client(_trickled_settings(server))
+        assert await _status(client, _token("a")) == 101
+        assert await _status(client, _token("b")) == 101
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+async def test_a_key_set_over_the_size_cap_is_refused_however_it_arrives(app_client, chunked):
+    async with TricklingKeyServer(_key_set(["a"], size=MAX_JWKS_BYTES + 1), chunked=chunked) as server:
+        client = await app_client(_trickled_settings(server))
+        assert await _status(client, _token("a")) == 401
