@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Final
 
 import aiohttp_cors
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from service import handlers, keys, loop_health, ops
 from service.auth import TokenVerifier
@@ -74,7 +74,8 @@ def create_app(
     if settings.mode == "development":
         app.router.add_get("/dev/token", handlers.dev_token)
     app.router.add_get("/", _index)
-    app.router.add_static("/static", str(STATIC_DIR))
+    # Pages of other allowed origins may import the client from here (CORS below).
+    static = app.router.add_static("/static", str(STATIC_DIR))
 
     origins = settings.effective_cors_origins
     if origins:
@@ -89,6 +90,8 @@ def create_app(
         )
         for route in api:
             cors.add(route)
+        cors.add(static)
+        app.on_response_prepare.append(_vary_static_on_origin)
 
     app.cleanup_ctx.append(_loop_health_ctx)
     app.cleanup_ctx.append(_deadlines_ctx)
@@ -101,6 +104,12 @@ def create_app(
 
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(str(STATIC_DIR / "index.html"))
+
+
+async def _vary_static_on_origin(request: web.Request, response: web.StreamResponse) -> None:
+    # With CORS the answer depends on Origin: a shared cache must not hand one origin's to another.
+    if request.path.startswith("/static/"):
+        response.headers.add(hdrs.VARY, "Origin")
 
 
 async def _jwks_ctx(app: web.Application) -> AsyncIterator[None]:
