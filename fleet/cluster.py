@@ -39,11 +39,14 @@ class Cluster:
     """Redis + N workers + nginx on free loopback ports, all owned by this object and stopped by `stop()`."""
 
     def __init__(self, directory: Path, *, secret: str, worker_env: dict[str, str] | None = None) -> None:
+        """`worker_env` holds settings without the prefix; `allowed_origins` defaults to the cluster's own URL."""
         self.directory = directory
         self.secret = secret
-        self.worker_env = {**WORKER_DEFAULTS, **(worker_env or {})}
         self.redis = RedisServer(self._mkdir("redis"))
         self.nginx = Nginx(self._mkdir("nginx"))
+        # Pages served by the cluster open their sockets with its URL as Origin: under either loopback name.
+        own_origins = f"{self.nginx.url},http://localhost:{self.nginx.port}"
+        self.worker_env = {**WORKER_DEFAULTS, "allowed_origins": own_origins, **(worker_env or {})}
         self.workers: list[Worker] = []
         self._next_index = 1
 

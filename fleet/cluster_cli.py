@@ -81,6 +81,7 @@ def _up(directory: Path, workers: int, extra_env: dict[str, str]) -> int:
         f"""
   eva-ws cluster: nginx {cluster.url} -> {workers} workers, Redis {cluster.redis.url}
 
+  Dashboard:  {cluster.url}/
   WebSocket:  {ws}?customerId=CUST-001&token={token}
   Dev token:  {token}   (user demo-user, customer CUST-001)
   Publisher:  {publisher}

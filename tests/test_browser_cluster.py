@@ -101,8 +101,6 @@ class Publisher(threading.Thread):
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path / "cluster", secret=SECRET)
-    # The pages are loaded from nginx: that is the Origin their sockets present to the workers.
-    cluster.worker_env["allowed_origins"] = cluster.url
     cluster.start(WORKERS)
     yield cluster
     cluster.stop()
