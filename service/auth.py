@@ -15,7 +15,10 @@ from aiohttp import web
 from service.config import Settings
 from service.hmac_tokens import HmacTokenCheck, plain_header
 from service.jwks import JwksClient
+from service.log import get_logger
 from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
+
+log = get_logger("eva_ws.auth")
 
 MAX_TOKEN_LENGTH: Final = 8192
 MAX_CUSTOMERS_PER_TOKEN: Final = 1000
@@ -83,19 +86,28 @@ class TokenVerifier:
         """A Principal, or AuthError; messages never repeat the token or any part of it."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed", "token is missing or too long")
-        if self._single_key:
-            # One key whatever the kid: no need to read the header before the signature check.
-            return self._decode(token, self._default_key)
-        header = plain_header(token)
-        if header is None:
-            try:
-                header = jwt.get_unverified_header(token)
-            except jwt.PyJWTError:
-                raise AuthError("malformed", "token is malformed") from None
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise AuthError("malformed", "token kid must be a string")
-        return self._decode(token, await self._key_for(kid))
+        try:
+            if self._single_key:
+                # One key whatever the kid: no need to read the header before the signature check.
+                return self._decode(token, self._default_key)
+            header = plain_header(token)
+            if header is None:
+                try:
+                    header = jwt.get_unverified_header(token)
+                except jwt.PyJWTError:
+                    raise AuthError("malformed", "token is malformed") from None
+            kid = header.get("kid")
+            if kid is not None and not isinstance(kid, str):
+                raise AuthError("malformed", "token kid must be a string")
+            return self._decode(token, await self._key_for(kid))
+        except AuthError:
+            raise
+        except Exception as error:  # noqa: BLE001  # refused, not swallowed: the caller gets an AuthError
+            # Hostile input reaches errors no library documents (a RecursionError from a deeply
+            # nested header in some PyJWT releases, header bytes that are not UTF-8, a key of an
+            # unexpected kind): still a refused token, never a 500 or a dropped socket.
+            log.warning("token_verification_error", error=type(error).__name__)
+            raise AuthError("malformed", "token is malformed") from None
 
     async def _key_for(self, kid: str | None) -> Any:
         if kid is None:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import configparser
 import functools
 import hashlib
 import hmac
 import json
 import time
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.auth import AuthError, TokenVerifier
 from service.config import ConfigError, load_settings
@@ -34,6 +39,7 @@ from tests.conftest import (
 )
 
 OTHER_SECRET = "rotated-secret-" + "z" * 40
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _claims(**overrides):
@@ -404,6 +410,74 @@ async def test_early_refresh_moves_the_expiry(app_client):
     await asyncio.sleep(3.5)  # past the first token's expiry and grace
     await ws.send_json({"type": "ping"})
     assert (await receive_json(ws))["type"] == "pong"
+
+
+# -- errors no library documents -----------------------------------------------------
+
+
+def _deep_header_token() -> str:
+    """A token whose header nests 1,500 arrays: deeper than Python's recursion limit lets `json` read."""
+    header = b'{"alg":"HS256","x":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    return f"{_b64(header)}.{_b64(json.dumps(_claims()).encode())}.{_b64(b'signature')}"
+
+
+async def _refusal(response) -> tuple[int, str]:
+    return response.status, (await response.json())["message"]
+
+
+@pytest.mark.parametrize("keys", ["one key", "keys by kid"])
+async def test_a_deeply_nested_header_gets_401_at_the_handshake_on_publish_and_on_refresh(app_client, keys):
+    settings = make_settings(**({"jwt_keys": json.dumps({"k1": OTHER_SECRET})} if keys == "keys by kid" else {}))
+    client = await app_client(settings)
+    token = _deep_header_token()
+    headers = {"Authorization": f"Bearer {token}"}
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    handshake = await client.get("/ws/transactions", headers={**upgrade, "Sec-WebSocket-Version": "13", **headers})
+    assert await _refusal(handshake) == (401, "token is malformed")
+    published = await client.post("/api/v1/publish", json={"type": "transaction_new", "data": txn()}, headers=headers)
+    assert await _refusal(published) == (401, "token is malformed")
+    ws = await connect(client, token_for(settings))
+    await ws.send_json({"type": "refresh", "token": token, "correlationId": "deep"})
+    error = await receive_type(ws, "error")
+    assert (error["code"], error["message"], error["correlationId"]) == ("invalid_token", "token is malformed", "deep")
+    await ws.send_json({"type": "ping", "correlationId": "still-open"})
+    assert (await receive_type(ws, "pong"))["correlationId"] == "still-open"
+
+
+async def _raw_response(client, head: bytes) -> tuple[int, bytes]:
+    """Status and body of a request written byte for byte (aiohttp's client would not send these bytes)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head + b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_a_token_that_is_not_utf8_gets_401_not_500(app_client):
+    # aiohttp hands header bytes that are not UTF-8 on as lone surrogates, which no JWT library
+    # expects: with keys chosen by kid, PyJWT's header reader raised UnicodeEncodeError.
+    client = await app_client(make_settings(jwt_keys=json.dumps({"k1": OTHER_SECRET})))
+    for request_line in (b"GET /ws/transactions", b"POST /api/v1/publish"):
+        status, body = await _raw_response(
+            client,
+            request_line + b" HTTP/1.1\r\nHost: eva.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Authorization: Bearer \xff\xfe.\xfd.\xfc\r\n",
+        )
+        assert status == 401, (request_line, body)
+        assert json.loads(body)["message"] == "token is malformed"
+
+
+def test_the_pyjwt_floor_leaves_out_the_releases_that_raise_on_deep_nesting():
+    # PyJWT 2.12.0 to 2.13.0 let a RecursionError out of a header nested 1,500 deep.
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    requires = [Requirement(line) for line in config["options"]["install_requires"].splitlines() if line.strip()]
+    (pyjwt,) = [r for r in requires if canonicalize_name(r.name) == "pyjwt"]
+    assert not [v for v in ("2.12.0", "2.12.1", "2.13.0") if pyjwt.specifier.contains(v)]
+    assert pyjwt.specifier.contains(metadata.version("PyJWT"))
 
 
 # -- the verifier itself --------------------------------------------------------------
