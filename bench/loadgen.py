@@ -262,13 +262,14 @@ class Worker:
         await client.subscribed
 
     async def _open_picows(self, client: Client, url: str, source_ip: str) -> None:
-        from picows import WSListener, WSMsgType, ws_connect
+        # Installed in the bench virtualenv only (bench/requirements.txt).
+        from picows import WSListener, WSMsgType, ws_connect  # type: ignore[import-not-found,unused-ignore]
 
         worker = self
         dialect = self.dialect
         text, close = WSMsgType.TEXT, WSMsgType.CLOSE
 
-        class Listener(WSListener):
+        class Listener(WSListener):  # type: ignore[misc,unused-ignore]  # WSListener is Any without picows
             def on_ws_connected(self, transport: Any) -> None:
                 client.handle = transport
                 first = dialect.on_open(client.token, client.customer)

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,19 +16,13 @@ from typing import Final
 from bench.dialects import DialectName
 from bench.peers.auth import SECRET_ENV
 from bench.workers import pinned
+from fleet.ports import free_port
+from fleet.redis_server import RedisServer
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 NODE_DIR: Final = ROOT / ".cache" / "bench-node"
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,22 +206,15 @@ async def run_process(
         await _stop(proc)
 
 
-@dataclass(frozen=True, slots=True)
-class RedisServer:
-    url: str
-    port: int
-    pid: int
-
-
 @contextlib.asynccontextmanager
 async def redis_server(*, cpus: str | None, log_dir: Path) -> AsyncIterator[RedisServer]:
-    """A throw-away redis-server on a free loopback port, no persistence."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", workdir, "--maxclients", "1000"]
-        async with run_process("redis", argv, port=port, cpus=cpus, env={}, ready_path=None, log_dir=log_dir) as proc:
-            yield RedisServer(f"redis://127.0.0.1:{port}/0", port, proc.pid)
+    """A throw-away redis-server on a free loopback port, no persistence; its log in `log_dir`/redis/."""
+    server = RedisServer(log_dir / "redis", launcher=pinned([], cpus), extra_args=["--maxclients", "1000"])
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 @contextlib.asynccontextmanager
