@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import signal
 import ssl
 from typing import Any, Final
@@ -14,6 +16,7 @@ from service import keys
 from service.app import create_app
 from service.config import Settings
 from service.drain import drain
+from service.http_protocol import AppRunner
 from service.log import AccessLogger, get_logger
 from service.ops import create_ops_app
 
@@ -62,23 +65,56 @@ def _settle_garbage_collector() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
+class CannotListen(Exception):
+    """A listening socket could not be opened; the message names the address, why, and what to change."""
+
+
+async def _listen(site: web.TCPSite, *, host: str, port: int, setting: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        message = f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}"
+        if exc.errno == errno.EADDRINUSE:
+            message += f" (another process has it; choose another port with {setting})"
+        raise CannotListen(message) from None
+
+
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
+    """Run until SIGTERM or SIGINT, then drain and stop; raise CannotListen if a port cannot be opened."""
     app = create_app(settings)
     runners: list[web.AppRunner] = []
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log_class=AccessLogger, shutdown_timeout=5.0, **server_options(settings)
+    runner = AppRunner(
+        app,
+        head_budget_bytes=settings.max_request_head_bytes,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        shutdown_timeout=5.0,
+        **server_options(settings),
     )
-    await runner.setup()
-    runners.append(runner)
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings), backlog=LISTEN_BACKLOG)
-    await site.start()
-    if settings.ops_port:
-        ops_runner = web.AppRunner(create_ops_app(app), handle_signals=False, access_log=None)
-        await ops_runner.setup()
-        runners.append(ops_runner)
-        await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
+    try:
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(
+            runner, settings.host, settings.port, ssl_context=_ssl_context(settings), backlog=LISTEN_BACKLOG
+        )
+        await _listen(site, host=settings.host, port=settings.port, setting="--port or EVA_WS_PORT")
+        if settings.ops_port:
+            ops_runner = web.AppRunner(create_ops_app(app), handle_signals=False, access_log=None)
+            await ops_runner.setup()
+            runners.append(ops_runner)
+            ops_site = web.TCPSite(ops_runner, settings.host, settings.ops_port)
+            await _listen(ops_site, host=settings.host, port=settings.ops_port, setting="EVA_WS_OPS_PORT")
+    except CannotListen:
+        # Stop what already started (broker, background tasks) instead of leaving it to the loop's teardown.
+        for each in reversed(runners):
+            await each.cleanup()
+        raise
 
+    # Before the start is announced: a signal sent as soon as it is seen must already drain.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     _settle_garbage_collector()
     scheme = "https" if settings.tls_cert else "http"
     log.info(
@@ -88,16 +124,15 @@ async def serve(settings: Settings) -> None:
         mode=settings.mode,
         broker="redis" if settings.redis_url else "memory",
     )
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
 
-    await drain(app[keys.LIFECYCLE], delay_s=settings.drain_delay_s, spread_s=settings.drain_spread_s)
+    lifecycle = app[keys.LIFECYCLE]
+    # The delay lets a load balancer move sockets elsewhere before they close; with none open
+    # there is nothing to move (new upgrades already get 503), so Ctrl-C stops at once.
+    delay_s = settings.drain_delay_s if lifecycle.connections else 0.0
+    await drain(lifecycle, delay_s=delay_s, spread_s=settings.drain_spread_s)
     for each in reversed(runners):
         await each.cleanup()
     log.info("server_stopped")
