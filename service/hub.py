@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +14,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from service import metrics
-from service.broker.base import Broker, BrokerUnavailable, Envelope, Position
+from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.frames import text_frame
 from service.log import get_logger
 from service.protocol import EventType, Filters, channel_of_key, encode, position_json, utc_now_iso
@@ -27,6 +28,12 @@ _REPAIR_RETRY_MAX_S: Final = 5.0
 # Bounds the resume catch-up loop; reached only if publishing outpaces history reads forever.
 _MAX_CATCH_UP_ROUNDS: Final = 50
 _MAX_LOGGED_IDS: Final = 100
+# A replay yields to the event loop after this many events, so other clients wait for at
+# most one chunk's work (well under a millisecond), however long the replay.
+_REPLAY_CHUNK: Final = 64
+# Parsed replayed events, shared by every resume that reads the same event: a burst of
+# resumes from one point decodes and encodes each event once. Bounded: least recently used out.
+_REPLAY_CACHE_SIZE: Final = 4096
 
 
 class Recipient(Protocol):
@@ -41,10 +48,14 @@ class HubUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SubscribeResult:
+    # Where the subscription starts: the events after it follow the acknowledgement.
     position: Position
     # None when the client did not ask to resume.
     recovered: bool | None
     replayed: int
+    # Events read from history for this subscribe, those the filters dropped included:
+    # what the resume cost, charged to the client's rate budget.
+    read: int = 0
 
 
 class Subscription:
@@ -86,12 +97,35 @@ class Subscription:
 
 @dataclass(slots=True)
 class _Decoded:
+    envelope: Envelope
+    kind: str
     data: dict[str, Any]
-    # The wire frame every recipient gets, built once.
-    frame: bytes
+    timestamp: str
+    correlation_id: Any
     conflation_key: str | None
     sent_counter: Any
-    correlation_id: str
+    # The wire frame every recipient gets: built once, when the first recipient wants it.
+    _frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            envelope = self.envelope
+            self._frame = text_frame(
+                orjson.dumps(
+                    {
+                        "type": self.kind,
+                        "channel": channel_of_key(envelope.channel).value,
+                        "subscription": envelope.channel,
+                        "offset": envelope.offset,
+                        "epoch": envelope.epoch,
+                        "data": self.data,
+                        "timestamp": self.timestamp,
+                        "correlationId": self.correlation_id,
+                    }
+                )
+            )
+        return self._frame
 
 
 class _ChannelState:
@@ -118,8 +152,9 @@ class Hub:
     """Delivers broker events to local subscriptions, exactly once and in offset order.
 
     Live events arrive in order; any gap, epoch change or broker reconnect is healed
-    from the broker's history, and a subscriber that cannot be healed (history too
-    short) gets a `resync` message so it can refetch its state.
+    from the broker's history. A subscriber whose position is lost (history too short,
+    or reset) is told so, with a `resync` message or `recovered: false` on its ack, at
+    the position just before the oldest event history still holds; those events follow.
     """
 
     def __init__(self, broker: Broker, *, subscribe_timeout_s: float = 5.0) -> None:
@@ -127,6 +162,9 @@ class Hub:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._channels: dict[str, _ChannelState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Keyed by the whole envelope's identity (payload too): an offset reused after a
+        # failover to a replica that missed writes cannot serve another event's frame.
+        self._replay_cache: OrderedDict[tuple[str, str, int, bytes], _Decoded | None] = OrderedDict()
         broker.set_handlers(on_message=self.on_message, on_resubscribed=self.on_resubscribed)
 
     @property
@@ -246,16 +284,13 @@ class Hub:
             return SubscribeResult(Position(state.last_offset, state.epoch), None, 0)
 
         history = await self._broker.history(sub.key, since)
-        if not history.recovered:
-            metrics.RESUMES.labels("unrecovered").inc()
-            sub.epoch, sub.last_offset, sub.live = state.epoch, state.last_offset, True
-            return SubscribeResult(Position(state.last_offset, state.epoch), False, 0)
-
-        metrics.RESUMES.labels("recovered").inc()
-        sub.epoch, sub.last_offset = since.epoch, since.offset
-        replay = self._replay_frames(sub, history.envelopes)
-        # The ack's position is where the subscription starts: the replayed events follow it.
-        result = SubscribeResult(since, True, len(replay))
+        metrics.RESUMES.labels("recovered" if history.recovered else "unrecovered").inc()
+        # Lost or not, the subscription starts where the replay starts: right after `since`,
+        # or before the oldest event history still holds.
+        start = since if history.recovered else _replay_start(history)
+        sub.epoch, sub.last_offset = start.epoch, start.offset
+        replay = await self._replay_frames(sub, history.envelopes)
+        result = SubscribeResult(start, history.recovered, len(replay), read=len(history.envelopes))
         # The ack must precede the replayed events, so they are queued by `_finish_resume`.
         task = asyncio.ensure_future(self._finish_resume(state, sub, replay))
         self._tasks.add(task)
@@ -264,9 +299,7 @@ class Hub:
 
     async def _finish_resume(self, state: _ChannelState, sub: Subscription, replay: list[_Decoded]) -> None:
         await asyncio.sleep(0)  # let the caller queue the ack first
-        for decoded in replay:
-            sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
-        metrics.EVENTS_REPLAYED.inc(len(replay))
+        await self._enqueue_replay(sub, replay)
         for _ in range(_MAX_CATCH_UP_ROUNDS):
             if sub.closed:
                 return
@@ -279,23 +312,52 @@ class Hub:
                 await asyncio.sleep(random.uniform(0.1, 1.0))
                 continue
             if not history.recovered:
-                break
-            for decoded in self._replay_frames(sub, history.envelopes):
-                sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
+                self._resync(sub, _replay_start(history))
+            await self._enqueue_replay(sub, await self._replay_frames(sub, history.envelopes))
+            if history.position.epoch != state.epoch and not sub.closed:
+                # The channel has not seen the new epoch yet: its repair moves it there and
+                # sends this subscriber only what follows what it just got.
+                state.catch_up = True
+                self._start_repair(sub.key, state)
+                sub.live = True
+                return
         if not sub.closed:
             self._resync(sub, Position(state.last_offset, state.epoch))
             sub.live = True
 
-    def _replay_frames(self, sub: Subscription, envelopes: list[Envelope]) -> list[_Decoded]:
+    async def _replay_frames(self, sub: Subscription, envelopes: list[Envelope]) -> list[_Decoded]:
+        """The events after the subscription's position that its filters let through, not yet encoded."""
         frames: list[_Decoded] = []
-        for envelope in envelopes:
+        for index, envelope in enumerate(envelopes):
+            if index and not index % _REPLAY_CHUNK:
+                await asyncio.sleep(0)
             if envelope.offset <= sub.last_offset:
                 continue
             sub.last_offset = envelope.offset
-            decoded = _decode(envelope)
+            decoded = self._decode_replayed(envelope)
             if decoded is not None and sub.matches(decoded.data):
                 frames.append(decoded)
         return frames
+
+    async def _enqueue_replay(self, sub: Subscription, replay: list[_Decoded]) -> None:
+        for index, decoded in enumerate(replay):
+            if index and not index % _REPLAY_CHUNK:
+                await asyncio.sleep(0)
+                if sub.closed:
+                    return
+            sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
+        metrics.EVENTS_REPLAYED.inc(len(replay))
+
+    def _decode_replayed(self, envelope: Envelope) -> _Decoded | None:
+        cache = self._replay_cache
+        key = (envelope.channel, envelope.epoch, envelope.offset, envelope.payload)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        decoded = cache[key] = _decode(envelope)
+        if len(cache) > _REPLAY_CACHE_SIZE:
+            cache.popitem(last=False)
+        return decoded
 
     def _fan_out(self, state: _ChannelState, envelope: Envelope, *, live: bool) -> _Decoded | None:
         state.last_offset = envelope.offset
@@ -303,12 +365,15 @@ class Hub:
         if decoded is None:
             return None
         # The hot loop: per recipient a few attribute reads and one non-blocking enqueue.
-        offset, data, frame, key = envelope.offset, decoded.data, decoded.frame, decoded.conflation_key
+        offset, data, key = envelope.offset, decoded.data, decoded.conflation_key
+        frame = b""  # encoded for the first recipient the filters let through
         sent = 0
         for sub in state.subs:
             if sub.live and offset > sub.last_offset:
                 sub.last_offset = offset
                 if not sub.filtered or sub.matches(data):
+                    if not frame:
+                        frame = decoded.frame
                     sub.recipient.enqueue(frame, key)
                     sent += 1
         if sent:
@@ -334,17 +399,24 @@ class Hub:
                     delay_s = min(delay_s * 2, _REPAIR_RETRY_MAX_S)
                     continue
                 if not history.recovered:
+                    # The subscribers restart before the oldest event history still holds,
+                    # and those events follow the resync like any repaired ones.
+                    start = _replay_start(history)
                     log.warning(
-                        "channel_resync", channel=key, lost_after=state.last_offset, epoch=history.position.epoch
+                        "channel_resync",
+                        channel=key,
+                        lost_after=state.last_offset,
+                        epoch=start.epoch,
+                        replay_from=start.offset,
                     )
-                    state.epoch, state.last_offset = history.position.epoch, history.position.offset
-                    state.max_seen = min(state.max_seen, state.last_offset)
+                    state.epoch, state.last_offset = start.epoch, start.offset
+                    state.max_seen = min(state.max_seen, history.position.offset)
                     for sub in state.subs:
-                        if sub.live:
-                            self._resync(sub, history.position)
-                    continue
+                        # A subscriber that resumed into this epoch already is not lost.
+                        if sub.live and (sub.epoch != start.epoch or sub.last_offset < start.offset):
+                            self._resync(sub, start)
                 replayed = [
-                    decoded.correlation_id
+                    str(decoded.correlation_id)
                     for envelope in history.envelopes
                     if envelope.offset > state.last_offset
                     and (decoded := self._fan_out(state, envelope, live=False)) is not None
@@ -382,8 +454,16 @@ class Hub:
         )
 
 
+def _replay_start(history: History) -> Position:
+    """Where a lost subscriber restarts: just before the oldest event history still holds."""
+    if history.envelopes:
+        first = history.envelopes[0]
+        return Position(first.offset - 1, first.epoch)
+    return history.position
+
+
 def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None:
-    """Parse a published event once per pod and build the frame every recipient gets."""
+    """Parse a published event once per pod; the frame every recipient gets is built on first use."""
     try:
         event = orjson.loads(envelope.payload)
         kind, data = event["type"], event["data"]
@@ -397,20 +477,6 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
         metrics.BROKER_INVALID_MESSAGES.inc()
         log.warning("invalid_event_dropped", channel=envelope.channel, offset=envelope.offset)
         return None
-    frame = text_frame(
-        orjson.dumps(
-            {
-                "type": kind,
-                "channel": channel_of_key(envelope.channel).value,
-                "subscription": envelope.channel,
-                "offset": envelope.offset,
-                "epoch": envelope.epoch,
-                "data": data,
-                "timestamp": timestamp,
-                "correlationId": correlation_id,
-            }
-        )
-    )
     txn_id = data.get("id")
     # The channel's length first, so no channel and id can read as another pair (ids may
     # hold "|" and ":"); repr tells 5 from "5". An update without an id supersedes nothing.
@@ -420,9 +486,11 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
         else None
     )
     return _Decoded(
+        envelope=envelope,
+        kind=kind,
         data=data,
-        frame=frame,
+        timestamp=timestamp,
+        correlation_id=correlation_id,
         conflation_key=conflation_key,
         sent_counter=_SENT_COUNTERS[kind],
-        correlation_id=str(correlation_id),
     )

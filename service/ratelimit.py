@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Final
+
+# What a replayed event costs, in messages: a resume reads, filters and writes every event
+# it replays, so one `subscribe` with `since` must not cost the same as a ping. A resume of
+# 1,000 events costs 40 messages (the default burst); sustained, a socket gets at most
+# 25 times its message rate in replayed events.
+REPLAYED_EVENTS_PER_MESSAGE: Final = 25
 
 
 class TokenBucket:
@@ -26,3 +33,7 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+    def charge(self, messages: float) -> None:
+        """Take the cost of work already done; a debt refuses messages until it is paid back."""
+        self._tokens -= messages

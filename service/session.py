@@ -26,7 +26,7 @@ from service.protocol import (
     position_json,
     utc_now_iso,
 )
-from service.ratelimit import TokenBucket
+from service.ratelimit import REPLAYED_EVENTS_PER_MESSAGE, TokenBucket
 
 log = get_logger("eva_ws.session")
 
@@ -163,6 +163,9 @@ class Session:
             if result.recovered is not None:
                 ack["recovered"] = result.recovered
                 ack["replayed"] = result.replayed
+            if result.read:
+                # The events read for a resume count against the rate limit, filtered out or not.
+                self._bucket.charge(result.read / REPLAYED_EVENTS_PER_MESSAGE)
             self._conn.send(encode(ack), "subscribed")
 
         try:

@@ -35,12 +35,15 @@ class Envelope:
 class History:
     """What `Broker.history` found after a position."""
 
-    # Events after the asked position, oldest first, with contiguous offsets.
+    # Oldest first, with contiguous offsets up to `position`: when recovered, the events
+    # after the asked position; when not, every event the history still holds (at most
+    # the history size), which a subscriber that lost its position gets after the notice.
     envelopes: list[Envelope]
     # The channel's newest position when the history was read.
     position: Position
-    # False when the asked position is older than the retained window or from another
-    # epoch: the events in between are gone and the client must refetch its state.
+    # False when the asked position is older than the retained window, beyond the newest
+    # offset or from another epoch: the events in between are gone and the client must
+    # refetch its state.
     recovered: bool
 
 
@@ -111,7 +114,8 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def history(self, channel: str, since: Position | None) -> History:
-        """Events after `since` (None: no events, only the current position)."""
+        """Events after `since`, or all that are held when `since` cannot be resumed (see
+        History); None: no events, only the current position. Reads at most the history size."""
 
     @property
     @abc.abstractmethod

@@ -236,7 +236,8 @@ class RedisBroker(Broker):
         try:
             async with asyncio.timeout(self._timeout_s):
                 reply = await self._history_script(
-                    keys=keys, args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+                    keys=keys,
+                    args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first, self._history_size],
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc

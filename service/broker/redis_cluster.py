@@ -200,7 +200,7 @@ class RedisClusterBroker(Broker):
         keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
         asked_epoch = since.epoch if since is not None else ""
         first = str(since.offset + 1) if since is not None else ""
-        args: list[Any] = [wire.new_epoch(), self._history_ttl_s, asked_epoch, first]
+        args: list[Any] = [wire.new_epoch(), self._history_ttl_s, asked_epoch, first, self._history_size]
         try:
             async with asyncio.timeout(self._timeout_s):
                 try:

@@ -114,18 +114,38 @@ return {offset, epoch}
 )
 
 HISTORY_SCRIPT: Final = (
-    """-- eva-ws history v1
+    """-- eva-ws history v2
 -- KEYS[1] meta hash, KEYS[2] history stream
--- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] epoch asked for, ARGV[4] first offset wanted ('' = none)
+-- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] epoch asked for, ARGV[4] first offset wanted ('' = none),
+-- ARGV[5] history size
 """
     + _ENSURE_EPOCH
     + """
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local entries = {}
-if ARGV[4] ~= '' and ARGV[3] == epoch then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[4] .. '-0', '+')
+local recovered = 0
+if ARGV[4] ~= '' then
+  -- The window is the newest ARGV[5] offsets the stream still holds (approximate trimming
+  -- may leave a few older ones, never read), found from the oldest entry alone.
+  local oldest = offset - tonumber(ARGV[5]) + 1
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  if #head == 0 then
+    oldest = offset + 1
+  else
+    oldest = math.max(oldest, tonumber(string.match(head[1][1], '^%d+')))
+  end
+  local first = tonumber(ARGV[4])
+  if ARGV[3] == epoch and first >= oldest and first <= offset + 1 then
+    recovered = 1
+  else
+    first = oldest
+  end
+  if first <= offset then
+    local count = string.format('%d', offset - first + 1)
+    entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', first), '+', 'COUNT', count)
+  end
 end
-return {epoch, offset, entries}
+return {epoch, offset, entries, recovered}
 """
 )
 
@@ -137,21 +157,21 @@ CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v1", "
 
 
 def decode_history(channel: str, since: Position | None, reply: Any) -> History:
-    """What HISTORY_SCRIPT returned ([epoch, offset, entries]) as a History; see Broker.history."""
-    raw_epoch, offset, entries = reply
+    """What HISTORY_SCRIPT returned ([epoch, offset, entries, recovered]) as a History; see Broker.history."""
+    raw_epoch, offset, entries, recovered = reply
     epoch = raw_epoch.decode()
     position = Position(offset=int(offset), epoch=epoch)
     if since is None:
         return History(envelopes=[], position=position, recovered=True)
-    if since.epoch != epoch or since.offset > position.offset:
-        return History(envelopes=[], position=position, recovered=False)
     envelopes = [
         Envelope(channel=channel, offset=int(entry_id.split(b"-", 1)[0]), epoch=epoch, payload=_stream_payload(fields))
         for entry_id, fields in entries
     ]
-    # Trimming drops the oldest entries: anything missing after `since` means not recovered.
-    recovered = [e.offset for e in envelopes] == list(range(since.offset + 1, position.offset + 1))
-    return History(envelopes=envelopes if recovered else [], position=position, recovered=recovered)
+    first = since.offset + 1 if recovered else (envelopes[0].offset if envelopes else position.offset + 1)
+    if [e.offset for e in envelopes] != list(range(first, position.offset + 1)):
+        # Not what the script promises (contiguous up to the newest): trust none of it.
+        return History(envelopes=[], position=position, recovered=False)
+    return History(envelopes=envelopes, position=position, recovered=bool(recovered))
 
 
 def _stream_payload(fields: list[bytes]) -> bytes:
