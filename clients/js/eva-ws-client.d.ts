@@ -108,6 +108,18 @@ export declare class Subscription {
   /** Resolves with the first acknowledgement; rejects on a final error or unsubscribe. */
   readonly ready: Promise<SubscribedAck>;
   unsubscribe(): void;
+  /** What JSON.stringify writes; never the client or its token. */
+  toJSON(): SubscriptionJson;
+}
+
+export interface SubscriptionJson {
+  id: number;
+  channel: Channel;
+  filters: Filters;
+  key: string | null;
+  position: { offset: number | null; epoch: string | null };
+  active: boolean;
+  closed: boolean;
 }
 
 export interface ClientEventMap {

@@ -88,8 +88,12 @@ export class Position {
 
 /** One wanted subscription. It lives across reconnects until unsubscribe() is called. */
 export class Subscription {
+  // Private: events carry the subscription, and the client holds the token. Nothing that
+  // serialises or inspects an event (JSON.stringify, console, an error reporter) reaches it.
+  #client;
+
   constructor(client, id, channel, filters, handlers) {
-    this.client = client;
+    this.#client = client;
     this.id = id;
     this.channel = channel;
     this.filters = filters;
@@ -111,7 +115,13 @@ export class Subscription {
 
   /** Stop receiving; see EvaWsClient.unsubscribe. */
   unsubscribe() {
-    this.client.unsubscribe(this);
+    this.#client.unsubscribe(this);
+  }
+
+  /** What JSON.stringify writes: the public fields, without handlers or timers. */
+  toJSON() {
+    const { id, channel, filters, key, active, closed } = this;
+    return { id, channel, filters, key, position: { offset: this.position.offset, epoch: this.position.epoch }, active, closed };
   }
 }
 

@@ -1,6 +1,7 @@
 // Unit tests of eva-ws-client.js against a fake WebSocket: run with `node --test clients/js/test/`.
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, test } from 'node:test';
+import { inspect } from 'node:util';
 
 import { backoffDelayMs, EvaWsClient, Position, tokenExpiryMs } from '../eva-ws-client.js';
 import { event, FakeWebSocket, record, until } from '../testing/fake-websocket.js';
@@ -400,5 +401,100 @@ describe('server-ended subscriptions', () => {
     assert.deepEqual(ended, [{ subscription: 'transactions:C1', reason: 'forbidden' }]);
     assert.equal(client.wanted.size, 0);
     assert.equal(socket.sentOf('unsubscribe').length, 0);
+  });
+});
+
+describe('the token stays out of events', () => {
+  /** Every event the client dispatches, whatever its type (including types added later). */
+  function recordEverything(client) {
+    const seen = [];
+    const dispatch = client.dispatchEvent.bind(client);
+    client.dispatchEvent = (event) => {
+      seen.push(event);
+      return dispatch(event);
+    };
+    return seen;
+  }
+
+  /** Each way an app or an error reporter may turn an event detail or an error into text. */
+  function renderings(value) {
+    return [JSON.stringify(value), inspect(value, { depth: null, showHidden: true })];
+  }
+
+  function assertNoToken(values, tokens) {
+    for (const value of values) {
+      for (const text of renderings(value)) {
+        for (const token of tokens) assert.ok(!text.includes(token), `a token in ${text.slice(0, 300)}`);
+      }
+    }
+  }
+
+  const serverError = (code, correlationId = null) => ({ type: 'error', code, message: code, correlationId, timestamp: 'x' });
+
+  test('no detail of any event or error carries a token, as JSON or inspected', async () => {
+    const tokens = [];
+    let failNext = false;
+    const client = makeClient({
+      token: () => {
+        if (failNext) {
+          failNext = false;
+          throw new Error('the identity provider is down');
+        }
+        tokens.push(`secret-token-${tokens.length}-${'x'.repeat(20)}`);
+        return tokens.at(-1);
+      },
+    });
+    const events = recordEverything(client);
+    const errors = [];
+    const kept = client.subscribe('transactions', { customerId: 'C1' });
+    const lost = client.subscribe('transactions', { customerId: 'C2' });
+    const refused = client.subscribe('transactions', { customerId: 'C9' });
+    refused.ready.catch((error) => errors.push(error));
+    const first = await until(() => FakeWebSocket.last, 'a socket');
+    first.open();
+    const [c1, c2, c9] = first.sentOf('subscribe');
+    first.receive(serverError('unavailable', c1.correlationId)); // retried later: a timer on the subscription
+    first.receive(serverError('forbidden', c9.correlationId));
+    first.ack(await until(() => first.sentOf('subscribe')[3], 'the retried subscribe'), { offset: 1 });
+    first.ack(c2, { offset: 1, key: 'transactions:C2' });
+    first.receive(event(2));
+    first.receive({ type: 'resync', channel: 'transactions', subscription: 'transactions:C1', position: { offset: 5, epoch: 'e1' }, timestamp: 'x' });
+    first.receive(event(6, { epoch: 'e2' }));
+    first.receive('not json');
+    first.receive(serverError('token_expiring'));
+    const [refresh] = await until(() => first.sentOf('refresh').length && first.sentOf('refresh'), 'a refresh');
+    first.receive({ type: 'refreshed', expiresAt: '2030-01-01T00:00:00Z', correlationId: refresh.correlationId, timestamp: 'x' });
+    failNext = true;
+    first.serverClose(1012, 'service restart');
+
+    const second = await until(() => FakeWebSocket.instances.length === 2 && FakeWebSocket.last, 'a second socket');
+    second.open();
+    const [again1, again2] = second.sentOf('subscribe');
+    second.ack(again1, { recovered: true, replayed: 0, position: again1.since });
+    second.ack(again2, { recovered: false, offset: 0, epoch: 'e9', key: 'transactions:C2' });
+    second.receive({ type: 'unsubscribed', channel: 'transactions', subscription: 'transactions:C2', filters: {}, reason: 'forbidden', correlationId: null, timestamp: 'x' });
+    kept.unsubscribe();
+    lost.ready.catch(() => {});
+    second.serverClose(4001, 'token expired');
+    await until(() => FakeWebSocket.instances.length === 3, 'a third socket');
+    client.close();
+
+    const fixed = makeClient({ token: 'fixed-secret-token-abcdefghijklmnopqrstuvwxyz' });
+    const fixedEvents = recordEverything(fixed);
+    fixed.subscribe('transactions', { customerId: 'C1' });
+    const only = await openAndAck(fixed);
+    only.receive(serverError('token_expiring'));
+    fixed.setToken('fixed-secret-token-the-second-one-0123456789');
+    only.serverClose(4001, 'token expired');
+    fixed.close();
+
+    const types = new Set([...events, ...fixedEvents].map((e) => e.type));
+    for (const type of ['state', 'event', 'subscribed', 'resumed', 'resync', 'reconnected', 'unsubscribed', 'tokenrefreshed', 'tokenexpiring', 'error']) {
+      assert.ok(types.has(type), `the scenario emits ${type}`);
+    }
+    assert.equal(errors.length, 1);
+    tokens.push('fixed-secret-token-abcdefghijklmnopqrstuvwxyz', 'fixed-secret-token-the-second-one-0123456789');
+    assertNoToken([...events, ...fixedEvents].map((e) => e.detail), tokens);
+    assertNoToken(errors, tokens);
   });
 });
