@@ -249,6 +249,11 @@ class Connection:
     async def _close(self, code: CloseCode, message: str) -> None:
         if self._drain is not None:
             self._drain.cancel()
+        # What was queued before the close decision goes out before the close frame (replies,
+        # `rate_limited` errors, events), except a slow consumer's backlog: it is the reason for
+        # the close and would hold the close frame back; the client resumes from its offsets.
+        if code is not CloseCode.SLOW_CONSUMER:
+            self._write_queued()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.ws.close(code=code, message=message.encode())
@@ -260,14 +265,14 @@ class Connection:
                 raise
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
-        if self.transport is None:
-            return
-        if not self.transport.is_closing():
-            self.transport.abort()
-        else:
-            # A graceful close waits for the client to read what is buffered; a client
-            # that stopped reading would hold the socket forever.
-            self._loop.call_later(CLOSE_TIMEOUT_S, self.transport.abort)
+        # The socket ends with the close handshake, at most CLOSE_TIMEOUT_S after the close
+        # frame, even for a client that stops reading (see websocket.LingeringClose).
+
+    def _write_queued(self) -> None:
+        transport = self.transport
+        frames = self._outbox.pop_all()
+        if frames and transport is not None and not transport.is_closing():
+            transport.write(b"".join(frames))
 
 
 _closers: set[asyncio.Task[None]] = set()

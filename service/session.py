@@ -252,6 +252,10 @@ class Session:
     # -- limits and timers -----------------------------------------------------------
 
     def _admit(self) -> bool:
+        if self._conn.closing:
+            # What a client sends once its close is decided goes unanswered and unlogged: a
+            # flood read in one go after the limit would otherwise log a line per message.
+            return False
         if self._bucket.allow(rate_per_s=self._settings.rate_limit_per_s, burst=self._settings.rate_limit_burst):
             return True
         self._violations += 1
