@@ -41,6 +41,17 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return "*" in allowed or origin.lower() in allowed
 
 
+def _stated_origin(request: web.Request) -> str | None:
+    """The Origin header, else `?origin=`: a page's fetch to its own origin carries no Origin.
+
+    A page whose socket was refused asks the same URL over plain HTTP, naming its origin, to
+    learn why (the dashboard does). Naming an origin can only get a request refused: one
+    with neither is allowed anyway, as a non-browser client.
+    """
+    origin = request.headers.get("Origin")
+    return query_value(request, "origin") if origin is None else origin
+
+
 async def _authenticate(request: web.Request) -> Principal:
     token = token_from_request(request)
     if token is None:
@@ -162,7 +173,7 @@ async def _admit(request: web.Request, conn_id: str, ip: str) -> Principal | web
     settings = app[keys.SETTINGS]
     if app[keys.LIFECYCLE].draining:
         return _reject("draining", 503, "draining", "this pod is shutting down; reconnect")
-    if not origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
+    if not origin_allowed(_stated_origin(request), settings.allowed_origins):
         return _reject("origin", 403, "forbidden_origin", "this Origin is not allowed")
     limits = app[keys.CONNECTION_LIMITS]
     # Before the token check: a flood from one address is refused without spending CPU on signatures.

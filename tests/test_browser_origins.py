@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.service_process import DevService
-from tests.test_browser import CHROMIUM, launch, txn_event
+from tests.test_browser import CHROMIUM, launch, screenshot, txn_event, wait_in_page
 
 CLIENT_PATH: Final = "/static/eva-ws-client.js"
 
@@ -146,3 +146,73 @@ def test_a_page_on_a_foreign_origin_cannot_import_the_client(
     assert failure is not None
     assert "Failed to fetch dynamically imported module" in failure
     assert "access-control-allow-origin" not in _client_headers(service, foreign_origin.origin)
+
+
+# The presence dot of every listed user: [user or null, the dot's content, the dot's colour].
+PRESENCE_DOTS: Final = """
+() => [...document.querySelectorAll('#presence-list li')].map((li) => {
+  const dot = getComputedStyle(li, '::before');
+  return [li.dataset.user ?? null, dot.content, dot.color];
+})
+"""
+GREEN: Final = "rgb(46, 158, 79)"
+
+
+def _reason(page: Page, contains: str) -> str:
+    wait_in_page(page, "(text) => document.querySelector('#reason').textContent.includes(text)", contains, contains)
+    text: str = page.locator("#reason").inner_text()
+    return text
+
+
+def _green_dots(page: Page) -> list[list[str | None]]:
+    dots: list[list[str | None]] = page.evaluate(PRESENCE_DOTS)
+    return [dot for dot in dots if dot[1] != "none" and dot[2] == GREEN]
+
+
+def test_dashboard_on_an_origin_the_service_refuses_says_so_and_shows_no_one_online(
+    tmp_path: Path, new_page: Callable[[], Page]
+) -> None:
+    service = DevService(tmp_path)
+    service.env["EVA_WS_ALLOWED_ORIGINS"] = "https://app.example.com"  # not the dashboard's own origin
+    service.start()
+    try:
+        page = new_page()
+        page.goto(f"{service.url}/")
+        reason = _reason(page, "is not allowed")
+        assert f"Refused by the server: origin {service.url} is not allowed" in reason
+        assert page.locator("#status").get_attribute("data-state") in {"connecting", "reconnecting"}
+        wait_in_page(page, "() => !document.querySelector('#presence-list').textContent.includes('…')", "presence")
+        assert page.locator("#presence-list").inner_text() == "nobody"
+        assert _green_dots(page) == []
+        assert page.locator("#presence .offline").is_visible()
+        screenshot(page, "dashboard-refused-origin")
+    finally:
+        service.stop()
+
+
+def test_dashboard_with_a_rejected_token_says_the_token_was_rejected(
+    service: DevService, new_page: Callable[[], Page]
+) -> None:
+    page = new_page()
+    page.goto(f"{service.url}/#token={service.token(ttl_s=-3600)}")
+    assert "Refused by the server: token rejected (token has expired)" in _reason(page, "token rejected")
+
+
+def test_dashboard_shows_the_close_code_and_reason_and_greys_presence_when_the_server_closes(
+    service: DevService, new_page: Callable[[], Page]
+) -> None:
+    page = new_page()
+    page.goto(f"{service.url}/")
+    wait_in_page(page, "() => document.querySelector('#status').textContent === 'connected'", "connected")
+    # Presence is polled every few seconds: wait until this page's own user is listed, live.
+    page.locator("#presence-list li[data-user='demo-user']").wait_for()
+    assert page.locator("#reason").inner_text() == ""
+    assert [dot[0] for dot in _green_dots(page)] == ["demo-user"]
+
+    # Flooding the socket makes the server close it with 1008 and a reason.
+    page.evaluate("() => { for (let i = 0; i < 300; i++) window.evaClient.send({ type: 'ping' }); }")
+    reason = _reason(page, "Closed with code")
+    assert reason == "Closed with code 1008 (policy violation): rate limit exceeded."
+    assert page.locator("#status").get_attribute("data-state") == "closed"
+    assert _green_dots(page) == []
+    screenshot(page, "dashboard-closed-with-reason")
