@@ -103,6 +103,9 @@ class Settings:
     # A connection must send a complete request within this (slowloris); also the idle time of a
     # keep-alive HTTP connection between requests. aiohttp's keepalive_timeout.
     handshake_timeout_s: float = 10.0
+    # Bytes of one request's line and headers together (a browser sends 1-4 KiB, a token in the
+    # query up to 6 KiB more); beyond it the request gets 431 before the parser keeps more.
+    max_request_head_bytes: int = 16_384
 
     # Seconds between readiness turning false and the first socket close on SIGTERM.
     drain_delay_s: float = 5.0
@@ -357,6 +360,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_connections_per_ip=_int(env, "max_connections_per_ip", 0, minimum=0, maximum=1_000_000),
         client_ip_header=_get(env, "client_ip_header"),
         handshake_timeout_s=_float(env, "handshake_timeout_s", 10.0, minimum=0.5, maximum=3600.0),
+        max_request_head_bytes=_int(env, "max_request_head_bytes", 16_384, minimum=8192, maximum=1024 * 1024),
         drain_delay_s=_float(env, "drain_delay_s", 5.0, minimum=0.0, maximum=600.0),
         drain_spread_s=_float(env, "drain_spread_s", 5.0, minimum=0.0, maximum=600.0),
         rebalance_interval_s=_float(env, "rebalance_interval_s", 0.0, minimum=0.0, maximum=3600.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Final
 
@@ -16,10 +17,33 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": loggi
 _SECRET_KEYS: Final = frozenset({"token", "authorization", "secret", "password", "jwt", "payload"})
 
 
+# Token-shaped text anywhere in a rendered line, whoever wrote it: aiohttp quotes the request
+# line or a header in its parser errors, an exception may carry a URL. Base64url of '{"' begins
+# every JWT header, so a token cut short (aiohttp quotes the first 100 bytes) still matches;
+# the second form is any three long base64url segments; the third, whatever follows `Bearer `
+# or `token=` up to a separator (a token spoilt by a bad byte is still a secret).
+_TOKEN_SHAPED: Final = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){0,2}"
+    r"|[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"
+    r"|(?i:(?<=bearer )|(?<=token=))[^\s&'\"\\]+"
+)
+REDACTED: Final = "[redacted]"
+
+
 def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     for key in _SECRET_KEYS.intersection(event):
-        event[key] = "[redacted]"
+        event[key] = REDACTED
     return event
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with everything token-shaped replaced; the last step before any line is written."""
+    return _TOKEN_SHAPED.sub(REDACTED, text)
+
+
+def _redact_line(_logger: Any, _method: str, line: Any) -> str:
+    # After the renderer: `line` is the JSON text (typed as an event dict by structlog).
+    return redact_tokens(line)
 
 
 def configure_logging(level: str = "info", *, pod_id: str | None = None) -> None:
@@ -42,6 +66,7 @@ def configure_logging(level: str = "info", *, pod_id: str | None = None) -> None
             *shared,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
+            _redact_line,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
@@ -56,7 +81,9 @@ def configure_logging(level: str = "info", *, pod_id: str | None = None) -> None
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(),
+                _redact_line,
             ],
         )
     )

@@ -16,6 +16,7 @@ from service import keys
 from service.app import create_app
 from service.config import Settings
 from service.drain import drain
+from service.http_protocol import AppRunner
 from service.log import AccessLogger, get_logger
 from service.ops import create_ops_app
 
@@ -82,8 +83,13 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop; raise CannotListen if a port cannot be opened."""
     app = create_app(settings)
     runners: list[web.AppRunner] = []
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log_class=AccessLogger, shutdown_timeout=5.0, **server_options(settings)
+    runner = AppRunner(
+        app,
+        head_budget_bytes=settings.max_request_head_bytes,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        shutdown_timeout=5.0,
+        **server_options(settings),
     )
     try:
         await runner.setup()

@@ -1,0 +1,147 @@
+"""aiohttp's HTTP/1.1 connection with a byte budget for each request head and JSON error replies."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
+
+from service.http_errors import standard_error
+from service.log import get_logger
+
+log = get_logger("eva_ws.http")
+
+HEAD_TOO_LARGE: Final = 431
+
+
+class RequestHeadTooLarge(HttpProcessingError):
+    code = HEAD_TOO_LARGE
+    message = "Request Header Fields Too Large"
+
+
+class BoundedRequestHandler(RequestHandler):
+    """One connection: aiohttp's, plus a limit on the bytes of each request line and headers.
+
+    aiohttp bounds a head only field by field (128 headers of up to 8,190 bytes each, about
+    2 MB kept per connection, and kept for a WebSocket's whole life). Here the bytes that
+    arrive while a request head is being read are counted before the parser sees them: it is
+    given at most the budget, and a head that has not ended within it gets 431. A head is read from
+    the connection's start and again once the previous request's body is complete. In a
+    pipelined read that ends one body and starts the next head, that head's first bytes are
+    not counted (aiohttp's per-field limits still hold); browsers and aiohttp's client never
+    pipeline. aiohttp's error replies become JSON that quotes nothing of the request.
+    Relies on RequestHandler internals of aiohttp 3.13/3.14 (tests/test_headers.py).
+    """
+
+    # aiohttp's handler has slots: without these each connection would carry a dict.
+    __slots__ = ("_head_budget_bytes", "_head_bytes", "_head_refused", "_last_payload")
+
+    def __init__(self, manager: web.Server, *, head_budget_bytes: int, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_budget_bytes = head_budget_bytes
+        self._head_bytes = 0
+        self._head_refused = False
+        # The body of the request parsed last; None before the first request.
+        self._last_payload: StreamReader | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_refused:
+            return
+        if self._upgraded or self._payload_parser is not None or not self._reading_head():
+            self._feed(data)
+            return
+        room = self._head_budget_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            self._feed(data)
+            return
+        # The head must end within the budget: the parser never sees a byte of it beyond.
+        if not self._feed(data[:room]):
+            self._refuse_head()
+            return
+        # The rest is the body, or the next request.
+        self.data_received(data[room:])
+
+    def _reading_head(self) -> bool:
+        last = self._last_payload
+        return last is None or last.is_eof()
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data` as aiohttp does; True when it completed a request head."""
+        requests_before = self._request_count
+        super().data_received(data)
+        if self._request_count == requests_before or not self._messages:
+            return False
+        self._last_payload = self._messages[-1][1]
+        self._head_bytes = 0
+        return True
+
+    def _refuse_head(self) -> None:
+        self._head_refused = True
+        error = RequestHeadTooLarge()
+        self._messages.append((_ErrInfo(status=HEAD_TOO_LARGE, exc=error, message=error.message), EMPTY_PAYLOAD))
+        self._request_count += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A JSON reply that closes the connection; aiohttp's text would quote the request line."""
+        if status == 500:
+            # A defect in a handler: the traceback is worth having (log.py redacts tokens in it).
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            log.info(
+                "http_request_refused",
+                status=status,
+                error=type(exc).__name__ if exc is not None else None,
+                remote=request.remote,
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; no error reply can follow")
+        response = standard_error(status)
+        response.force_close()
+        return response
+
+
+class BoundedServer(web.Server):
+    """aiohttp's Server whose connections are BoundedRequestHandlers."""
+
+    def __init__(self, *args: Any, head_budget_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_budget_bytes = head_budget_bytes
+
+    def __call__(self) -> RequestHandler:
+        return BoundedRequestHandler(self, loop=self._loop, head_budget_bytes=self._head_budget_bytes, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """aiohttp's AppRunner serving through BoundedServer."""
+
+    __slots__ = ("_head_budget_bytes",)
+
+    def __init__(self, app: web.Application, *, head_budget_bytes: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_budget_bytes = head_budget_bytes
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return BoundedServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            head_budget_bytes=self._head_budget_bytes,
+            **server._kwargs,
+        )
