@@ -1,0 +1,118 @@
+"""A subscriber told that its position is lost gets every event history still holds, from the position it is told."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from fleet.ports import free_port
+from fleet.process import ServiceProcess
+from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
+from tests.conftest import SECRET
+from tests.drop_proxy import DropProxy
+from tests.test_redis_functional import (
+    Client,
+    PodFactory,
+    event_body,
+    has_events,
+    has_resync,
+    progress,
+    publish,
+    session,
+    start_pods,
+    wait_ready,
+)
+
+__all__ = ["session", "start_pods"]  # fixtures
+
+
+def _after(client: Client, message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events the client got after one of its messages, in arrival order."""
+    index = client.messages.index(message)
+    return [m for m in client.messages[index + 1 :] if m in client.events()]
+
+
+async def test_after_an_embedded_broker_restart_a_resume_gets_every_event_published_since(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    pod = ServiceProcess(tmp_path, jwt_secret=SECRET, drain_delay_s="0", drain_spread_s="0")
+    try:
+        pod.start()
+        first = await Client.connect(session, pod)
+        assert (await first.subscribe("C1"))["type"] == "subscribed"
+        for seq in range(3):
+            assert (await publish(session, pod, event_body("C1", seq)))[0] == 202
+        await eventually(has_events(first, 3), "events before the restart were not delivered")
+        seen = first.events()[-1]
+
+        pod.kill()
+        pod.start()
+        # A new session: the old one's kept-alive connections died with the process.
+        async with aiohttp.ClientSession() as after_restart:
+            for seq in range(3, 23):
+                assert (await publish(after_restart, pod, event_body("C1", seq)))[0] == 202
+            resumed = await Client.connect(after_restart, pod)
+            ack = await resumed.subscribe("C1", since={"offset": seen["offset"], "epoch": seen["epoch"]})
+            assert ack["recovered"] is False
+            new_epoch = ack["position"]["epoch"]
+            assert new_epoch != seen["epoch"]
+            # Nothing the new process published is lost: the replay starts before its first event.
+            assert ack["position"]["offset"] == 0
+            assert ack["replayed"] == 20
+            await eventually(has_events(resumed, 20), progress(resumed, 20))
+            events = _after(resumed, ack)
+            assert [e["offset"] for e in events] == list(range(1, 21))
+            assert [e["epoch"] for e in events] == [new_epoch] * 20
+            assert [e["data"]["seq"] for e in events] == list(range(3, 23))
+            await resumed.close()
+    finally:
+        pod.stop()
+
+
+async def test_a_pod_that_finds_a_new_epoch_after_redis_lost_its_data_resyncs_and_replays_it(
+    redis_server: RedisServer, start_pods: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    # Pod B reaches Redis through a forwarder, so it can be kept away until pod A has published.
+    with DropProxy(redis_server.port) as to_redis:
+        (pod_a,) = start_pods(redis_server.url, count=1)
+        (pod_b,) = start_pods(f"redis://127.0.0.1:{to_redis.port}/0", count=1)
+        client = await Client.connect(session, pod_b)
+        assert (await client.subscribe("C1"))["type"] == "subscribed"
+        for seq in range(3):
+            assert (await publish(session, pod_a, event_body("C1", seq)))[0] == 202
+        await eventually(has_events(client, 3), "events before the Redis restart were not delivered")
+        old_epoch = client.events()[-1]["epoch"]
+
+        to_redis.target_port = free_port()  # nothing listens there: pod B cannot reconnect
+        await asyncio.to_thread(redis_server.kill)  # kill -9, no persistence: every stream and offset is gone
+        await asyncio.to_thread(redis_server.start)
+        to_redis.cut()
+        await wait_ready(session, pod_a)
+        new_epoch = ""
+        for seq in range(3, 23):
+            status, body = await publish(session, pod_a, event_body("C1", seq))
+            assert status == 202
+            new_epoch = body["epoch"]
+        assert new_epoch != old_epoch
+        assert client.of_type("resync") == []
+
+        to_redis.target_port = redis_server.port
+        await eventually(has_resync(client), "pod B did not resync after finding a new epoch")
+        resync = client.of_type("resync")[0]
+        assert resync["subscription"] == "transactions:C1"
+        assert resync["position"] == {"offset": 0, "epoch": new_epoch}
+        await eventually(has_events(client, 23), progress(client, 23))
+        events = _after(client, resync)
+        assert [e["offset"] for e in events] == list(range(1, 21))
+        assert [e["data"]["seq"] for e in events] == list(range(3, 23))
+        assert client.of_type("resync") == [resync]
+
+        # Live delivery goes on after the replay.
+        await wait_ready(session, pod_b)
+        assert (await publish(session, pod_a, event_body("C1", 23)))[0] == 202
+        await eventually(has_events(client, 24), progress(client, 24))
+        assert client.events()[-1]["offset"] == 21
