@@ -10,7 +10,7 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from service import handlers, keys, loop_health, ops
+from service import handlers, http_errors, keys, loop_health, ops
 from service.auth import TokenVerifier
 from service.broker import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
@@ -42,7 +42,7 @@ def create_app(
     connection_counter: ConnectionCounter | None = None,
 ) -> web.Application:
     """The whole service; `broker`, `presence` and `connection_counter` default to what the settings select."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[http_errors.json_errors])
     app[keys.SETTINGS] = settings
     jwks = None
     if settings.jwks_url is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 # The `error` word of the statuses aiohttp itself answers (router, body limit, parser, timeouts).
@@ -35,8 +36,18 @@ def standard_error(status: int) -> web.Response:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's plain-text HTTP errors (404, 405, 413 …) as JSON; replies handlers built stay as they are."""
+def json_errors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """aiohttp's plain-text HTTP errors (404, 405, 413 …) as JSON; replies handlers built stay as they are.
+
+    A plain function: a WebSocket upgrade gets its handler's coroutine itself, since a frame of
+    this one would stay with every open socket for its whole life.
+    """
+    if hdrs.UPGRADE in request.headers and request.match_info.http_exception is None:
+        return handler(request)
+    return _json_errors(request, handler)
+
+
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -68,7 +68,8 @@ def _fragments(token: str) -> list[str]:
 def test_hostile_request_lines_log_no_token(service: ServiceProcess, case: str) -> None:
     token = _token("alice")
     reply = _exchange(service.port, HOSTILE_REQUESTS[case] % {b"token": token.encode()})
-    assert reply.startswith(b"HTTP/1.1 400 ") or reply.startswith(b"HTTP/1.0 400 "), reply[:200]
+    assert reply.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
     service.stop()
     log = service.log()
     assert "Error handling request" in log or "http_request_refused" in log, log
