@@ -1,21 +1,23 @@
 """Reconnect peaks when a worker goes away behind nginx: drain without spreading, drain spread over 5 s, kill -9.
 
-`scripts/bench-drain [--clients N] [--workers N]` starts a fresh cluster per scenario
+`scripts/bench-drain [--clients N] [--workers N] [--json PATH]` starts a fresh cluster per scenario
 (fleet/cluster.py), connects N resuming clients (full-jitter backoff from 0.5 s, like the
 browser SDKs), takes away the worker holding most of them, and reports how many of its
 clients resubscribed in the busiest second and how long until all of them were back.
-Figures go to docs/scaling.md.
+Figures go to docs/scaling.md; `--json` keeps the raw results, each client's time back included,
+which `python -m bench.plots` draws (docs/bench/drain.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +40,8 @@ class Result:
     unrecovered: int
     gaps: int
     duplicates: int
+    # Seconds from the first close (the kill) to each moved client's new subscription, in order.
+    back_s: list[float] = field(repr=False)
 
 
 def peak_per_second(times: list[float]) -> int:
@@ -76,17 +80,19 @@ async def scenario(name: str, directory: Path, *, clients: int, workers: int, sp
                 interval_s=0.1,
             )
             back = [c.subscribed_at[1] for c in moved]
+            # From the first close the clients saw, so the drain delay does not count.
+            origin = started if kill else min(c.closed_at[0] for c in moved)
             totals = fleet.totals()
             return Result(
                 scenario=name,
                 clients=clients,
                 moved=len(moved),
                 peak_per_s=peak_per_second(back),
-                # From the first close the clients saw, so the drain delay does not count.
-                all_back_s=max(back) - (started if kill else min(c.closed_at[0] for c in moved)),
+                all_back_s=max(back) - origin,
                 unrecovered=totals["unrecovered"],
                 gaps=totals["gaps"],
                 duplicates=totals["duplicates"],
+                back_s=sorted(round(t - origin, 4) for t in back),
             )
     finally:
         cluster.stop()
@@ -117,8 +123,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench-drain", description=__doc__)
     parser.add_argument("--clients", type=int, default=600)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     results = asyncio.run(run(args.clients, args.workers))
+    if args.json:
+        raw = {"workers": args.workers, "base_backoff_s": BASE_BACKOFF_S, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(raw, indent=1) + "\n")
     print()
     print("| scenario | clients moved | reconnects in the busiest second | all back after | unrecovered/gaps/dups |")
     print("| --- | --- | --- | --- | --- |")
