@@ -15,6 +15,7 @@ from service.auth import AuthError, Principal, mint_token, query_value, token_fr
 from service.broker.base import BrokerUnavailable
 from service.config import Settings
 from service.connection import CLOSE_TIMEOUT_S, Connection
+from service.http_errors import json_error as _json_error
 from service.limits import client_ip
 from service.log import get_logger
 from service.presence import PresenceEntry
@@ -28,10 +29,6 @@ log = get_logger("eva_ws.handlers")
 MAX_PUBLISH_BATCH: Final = 1000
 DEV_USER: Final = "demo-user"
 DEV_CUSTOMERS: Final = ("CUST-001", "CUST-002", "CUST-003")
-
-
-def _json_error(status: int, error: str, message: str) -> web.Response:
-    return web.json_response({"error": error, "message": message}, status=status)
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
@@ -84,6 +81,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     principal = await _admit(request, conn_id, ip)
     if isinstance(principal, web.Response):
         return principal
+    # Read before the upgrade, which drops the query (service/websocket.py::forget_request_head).
+    reconnect = query_value(request, "reconnect") or "0"
     # The read loop runs in this coroutine, not in one it awaits: an idle socket keeps its
     # handler's coroutines alive for its whole life, so every extra level costs every socket.
     try:
@@ -102,7 +101,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             deadlines=app[keys.DEADLINES],
             heartbeat_s=settings.heartbeat_s,
         )
-        reconnect = query_value(request, "reconnect") or "0"
         session = Session(
             conn,
             hub=app[keys.HUB],

@@ -1,0 +1,173 @@
+"""Request heads within a byte budget (431 beyond it), and nothing of the head kept by an open socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from fleet.process import ServiceProcess
+from service import keys
+from service.auth import MAX_TOKEN_LENGTH, mint_token
+from service.config import load_settings
+from tests.conftest import SECRET, AppClient, connect, token_for
+
+BUDGET: Final = 16_384
+# A WebSocket upgrade as Chromium sends it, before any cookie.
+BROWSER_HEAD: Final = (
+    "GET /ws/transactions?token={token}&customerId=CUST-001&reconnect=0 HTTP/1.1\r\n"
+    "Host: app.example.com\r\n"
+    "Connection: Upgrade\r\n"
+    "Pragma: no-cache\r\n"
+    "Cache-Control: no-cache\r\n"
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36\r\n"
+    "Upgrade: websocket\r\n"
+    "Origin: https://app.example.com\r\n"
+    "Sec-WebSocket-Version: 13\r\n"
+    "Accept-Encoding: gzip, deflate, br, zstd\r\n"
+    "Accept-Language: en-US,en;q=0.9,de;q=0.8\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[ServiceProcess]:
+    # A long handshake timeout: a refusal must come from the budget, not from the slowloris timer.
+    process = ServiceProcess(
+        tmp_path,
+        jwt_secret=SECRET,
+        mode="production",
+        allowed_origins="https://app.example.com",
+        handshake_timeout_s="3600",
+        max_request_head_bytes=str(BUDGET),
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _settings(service: ServiceProcess) -> Any:
+    return load_settings({k: v for k, v in service.env.items() if k.startswith("EVA_WS_")})
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response: status, headers (lower-case names) and the body its Content-Length announces."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside the body"
+        body += chunk
+    return int(status_line.split(" ")[1]), headers, body[:length]
+
+
+def _connect(service: ServiceProcess) -> socket.socket:
+    # The timeout is a fail-safe against a hang, not a measurement.
+    return socket.create_connection(("127.0.0.1", service.port), timeout=30)
+
+
+def _padding(total: int, name: str = "X-Pad") -> str:
+    """Header lines of about `total` bytes, each under aiohttp's per-field limit."""
+    lines, line = [], f"{name}-000: " + "p" * 1000 + "\r\n"
+    for index in range(total // len(line) + 1):
+        lines.append(f"{name}-{index:03d}: " + "p" * 1000 + "\r\n")
+    return "".join(lines)
+
+
+def _assert_431(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 431, (status, body)
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"] == "request_header_fields_too_large"
+
+
+def test_headers_over_the_budget_get_431_as_json(service: ServiceProcess) -> None:
+    token = mint_token(_settings(service), sub="alice", customers=["CUST-001"])
+    head = BROWSER_HEAD.format(token=token) + _padding(BUDGET) + "\r\n"
+    with _connect(service) as sock:
+        sock.sendall(head.encode())
+        _assert_431(*_read_response(sock))
+
+
+def test_unfinished_headers_are_refused_as_soon_as_they_pass_the_budget(service: ServiceProcess) -> None:
+    # Headers that never end: aiohttp alone would keep reading (up to 128 fields of 8 KiB).
+    with _connect(service) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+        for line in _padding(BUDGET).encode().splitlines(keepends=True):
+            sock.sendall(line)
+        _assert_431(*_read_response(sock))
+        assert sock.recv(1) == b"", "the connection stays open after 431"
+
+
+def test_a_browser_head_with_a_long_token_and_cookies_is_served(service: ServiceProcess) -> None:
+    # A token at the length limit, a browser's headers and 4 KiB of cookies fit in the budget.
+    customers = [f"CUST-{index:05d}" for index in range(1000)]
+    token = mint_token(_settings(service), sub="alice", customers=customers[:340])
+    assert MAX_TOKEN_LENGTH - 300 < len(token) <= MAX_TOKEN_LENGTH, len(token)
+    cookie = "Cookie: " + "; ".join(f"c{index}={base64.b64encode(os.urandom(48)).decode()}" for index in range(60))
+    head = BROWSER_HEAD.format(token=token) + cookie[:4096] + "\r\n\r\n"
+    assert len(head) < BUDGET
+    with _connect(service) as sock:
+        sock.sendall(head.encode())
+        status, headers, _ = _read_response(sock)
+    assert status == 101, status
+    assert headers["upgrade"].lower() == "websocket"
+
+
+def test_the_budget_is_per_request_on_a_keep_alive_connection(service: ServiceProcess) -> None:
+    padding = _padding(BUDGET // 2)
+    publisher = mint_token(_settings(service), sub="backend", customers=[], roles=["publisher"])
+    body = b"[" + b" " * (900 * 1024) + b"x"
+    with _connect(service) as sock:
+        for _ in range(3):
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: a\r\n{padding}\r\n".encode())
+            status, _, _ = _read_response(sock)
+            assert status == 200
+        # A large body in between counts against the body limit, not against the next head.
+        publish = (
+            f"POST /api/v1/publish HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {publisher}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(publish.encode() + body)
+        status, _, reply = _read_response(sock)
+        assert status == 400, reply
+        assert json.loads(reply)["error"] == "invalid_json"
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: a\r\n{padding}\r\n".encode())
+        status, _, _ = _read_response(sock)
+        assert status == 200
+
+
+async def test_an_open_socket_keeps_nothing_of_the_request_head(app_client: AppClient) -> None:
+    client = await app_client()
+    settings = client.app[keys.SETTINGS]
+    token = token_for(settings)
+    ws = await connect(client, token, headers={"X-Pad": "p" * 8000, "Cookie": "session=" + "c" * 4000})
+    try:
+        await ws.send_json({"type": "ping"})
+        assert (await ws.receive_json())["type"] == "pong"
+        (conn,) = client.app[keys.LIFECYCLE].connections
+        request = conn.ws._req
+        assert request is not None
+        assert len(request.headers) == 0
+        assert request.raw_headers == ()
+        assert request.query_string == ""
+        assert token not in request.raw_path
+        assert request.path == "/ws/transactions"
+        assert request.protocol._parser is None, "the HTTP parser (and the head it parsed) outlives the upgrade"
+    finally:
+        await ws.close()
