@@ -70,8 +70,10 @@ async def test_a_client_that_keeps_writing_after_a_subscribe_burst_reads_the_100
     settings = make_settings()
     client = await app_client(settings)
     subscribe = frame(OP_TEXT, b'{"type":"subscribe","channel":"transactions","filters":{"customerId":"C1"}}')
-    # The burst, then about 4 MiB more of the same while the server closes.
-    burst = subscribe * 2000 + subscribe * (4 * 1024 * 1024 // len(subscribe))
+    # The burst, then 8 MiB more in messages of 32 KiB, written while the server closes: more
+    # than the socket buffers hold, so the client is still writing when the close comes.
+    padding = frame(OP_TEXT, b" " * 32 * 1024)
+    burst = subscribe * 2000 + padding * (OVERSIZED_BYTES // len(padding))
     for attempt in range(ATTEMPTS):
         ws = await _raw(client.host, client.port, token_for(settings, sub=f"burst{attempt}"))
         await _send_all(ws, burst)
@@ -189,4 +191,4 @@ async def test_a_rate_limit_close_is_logged_once_per_connection(server):
         assert time.monotonic() < deadline, log_path.read_text()[-4000:]
         await asyncio.sleep(0.05)
     closes = _events(log_path, "rate_limit_close")
-    assert sorted(line["user_id"] for line in closes) == sorted(users)
+    assert sorted(line["user_id"] for line in closes) == sorted(users), f"{len(closes)} rate_limit_close lines"
