@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from textwrap import indent
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -11,7 +14,9 @@ from service import keys
 from service.broker.base import BrokerUnavailable
 from service.broker.redis_wire import stream_key
 from service.publisher import Publisher
-from tests.conftest import AppClient, connect, receive_type, subscribe, token_for, txn
+from tests.conftest import AppClient, connect, receive_json, receive_type, subscribe, token_for, txn
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_an_event_published_with_only_the_redis_url_reaches_a_subscriber_of_a_pod(
@@ -72,3 +77,29 @@ async def test_history_settings_apply_to_the_history_the_publisher_appends_to(re
     async with Publisher.connect(redis_server.url, history_ttl_s=60) as publisher:
         await publisher.publish("transaction_new", txn("T1", "C1"))
     assert 0 < await raw.ttl(stream_key("", "transactions:C1")) <= 60
+
+
+def _python_example(document: str, after: str) -> str:
+    """The first Python block of a document after a sentence, as a reader would copy it."""
+    text = (ROOT / document).read_text()
+    return text[text.index(after) :].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("document", "after"),
+    [("README.md", "A backend in Python publishes"), ("docs/protocol.md", "From a Python backend service")],
+)
+async def test_the_documented_python_example_publishes_as_written(
+    app_client: AppClient, redis_server, document: str, after: str
+):
+    client = await app_client(redis_url=redis_server.url)
+    ws = await connect(client, token_for(client.app[keys.SETTINGS], customers=["CUST-001"]))
+    await subscribe(ws, filters={"customerId": "CUST-001"})
+
+    example = _python_example(document, after).replace("redis://redis:6379/0", redis_server.url)
+    namespace: dict[str, Any] = {}
+    exec(compile("async def example():\n" + indent(example, "    "), document, "exec"), namespace)
+    await namespace["example"]()
+
+    event = await receive_json(ws)
+    assert (event["data"]["id"], event["data"]["customerId"]) == ("TXN-1", "CUST-001")
