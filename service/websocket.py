@@ -189,6 +189,13 @@ class ServerWebSocketResponse(web.WebSocketResponse):
         else:
             self._linger.close_transport()
 
+    def _set_code_close_transport(self, code: int) -> None:
+        # After a protocol error aiohttp records 1006 (no close frame read from the client,
+        # which cannot be read any more); the code the server sent says why the socket ended.
+        if code == WSCloseCode.ABNORMAL_CLOSURE and isinstance(self._exception, WebSocketError):
+            code = self._exception.code
+        super()._set_code_close_transport(code)  # type: ignore[arg-type]  # aiohttp passes the client's int too
+
     async def write_eof(self) -> None:  # type: ignore[override]  # as aiohttp's own
         await super().write_eof()
         if self._linger is not None:

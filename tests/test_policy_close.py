@@ -20,7 +20,7 @@ import pytest
 from service.auth import mint_token
 from service.config import load_settings
 from service.protocol import CloseCode
-from tests.conftest import SECRET, make_settings, token_for
+from tests.conftest import SECRET, make_settings, metric_value, token_for
 from tests.rawws import OP_CLOSE, OP_PING, OP_TEXT, Frame, RawWebSocket, frame
 
 # Each scenario runs several times: before the lingering close, a reset destroyed the close
@@ -64,6 +64,10 @@ async def test_a_client_that_writes_an_oversized_frame_in_full_reads_the_1009_cl
         assert code == CloseCode.MESSAGE_TOO_BIG, f"attempt {attempt}: no close frame, the socket was reset"
         assert await ws.closed_by_server()
         await ws.aclose()
+    # The pod counts (and logs) these closes by the code it sent, not as abnormal.
+    metrics = await (await client.get("/metrics")).text()
+    assert metric_value(metrics, 'eva_ws_disconnects_total{reason="message_too_big"}') == ATTEMPTS
+    assert metric_value(metrics, 'eva_ws_disconnects_total{reason="abnormal"}') == 0
 
 
 async def test_a_client_that_keeps_writing_after_a_subscribe_burst_reads_the_1008_close(app_client):
