@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from fleet.redis_cluster import RedisCluster
 from service import keys
 from service.broker.base import BrokerUnavailable
 from service.broker.redis_wire import stream_key
@@ -32,6 +33,23 @@ async def test_an_event_published_with_only_the_redis_url_reaches_a_subscriber_o
     event = await receive_type(ws, "transaction_new")
     assert event["correlationId"] == published.correlation_id
     assert event["data"]["id"] == "T1"
+
+
+async def test_a_publisher_on_a_redis_cluster_reaches_a_subscriber_of_a_pod(app_client: AppClient, tmp_path: Path):
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    try:
+        client = await app_client(redis_url=cluster.url)
+        ws = await connect(client, token_for(client.app[keys.SETTINGS]))
+        await subscribe(ws, filters={"customerId": "C1"})
+
+        async with Publisher.connect(cluster.url) as publisher:
+            published = await publisher.publish("transaction_new", txn("T1", "C1"))
+
+        event = await receive_type(ws, "transaction_new")
+        assert event["correlationId"] == published.correlation_id
+    finally:
+        cluster.stop()
 
 
 async def test_the_prefix_selects_the_deployment_that_shares_the_redis(app_client: AppClient, redis_server):
