@@ -31,6 +31,9 @@ _MAX_LOGGED_IDS: Final = 100
 # A replay yields to the event loop after this many events, so other clients wait for at
 # most one chunk's work (well under a millisecond), however long the replay.
 _REPLAY_CHUNK: Final = 64
+# Between chunks that are queued for sending, a pause longer than the default write window
+# (8 ms), so a chunk is written before the next one is queued.
+_REPLAY_PAUSE_S: Final = 0.01
 # Parsed replayed events, shared by every resume that reads the same event: a burst of
 # resumes from one point decodes and encodes each event once. Bounded: least recently used out.
 _REPLAY_CACHE_SIZE: Final = 4096
@@ -342,7 +345,9 @@ class Hub:
     async def _enqueue_replay(self, sub: Subscription, replay: list[_Decoded]) -> None:
         for index, decoded in enumerate(replay):
             if index and not index % _REPLAY_CHUNK:
-                await asyncio.sleep(0)
+                # Room for the write window to send what is queued: a replay longer than the
+                # send queue must not close its own client as a slow consumer.
+                await asyncio.sleep(_REPLAY_PAUSE_S)
                 if sub.closed:
                     return
             sub.recipient.enqueue(decoded.frame, decoded.conflation_key)
@@ -415,12 +420,14 @@ class Hub:
                         # A subscriber that resumed into this epoch already is not lost.
                         if sub.live and (sub.epoch != start.epoch or sub.last_offset < start.offset):
                             self._resync(sub, start)
-                replayed = [
-                    str(decoded.correlation_id)
-                    for envelope in history.envelopes
-                    if envelope.offset > state.last_offset
-                    and (decoded := self._fan_out(state, envelope, live=False)) is not None
-                ]
+                replayed: list[str] = []
+                for index, envelope in enumerate(history.envelopes):
+                    if index and not index % _REPLAY_CHUNK:
+                        await asyncio.sleep(_REPLAY_PAUSE_S)  # see _enqueue_replay
+                    if envelope.offset > state.last_offset:
+                        decoded = self._fan_out(state, envelope, live=False)
+                        if decoded is not None:
+                            replayed.append(str(decoded.correlation_id))
                 if replayed:
                     # Which events reached clients late, so they can be traced across pods.
                     log.info(

@@ -12,7 +12,17 @@ from fleet.ports import free_port
 from fleet.process import ServiceProcess
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from tests.conftest import SECRET
+from tests.conftest import (
+    SECRET,
+    AppClient,
+    connect,
+    make_settings,
+    receive_json,
+    subscribe,
+    token_for,
+    txn,
+)
+from tests.conftest import publish as publish_api
 from tests.drop_proxy import DropProxy
 from tests.test_redis_functional import (
     Client,
@@ -116,3 +126,21 @@ async def test_a_pod_that_finds_a_new_epoch_after_redis_lost_its_data_resyncs_an
         assert (await publish(session, pod_a, event_body("C1", 23)))[0] == 202
         await eventually(has_events(client, 24), progress(client, 24))
         assert client.events()[-1]["offset"] == 21
+
+
+async def test_a_replay_longer_than_the_send_queue_arrives_whole_instead_of_closing_4008(app_client: AppClient) -> None:
+    settings = make_settings(send_queue_size="256", history_size="1000")
+    client = await app_client(settings)
+    events = [{"type": "transaction_new", "data": txn(f"T{i}")} for i in range(600)]
+    response = await publish_api(client, settings, {"events": events})
+    assert response.status == 202
+    epoch = (await response.json())["events"][0]["epoch"]
+    for since, recovered in (({"offset": 0, "epoch": epoch}, True), ({"offset": 5, "epoch": "lost-epoch"}, False)):
+        ws = await connect(client, token_for(settings))
+        ack = await subscribe(ws, filters={"customerId": "C1"}, since=since)
+        assert ack["recovered"] is recovered
+        assert ack["position"] == {"offset": 0, "epoch": epoch}
+        assert ack["replayed"] == 600
+        offsets = [(await receive_json(ws))["offset"] for _ in range(600)]
+        assert offsets == list(range(1, 601))
+        await ws.close()
