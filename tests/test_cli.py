@@ -15,6 +15,8 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from service.config import ENV_PREFIX, Settings
 from tests.conftest import SECRET
@@ -113,6 +115,22 @@ def test_token_mints_what_the_server_accepts_with_audience_and_issuer():
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"], audience="eva")
     assert (claims["sub"], claims["customerId"], claims["roles"]) == ("alice@example.com", "CUST-001", ["admin"])
+
+
+def test_token_signed_with_a_key_the_server_does_not_verify_with_is_not_printed():
+    def pem(key: ed25519.Ed25519PrivateKey, *, public: bool) -> str:
+        if public:
+            return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+        return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+
+    signing, other = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    settings = {"jwt_algorithms": "EdDSA", "jwt_private_key": pem(signing, public=False)}
+    accepted = _cli("token", "--sub", "alice", **settings, jwt_public_key=pem(signing, public=True))
+    assert accepted.returncode == 0, accepted.stderr
+    refused = _cli("token", "--sub", "alice", **settings, jwt_public_key=pem(other, public=True))
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert refused.stderr == "eva-ws: the server would refuse this token: token signature is invalid\n"
 
 
 @pytest.mark.parametrize("settings", [{"mode": "development"}, {}])
