@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 Mode = Literal["development", "production"]
 
 ENV_PREFIX: Final = "EVA_WS_"
+# What EVA_WS_REDIS_URL may be: one Redis (TCP, TLS, Unix socket) or a Redis Cluster.
+REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+cluster://")
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
 )
@@ -46,6 +48,9 @@ class Settings:
     redis_prefix: str = ""
     history_size: int = 1000
     history_ttl_s: int = 86_400
+    # A publish that repeats an event's idempotency key within this many seconds is answered
+    # with the original event's position and not delivered again.
+    idempotency_window_s: int = 300
     # Upper bound of the jittered backoff between attempts to reach Redis again.
     redis_reconnect_max_s: float = 5.0
     # Each pod publishes a canary through Redis to itself this often...
@@ -241,7 +246,10 @@ _KNOWN: Final = frozenset(
         "jwt_secret_file",
         "jwt_keys_file",
     )
-)
+) | {
+    # Read by scripts/ (which virtualenv to use), not by the service; exported by users.
+    ENV_PREFIX + "VENV",
+}
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -297,8 +305,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"TLS file {path!r} does not exist")
 
     redis_url = _get(env, "redis_url")
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-        raise ConfigError(f"{ENV_PREFIX}REDIS_URL must start with redis://, rediss://, unix:// or redis+cluster://")
+    if redis_url is not None and not redis_url.startswith(REDIS_URL_SCHEMES):
+        raise ConfigError(f"{ENV_PREFIX}REDIS_URL must start with {', '.join(REDIS_URL_SCHEMES)}")
 
     log_level = (_get(env, "log_level") or "info").lower()
     if log_level not in {"debug", "info", "warning", "error"}:
@@ -330,6 +338,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_prefix=_get(env, "redis_prefix") or "",
         history_size=_int(env, "history_size", 1000, minimum=1, maximum=1_000_000),
         history_ttl_s=_int(env, "history_ttl_s", 86_400, minimum=1, maximum=30 * 86_400),
+        idempotency_window_s=_int(env, "idempotency_window_s", 300, minimum=1, maximum=86_400),
         redis_reconnect_max_s=_float(env, "redis_reconnect_max_s", 5.0, minimum=0.1, maximum=300.0),
         broker_canary_interval_s=canary_interval_s,
         broker_canary_max_lag_s=canary_max_lag_s,

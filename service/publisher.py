@@ -27,8 +27,6 @@ from service.protocol import (
 # Redis kills subscribers whose output buffer overflows; big events must not get that far.
 MAX_EVENT_BYTES: Final = 64 * 1024
 _TRANSACTION_STRING_FIELDS: Final = ("status", "stage", "updatedAt", "updatedBy", "userId")
-# What `Publisher.connect` accepts: an in-process broker would reach no pod.
-REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+cluster://")
 
 
 class InvalidEvent(ValueError):
@@ -143,7 +141,7 @@ class Publisher:
         publish: a Redis that cannot be reached makes `publish` raise BrokerUnavailable.
         """
         from service.broker import create_broker
-        from service.config import Settings
+        from service.config import REDIS_URL_SCHEMES, Settings
 
         if not redis_url.startswith(REDIS_URL_SCHEMES):
             raise ValueError(f"redis_url must start with {', '.join(REDIS_URL_SCHEMES)}")

@@ -82,3 +82,9 @@ def test_bad_settings_are_refused_with_a_clear_message(env, message):
     base = {} if any(k.startswith("EVA_WS_JWT_SECRET") for k in env) or env == {} else {"EVA_WS_JWT_SECRET": SECRET}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings({**base, **env})
+
+
+def test_the_scripts_virtualenv_variable_is_not_refused_as_a_setting():
+    # scripts/lib/common.sh reads EVA_WS_VENV; a user who exports it must still start the service.
+    settings = load_settings({"EVA_WS_JWT_SECRET": "x" * 32, "EVA_WS_VENV": "/opt/venv"})
+    assert settings.mode == "production"
