@@ -17,6 +17,7 @@ from fleet.redis_server import RedisServer
 from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
+from tests.backends import absent_store, module_cluster, store  # noqa: F401  # fixtures of the contract suites
 from tests.protocol_schemas import assert_client_message, assert_server_message
 
 SECRET = "test-secret-" + "x" * 60

@@ -1,11 +1,10 @@
-"""RedisBroker against a real redis-server: the Broker contract plus what only Redis can break."""
+"""RedisBroker against a real redis-server: what only one Redis can break (the contract is in test_broker_contract)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +20,7 @@ from service.broker.redis import RedisBroker
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
-from service.publisher import Publisher
 from tests.broker_contract import (
-    BrokerContract,
     BrokerFactory,
     Started,
     churn_while_publishing,
@@ -61,12 +58,6 @@ def redis_factory(server: RedisServer, **defaults: Any) -> BrokerFactory:
         return RedisBroker(**settings)
 
     return make
-
-
-class TestRedisBrokerContract(BrokerContract):
-    @pytest.fixture
-    def make_broker(self, redis_server: RedisServer) -> BrokerFactory:
-        return redis_factory(redis_server)
 
 
 @pytest.fixture
@@ -523,38 +514,3 @@ async def test_subscriber_outlives_a_long_outage_and_many_failed_reconnects(
     await eventually(lambda: [channel] in pod.recorder.resubscribed, "resubscribed handler did not fire")
     position = await pod.broker.publish(channel, payload(1))
     await eventually(lambda: [e.offset for e in pod.recorder.on(channel)] == [position.offset], "no live delivery")
-
-
-async def test_broker_starts_without_redis_and_becomes_ready_when_redis_appears(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)  # not started yet
-    started = await start_broker(redis_factory(server), canary_interval_s=0.1, canary_max_lag_s=0.5)
-    try:
-        assert not started.broker.ready
-        assert started.broker.not_ready_reasons() == ["broker_not_ready"]
-        with pytest.raises(BrokerUnavailable):
-            await Publisher(started.broker).publish("transaction_new", {"id": "T1", "customerId": "C1"})
-        server.start()
-        await eventually(lambda: started.broker.ready, "the broker did not become ready when Redis appeared")
-        channel = new_channel()
-        await started.broker.subscribe(channel)
-        position = await started.broker.publish(channel, payload(1))
-        await eventually(lambda: [e.offset for e in started.recorder.on(channel)] == [position.offset], "no delivery")
-    finally:
-        await started.broker.close()
-        server.kill()
-
-
-async def test_a_canary_that_stops_coming_back_makes_the_broker_not_ready_until_it_returns(
-    pods: Callable[..., Any], raw: Redis
-) -> None:
-    pod = await pods(canary_interval_s=0.1, canary_max_lag_s=0.5)
-    await eventually(lambda: pod.broker.ready, "broker never became ready")
-    # Redis holds every PUBLISH but still answers the subscriber's PINGs: connected, yet deaf.
-    await raw.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
-    await eventually(
-        lambda: pod.broker.not_ready_reasons() == ["broker_canary_lag"], lambda: str(pod.broker.not_ready_reasons())
-    )
-    await eventually(lambda: pod.broker.ready, "readiness did not come back with the canary")
-    # The canary is the pod's own business: not a client channel, never delivered as an event.
-    assert pod.broker.subscribed_channels == frozenset()
-    assert pod.recorder.envelopes == []

@@ -6,6 +6,8 @@ import abc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from service.backend_errors import BackendUnavailable
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -47,8 +49,8 @@ class History:
     recovered: bool
 
 
-class BrokerUnavailable(Exception):
-    """The broker cannot take this call now (e.g. Redis is down); the caller may retry later."""
+BrokerUnavailable = BackendUnavailable
+"""What the broker raises when it cannot take a call now; the caller may retry later."""
 
 
 MessageHandler = Callable[[Envelope], None]

@@ -14,6 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, History, Position
+from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
+from service.broker.readiness import ReadinessLog
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.config import Settings
 from service.redis_client import cancel_and_wait, client_name_part, client_options
@@ -51,6 +53,8 @@ class RedisClusterBroker(Broker):
         reconnect_max_s: float = 5.0,
         max_connections: int = 32,
         topology_refresh_s: float = 5.0,
+        canary_interval_s: float = 1.0,
+        canary_max_lag_s: float = 5.0,
     ) -> None:
         """Same settings and tunables as RedisBroker; `max_connections` is per master here.
 
@@ -77,6 +81,9 @@ class RedisClusterBroker(Broker):
         def link_client(address: Address) -> Redis:
             return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **sub_options))
 
+        # The canary is a shard channel like the others, on the master of its own slot.
+        self._canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
+        self._canary = Canary(publish=self._publish_canary, interval_s=canary_interval_s, max_lag_s=canary_max_lag_s)
         self._subscriber = ClusterSubscriber(
             seeds=seeds,
             link_client=link_client,
@@ -92,6 +99,15 @@ class RedisClusterBroker(Broker):
             reconnect_max_s=reconnect_max_s,
             topology_refresh_s=topology_refresh_s,
             on_slot_map_changed=self._slot_map_changed,
+            canary=self._canary,
+            canary_channel=self._canary_part,
+        )
+        self._readiness_log = ReadinessLog(
+            pod_id=pod_id,
+            reasons=self.not_ready_reasons,
+            disconnects=lambda: self._subscriber.disconnects,
+            canary_lag_s=lambda: self._canary.lag_s,
+            channels=lambda: self._subscriber.wanted_count,
         )
         self._refreshing: asyncio.Task[None] | None = None
         self._closed = False
@@ -107,26 +123,35 @@ class RedisClusterBroker(Broker):
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
-            **{"reconnect_max_s": settings.redis_reconnect_max_s, **tunables},
+            **{
+                "reconnect_max_s": settings.redis_reconnect_max_s,
+                "canary_interval_s": settings.broker_canary_interval_s,
+                "canary_max_lag_s": settings.broker_canary_max_lag_s,
+                **tunables,
+            },
         )
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """See Broker.start; needs the slot map from at least one node."""
+        """See Broker.start and RedisBroker.start: a cluster that cannot be reached keeps the
+        pod not ready while the subscriber keeps asking its nodes for the slot map."""
+        self._canary.start()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._client.initialize()
             await self._subscriber.start(timeout_s=self._timeout_s)
-        except (*CLUSTER_ERRORS, BrokerUnavailable) as exc:
-            await self.close()
-            raise BrokerUnavailable(f"redis cluster unreachable: {type(exc).__name__}") from exc
+            async with asyncio.timeout(self._timeout_s):
+                await self._canary.round_trip()
+        except (BrokerUnavailable, TimeoutError):
+            self._readiness_log.deaf_at_start()
+        self._readiness_log.start()
 
     async def close(self) -> None:
         """See Broker.close."""
         if self._closed:
             return
         self._closed = True
+        await self._readiness_log.close()
+        await self._canary.close()
         await self._subscriber.close()
         if self._refreshing is not None:
             await cancel_and_wait(self._refreshing)
@@ -150,6 +175,14 @@ class RedisClusterBroker(Broker):
         except CLUSTER_ERRORS as exc:
             # redis-py re-reads the map by itself after the next failed command.
             log.info("broker_command_slot_map_stale", error=type(exc).__name__)
+
+    async def _publish_canary(self, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                channel = wire.shard_channel(self._prefix, self._canary_part)
+                await self._client.execute_command("SPUBLISH", channel, data)
+        except CLUSTER_ERRORS as exc:
+            raise BrokerUnavailable(f"canary not sent: {type(exc).__name__}") from exc
 
     # -- publishing and history -----------------------------------------------------------
 
@@ -216,10 +249,19 @@ class RedisClusterBroker(Broker):
 
     # -- subscriptions: see ClusterSubscriber ----------------------------------------------
 
+    def not_ready_reasons(self) -> list[str]:
+        """See Broker.not_ready_reasons: `broker_not_ready` (no slot map, a wanted channel not
+        confirmed on its master, a link not answering), `broker_canary_lag` (no canary came
+        back within `canary_max_lag_s`)."""
+        if self._closed or not self._subscriber.ready:
+            return ["broker_not_ready"]
+        return ["broker_canary_lag"] if self._canary.lagging else []
+
     @property
     def ready(self) -> bool:
-        """See Broker.ready: every wanted channel confirmed on the master of its slot, every link answering."""
-        return not self._closed and self._subscriber.ready
+        """See Broker.ready: every wanted channel confirmed on the master of its slot, every link answering,
+        the canary on time."""
+        return not self.not_ready_reasons()
 
     @property
     def subscribed_channels(self) -> frozenset[str]:

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
+from service.broker.canary import Canary
 from service.broker.redis_shard_link import ShardLink
 from service.redis_client import cancel_and_wait
 from service.redis_cluster_client import Address
@@ -56,8 +57,17 @@ class ClusterSubscriber:
         reconnect_max_s: float,
         topology_refresh_s: float = TOPOLOGY_REFRESH_S,
         on_slot_map_changed: Callable[[], None] = lambda: None,
+        canary: Canary | None = None,
+        canary_channel: str = "",
     ) -> None:
+        """`canary` gets every message of `canary_channel`, a channel kept on the link of its
+        slot's master like a wanted one but never reported to the hub nor counted as a
+        subscription."""
         self._seeds = list(seeds)
+        self._canary = canary
+        self._canary_channel = canary_channel
+        # Channels this pod keeps for itself, beside the hub's wanted set.
+        self._private: frozenset[str] = frozenset({canary_channel} if canary is not None else ())
         self._on_slot_map_changed = on_slot_map_changed
         self._link_client = link_client
         self._prefix = prefix
@@ -84,11 +94,14 @@ class ClusterSubscriber:
         self._closed = False
 
     async def start(self, *, timeout_s: float) -> None:
-        """Read the slot map and connect to every master; raise BrokerUnavailable if no node answers."""
+        """Read the slot map and connect to every master; raise BrokerUnavailable if no node
+        answers within `timeout_s`, and keep trying in the background all the same."""
         try:
             async with asyncio.timeout(timeout_s):
                 slots = await self._fetch_slots()
         except (TimeoutError, BrokerUnavailable) as exc:
+            self._doubt.set()
+            self._topology = asyncio.create_task(self._run_topology(), name="redis-cluster-topology")
             raise BrokerUnavailable("no redis cluster node returned the slot map") from exc
         self._apply(slots)
         self._topology = asyncio.create_task(self._run_topology(), name="redis-cluster-topology")
@@ -117,7 +130,7 @@ class ClusterSubscriber:
     @property
     def ready(self) -> bool:
         """Every wanted channel confirmed on the master that owns its slot, every such link healthy."""
-        if self._closed or self._slots is None or len(self._assigned) != len(self._wanted):
+        if self._closed or self._slots is None or len(self._assigned) != len(self._wanted) + len(self._private):
             return False
         return all(link.healthy for link in self._links.values() if link.wanted)
 
@@ -127,6 +140,16 @@ class ClusterSubscriber:
         for link in self._links.values():
             confirmed |= link.actual & link.wanted
         return frozenset(confirmed & self._wanted)
+
+    @property
+    def wanted_count(self) -> int:
+        return len(self._wanted)
+
+    @property
+    def disconnects(self) -> tuple[int, float]:
+        """Connections to masters lost so far, and when the last one was."""
+        links = self._links.values()
+        return sum(link.disconnects for link in links), max((link.disconnected_at for link in links), default=0.0)
 
     def links(self) -> dict[Address, frozenset[str]]:
         """Which master delivers which channels right now (for operators and tests)."""
@@ -215,6 +238,8 @@ class ClusterSubscriber:
                 pong_timeout_s=self._pong_timeout_s,
                 reconnect_min_s=self._reconnect_min_s,
                 reconnect_max_s=self._reconnect_max_s,
+                canary_channel=self._canary_channel,
+                on_canary=self._canary.received if self._canary is not None else lambda data: None,
             )
             self._links[address] = link
             link.start()
@@ -229,6 +254,8 @@ class ClusterSubscriber:
             log.exception("broker_handler_failed", channel=envelope.channel, offset=envelope.offset)
 
     def _link_confirmed(self, link: ShardLink, channel: str) -> None:
+        if channel in self._private and self._canary is not None:
+            self._canary.kick()  # a round trip now, instead of one interval later
         if self._assigned.get(channel) == link.address:
             for waiter in self._waiters.pop(channel, []):
                 if not waiter.done():
@@ -260,7 +287,6 @@ class ClusterSubscriber:
         self._metrics_due = False
         metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
         metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self.subscribed_channels))
-        metrics.BROKER_READY.set(1 if self.ready else 0)
 
     # -- the slot map ----------------------------------------------------------------------
 
@@ -298,8 +324,8 @@ class ClusterSubscriber:
         moved = 0
         # The walk costs O(channels); an unchanged map with nothing displaced or unassigned needs none.
         displaced = any(link.has_displaced for link in self._links.values())
-        stale = changed or displaced or len(self._assigned) != len(self._wanted)
-        for channel in list(self._wanted) if stale else []:
+        stale = changed or displaced or len(self._assigned) != len(self._wanted) + len(self._private)
+        for channel in list(self._wanted | self._private) if stale else []:
             old = self._assigned.get(channel)
             new = self._owner(channel)
             if old == new and old is not None and old in self._links:

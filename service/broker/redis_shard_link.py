@@ -50,7 +50,11 @@ class ShardLink:
         pong_timeout_s: float,
         reconnect_min_s: float,
         reconnect_max_s: float,
+        canary_channel: str = "",
+        on_canary: Callable[[bytes], None] = lambda data: None,
     ) -> None:
+        """`on_canary` gets every message of `canary_channel` (a channel assigned like any
+        other), undecoded: the canary is not an event."""
         self.address = address
         self._client = client
         self._prefix = prefix
@@ -63,6 +67,8 @@ class ShardLink:
         self._pong_timeout_s = pong_timeout_s
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
+        self._canary_channel = canary_channel
+        self._on_canary = on_canary
 
         # What this link should deliver, changed by the coordinator through assign and drop.
         self.wanted: set[str] = set()
@@ -74,6 +80,10 @@ class ShardLink:
         self._unsubscribing: dict[str, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed, per channel
         self.actual: set[str] = set()  # what the node confirmed on the current connection
         self.connected = False
+        # Connections lost so far and when the last one was: readiness reporting sees a
+        # reconnect even when it was over before anyone looked.
+        self.disconnects = 0
+        self.disconnected_at = 0.0
         self._ping_sent_at: float | None = None
         self._wake_scope: asyncio.Timeout | None = None
         self._dirty = False
@@ -170,6 +180,9 @@ class ShardLink:
             except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
                 log.exception("broker_shard_link_failed", pod_id=self._pod_id, node=_node(self.address))
             finally:
+                if connected:
+                    self.disconnects += 1
+                    self.disconnected_at = time.monotonic()
                 self.connected = False
                 self._server.clear()
                 self._unsubscribing.clear()
@@ -284,6 +297,9 @@ class ShardLink:
         channel = self._by_name.get(message["channel"])
         if channel is None or channel not in self.wanted:
             return  # unsubscribed or moved while the message was on its way
+        if channel == self._canary_channel:
+            self._on_canary(message["data"])
+            return
         try:
             event = wire.decode_envelope(message["data"])
         except wire.MalformedEnvelope as exc:

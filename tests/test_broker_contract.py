@@ -1,0 +1,251 @@
+"""The Broker contract, one suite run against every topology: in-process, one Redis, Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fleet.waiting import eventually
+from service.broker.base import Envelope, Position
+from tests.backends import Store
+from tests.broker_contract import (
+    TRIM_OVERFLOW,
+    BrokerFactory,
+    Started,
+    broker_factory,
+    new_channel,
+    payload,
+    start_broker,
+)
+
+
+@pytest.fixture
+def make_broker(store: Store) -> BrokerFactory:
+    return broker_factory(store)
+
+
+@pytest.fixture
+async def started(make_broker: BrokerFactory) -> AsyncIterator[Started]:
+    started = await start_broker(make_broker)
+    yield started
+    await started.broker.close()
+
+
+async def test_started_broker_is_ready(started: Started) -> None:
+    await eventually(lambda: started.broker.ready, "broker never became ready")
+
+
+async def test_subscriber_receives_published_event(started: Started) -> None:
+    channel = new_channel()
+    await started.broker.subscribe(channel)
+    position = await started.broker.publish(channel, payload(1))
+    await eventually(lambda: len(started.recorder.on(channel)) == 1, "the event was not delivered")
+    [envelope] = started.recorder.on(channel)
+    assert envelope == Envelope(channel=channel, offset=1, epoch=position.epoch, payload=payload(1))
+    assert position.offset == 1
+
+
+async def test_events_arrive_in_order_with_contiguous_offsets(started: Started) -> None:
+    channel = new_channel()
+    await started.broker.subscribe(channel)
+    positions = [await started.broker.publish(channel, payload(n)) for n in range(1, 51)]
+    assert [p.offset for p in positions] == list(range(1, 51))
+    assert len({p.epoch for p in positions}) == 1
+    await eventually(lambda: len(started.recorder.on(channel)) == 50, lambda: f"{len(started.recorder.on(channel))}/50")
+    received = started.recorder.on(channel)
+    assert [e.offset for e in received] == list(range(1, 51))
+    assert [e.payload for e in received] == [payload(n) for n in range(1, 51)]
+
+
+async def test_channels_have_independent_offsets_and_deliveries(started: Started) -> None:
+    first, second = new_channel(), new_channel("user_updates")
+    await started.broker.subscribe(first)
+    await started.broker.subscribe(second)
+    assert (await started.broker.publish(first, payload(1))).offset == 1
+    assert (await started.broker.publish(second, payload(2))).offset == 1
+    assert (await started.broker.publish(first, payload(3))).offset == 2
+    await eventually(lambda: len(started.recorder.envelopes) == 3, "three events expected")
+    assert [e.payload for e in started.recorder.on(first)] == [payload(1), payload(3)]
+    assert [e.payload for e in started.recorder.on(second)] == [payload(2)]
+
+
+async def test_unsubscribe_stops_delivery(started: Started) -> None:
+    channel, marker = new_channel(), new_channel()
+    await started.broker.subscribe(channel)
+    await started.broker.subscribe(marker)
+    await started.broker.publish(channel, payload(1))
+    await eventually(lambda: len(started.recorder.on(channel)) == 1, "first event not delivered")
+    await started.broker.unsubscribe(channel)
+    assert channel not in started.broker.subscribed_channels
+    await started.broker.publish(channel, payload(2))
+    await started.broker.publish(marker, payload(3))
+    await eventually(lambda: len(started.recorder.on(marker)) == 1, "marker event not delivered")
+    assert [e.offset for e in started.recorder.on(channel)] == [1]
+
+
+async def test_unsubscribe_of_unknown_channel_is_ignored(started: Started) -> None:
+    await started.broker.unsubscribe(new_channel())
+    assert started.broker.ready
+
+
+async def test_subscribed_channels_follow_subscriptions(started: Started) -> None:
+    first, second = new_channel(), new_channel()
+    await started.broker.subscribe(first)
+    await started.broker.subscribe(second)
+    assert started.broker.subscribed_channels == {first, second}
+    await started.broker.unsubscribe(first)
+    assert started.broker.subscribed_channels == {second}
+
+
+async def test_history_returns_events_after_position(started: Started) -> None:
+    channel = new_channel()
+    positions = [await started.broker.publish(channel, payload(n)) for n in range(1, 11)]
+    history = await started.broker.history(channel, Position(offset=4, epoch=positions[0].epoch))
+    assert history.recovered
+    assert history.position == positions[-1]
+    assert [e.offset for e in history.envelopes] == list(range(5, 11))
+    assert [e.payload for e in history.envelopes] == [payload(n) for n in range(5, 11)]
+    assert {e.channel for e in history.envelopes} == {channel}
+
+
+async def test_history_at_newest_position_is_empty_and_recovered(started: Started) -> None:
+    channel = new_channel()
+    position = await started.broker.publish(channel, payload(1))
+    history = await started.broker.history(channel, position)
+    assert history.recovered
+    assert history.envelopes == []
+    assert history.position == position
+
+
+async def test_history_without_position_returns_only_the_current_position(started: Started) -> None:
+    channel = new_channel()
+    for n in range(1, 4):
+        await started.broker.publish(channel, payload(n))
+    history = await started.broker.history(channel, None)
+    assert history.envelopes == []
+    assert history.position.offset == 3
+
+
+async def test_position_of_a_channel_without_events_resumes_after_its_first_event(started: Started) -> None:
+    channel = new_channel()
+    empty = await started.broker.history(channel, None)
+    assert empty.position.offset == 0
+    await started.broker.publish(channel, payload(1))
+    history = await started.broker.history(channel, empty.position)
+    assert history.recovered
+    assert [e.payload for e in history.envelopes] == [payload(1)]
+
+
+async def test_too_old_position_is_not_recovered_and_gets_the_newest_history_size_events(
+    make_broker: BrokerFactory,
+) -> None:
+    started = await start_broker(make_broker, history_size=10)
+    try:
+        channel = new_channel()
+        total = 10 + TRIM_OVERFLOW
+        positions = await started.broker.publish_many([(channel, payload(n)) for n in range(1, total + 1)])
+        epoch = positions[-1].epoch
+        old = await started.broker.history(channel, Position(offset=1, epoch=epoch))
+        assert not old.recovered
+        # Whatever approximate trimming left behind, the window is the history size.
+        assert [e.offset for e in old.envelopes] == list(range(total - 9, total + 1))
+        assert [e.payload for e in old.envelopes] == [payload(n) for n in range(total - 9, total + 1)]
+        assert old.position == positions[-1]
+        edge = await started.broker.history(channel, Position(offset=total - 10, epoch=epoch))
+        assert edge.recovered
+        assert [e.offset for e in edge.envelopes] == list(range(total - 9, total + 1))
+        beyond = await started.broker.history(channel, Position(offset=total - 11, epoch=epoch))
+        assert not beyond.recovered
+        recent = await started.broker.history(channel, Position(offset=total - 5, epoch=epoch))
+        assert recent.recovered
+        assert [e.offset for e in recent.envelopes] == list(range(total - 4, total + 1))
+    finally:
+        await started.broker.close()
+
+
+async def test_position_from_another_epoch_is_not_recovered(started: Started) -> None:
+    channel = new_channel()
+    position = await started.broker.publish(channel, payload(1))
+    await started.broker.publish(channel, payload(2))
+    history = await started.broker.history(channel, Position(offset=1, epoch=position.epoch + "x"))
+    assert not history.recovered
+    # What the current epoch holds, for a subscriber that restarts in it.
+    assert [e.payload for e in history.envelopes] == [payload(1), payload(2)]
+    assert history.position.offset == 2
+
+
+async def test_position_ahead_of_the_channel_is_not_recovered(started: Started) -> None:
+    channel = new_channel()
+    position = await started.broker.publish(channel, payload(1))
+    history = await started.broker.history(channel, Position(offset=5, epoch=position.epoch))
+    assert not history.recovered
+    assert [e.offset for e in history.envelopes] == [1]
+
+
+async def test_publish_many_keeps_order_and_offsets(started: Started) -> None:
+    first, second = new_channel(), new_channel()
+    await started.broker.subscribe(first)
+    await started.broker.subscribe(second)
+    items = [(first, payload(1)), (second, payload(2)), (first, payload(3)), (first, payload(4))]
+    positions = await started.broker.publish_many(items)
+    assert [p.offset for p in positions] == [1, 1, 2, 3]
+    assert await started.broker.publish_many([]) == []
+    await eventually(lambda: len(started.recorder.envelopes) == 4, "four events expected")
+    assert [e.payload for e in started.recorder.on(first)] == [payload(1), payload(3), payload(4)]
+    assert [e.offset for e in started.recorder.on(first)] == [1, 2, 3]
+
+
+async def test_concurrent_subscribes_of_many_channels_all_take_effect(started: Started) -> None:
+    channels = [new_channel() for _ in range(40)]
+    await asyncio.gather(*(started.broker.subscribe(c) for c in channels))
+    assert started.broker.subscribed_channels == set(channels)
+    for channel in channels:
+        await started.broker.publish(channel, payload(1))
+    await eventually(lambda: len(started.recorder.envelopes) == 40, "one event per channel expected")
+
+
+async def test_close_is_idempotent(make_broker: BrokerFactory) -> None:
+    started = await start_broker(make_broker)
+    await started.broker.close()
+    await started.broker.close()
+    assert not started.broker.ready
+
+
+async def test_a_broker_started_while_its_store_is_down_is_not_ready_and_recovers_when_it_is_up(
+    absent_store: Store,
+) -> None:
+    started = await start_broker(broker_factory(absent_store, canary_interval_s=0.1, canary_max_lag_s=0.5))
+    try:
+        if absent_store.shared:
+            assert not started.broker.ready
+            assert started.broker.not_ready_reasons() == ["broker_not_ready"]
+            absent_store.up()
+        await eventually(lambda: started.broker.ready, "the broker did not become ready when its store came up")
+        channel = new_channel()
+        await started.broker.subscribe(channel)
+        position = await started.broker.publish(channel, payload(1))
+        await eventually(lambda: [e.offset for e in started.recorder.on(channel)] == [position.offset], "no delivery")
+    finally:
+        await started.broker.close()
+
+
+async def test_a_deaf_subscriber_link_makes_the_broker_not_ready_until_the_canary_returns(store: Store) -> None:
+    if not store.shared:
+        pytest.skip("an in-process broker has no link that could go deaf")
+    started = await start_broker(broker_factory(store, canary_interval_s=0.1, canary_max_lag_s=0.5))
+    try:
+        await eventually(lambda: started.broker.ready, "broker never became ready")
+        # Every PUBLISH waits while PINGs are still answered: connected, yet deaf.
+        store.pause_writes(3000)
+        await eventually(
+            lambda: started.broker.not_ready_reasons() == ["broker_canary_lag"],
+            lambda: str(started.broker.not_ready_reasons()),
+        )
+        await eventually(lambda: started.broker.ready, "readiness did not come back with the canary")
+        # The canary is the pod's own business: not a client channel, never delivered as an event.
+        assert started.broker.subscribed_channels == frozenset()
+        assert started.recorder.envelopes == []
+    finally:
+        await started.broker.close()
