@@ -1,6 +1,7 @@
 """Tools users run from a checkout: a local cluster, process launchers and measurements.
 
-`scripts/` and `tests/` both import this package; it never imports `tests`.
+`scripts/` and `tests/` both import this package; it never imports `tests`. It is not part of
+the installed eva-ws (setup.cfg, the image): it needs a checkout, for deploy/ and .cache/.
 """
 
 from pathlib import Path
