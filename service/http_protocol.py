@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.http_errors import standard_error
 from service.log import get_logger
@@ -39,7 +42,7 @@ class BoundedRequestHandler(RequestHandler):
     """
 
     # aiohttp's handler has slots: without these each connection would carry a dict.
-    __slots__ = ("_head_budget_bytes", "_head_bytes", "_head_refused", "_last_payload")
+    __slots__ = ("_head_budget_bytes", "_head_bytes", "_head_refused", "_last_headers", "_last_payload")
 
     def __init__(self, manager: web.Server, *, head_budget_bytes: int, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -48,6 +51,8 @@ class BoundedRequestHandler(RequestHandler):
         self._head_refused = False
         # The body of the request parsed last; None before the first request.
         self._last_payload: StreamReader | None = None
+        # The headers of the request parsed last, emptied at an upgrade.
+        self._last_headers: CIMultiDict[str] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._head_refused:
@@ -77,9 +82,45 @@ class BoundedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count == requests_before or not self._messages:
             return False
-        self._last_payload = self._messages[-1][1]
+        messages = self._messages
+        for index in range(len(messages) - (self._request_count - requests_before), len(messages)):
+            message, payload = messages[index]
+            if not isinstance(message, _ErrInfo):
+                messages[index] = (self._own_headers(message), payload)
+        self._last_payload = messages[-1][1]
         self._head_bytes = 0
         return True
+
+    def _own_headers(self, message: RawRequestMessage) -> RawRequestMessage:
+        """The message with headers this connection can empty later, and without their raw bytes.
+
+        aiohttp's loop keeps the parsed message for as long as the request runs, which for a
+        WebSocket is its whole life; its headers cannot be emptied and `raw_headers` repeats
+        them as bytes. Nothing in the service reads `request.raw_headers`.
+        """
+        headers: CIMultiDict[str] = CIMultiDict(message.headers)
+        self._last_headers = headers
+        return message._replace(headers=CIMultiDictProxy(headers), raw_headers=())
+
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        """The upgrade: frames go to `parser`, and what only the request head needed is dropped.
+
+        A WebSocket's request lives as long as the socket (its handler, its response and
+        aiohttp's loop hold it); only the method, the path and the peer address are read later,
+        by the access log. The headers, the query (the token) and the HTTP parser, which keeps
+        the last head it parsed, all go.
+        """
+        super().set_parser(parser, data_received_cb)
+        if self._last_headers is not None:
+            self._last_headers.clear()
+            self._last_headers = None
+        self._parser = None
+        request = self._current_request
+        if request is not None:
+            url = request.rel_url.with_query(None)
+            request._message = request._message._replace(path=url.raw_path, url=url)
+            request._rel_url = url
+            request._cache.clear()
 
     def _refuse_head(self) -> None:
         self._head_refused = True

@@ -14,7 +14,6 @@ from aiohttp._websocket.writer import WebSocketWriter
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 _OP_CONTINUATION: Final = 0x0
 _OP_CLOSE: Final = 0x8
@@ -214,24 +213,3 @@ class ServerWebSocketResponse(web.WebSocketResponse):
         callback = None if self._heartbeat is None else self._on_data_received
         request.protocol.set_parser(self._parser, data_received_cb=callback)
         request.protocol.keep_alive(False)
-        forget_request_head(request)
-
-
-_NO_HEADERS: Final[CIMultiDictProxy[str]] = CIMultiDictProxy(CIMultiDict())
-
-
-def forget_request_head(request: BaseRequest) -> None:
-    """Drop what an upgraded request no longer needs: its headers and query (the token).
-
-    The request lives as long as its socket (the handler holds it, and so do the response and
-    the connection), and aiohttp keeps the head in three places: the request, its parsed
-    message, and the HTTP parser that produced it, which frames no longer go through. Only the
-    method, the path and the peer address are read later, by the access log.
-    """
-    url = request.rel_url.with_query(None)
-    request._message = request._message._replace(headers=_NO_HEADERS, raw_headers=(), path=url.raw_path, url=url)
-    request._headers = _NO_HEADERS
-    request._rel_url = url
-    request._cache.clear()
-    # Frames go through the WebSocket reader from now on; aiohttp only skips a None parser.
-    request.protocol._parser = None

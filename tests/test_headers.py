@@ -6,17 +6,22 @@ import base64
 import json
 import os
 import socket
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from fleet.process import ServiceProcess
-from service import keys
+from service.app import create_app
 from service.auth import MAX_TOKEN_LENGTH, mint_token
 from service.config import load_settings
-from tests.conftest import SECRET, AppClient, connect, token_for
+from service.http_protocol import AppRunner
+from service.server import server_options
+from tests.conftest import SECRET, make_settings, token_for
 
 BUDGET: Final = 16_384
 # A WebSocket upgrade as Chromium sends it, before any cookie.
@@ -152,22 +157,38 @@ def test_the_budget_is_per_request_on_a_keep_alive_connection(service: ServicePr
         assert status == 200
 
 
-async def test_an_open_socket_keeps_nothing_of_the_request_head(app_client: AppClient) -> None:
-    client = await app_client()
-    settings = client.app[keys.SETTINGS]
-    token = token_for(settings)
-    ws = await connect(client, token, headers={"X-Pad": "p" * 8000, "Cookie": "session=" + "c" * 4000})
+async def test_an_open_socket_keeps_nothing_of_the_request_head() -> None:
+    settings = make_settings()
+    runner = AppRunner(create_app(settings), head_budget_bytes=BUDGET, **server_options(settings))
+    await runner.setup()
     try:
-        await ws.send_json({"type": "ping"})
-        assert (await ws.receive_json())["type"] == "pong"
-        (conn,) = client.app[keys.LIFECYCLE].connections
-        request = conn.ws._req
-        assert request is not None
-        assert len(request.headers) == 0
-        assert request.raw_headers == ()
-        assert request.query_string == ""
-        assert token not in request.raw_path
-        assert request.path == "/ws/transactions"
-        assert request.protocol._parser is None, "the HTTP parser (and the head it parsed) outlives the upgrade"
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        token = token_for(settings)
+        padding = {"X-Pad": "p" * 8000, "Cookie": "session=" + "c" * 4000}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{port}/ws/transactions?token={token}", headers=padding) as ws,
+        ):
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json())["type"] == "pong"
+            assert runner.server is not None
+            (protocol,) = runner.server.connections
+            request = protocol._current_request
+            assert request is not None
+            assert request.path == "/ws/transactions"
+            assert request.query_string == ""
+            assert len(request.headers) == 0
+            assert request.raw_headers == ()
+            # The message aiohttp's loop holds for the request's whole life, and the HTTP parser.
+            assert protocol._task_handler is not None
+            loop_coroutine = protocol._task_handler.get_coro()
+            assert isinstance(loop_coroutine, types.CoroutineType)
+            assert loop_coroutine.cr_frame is not None
+            held = loop_coroutine.cr_frame.f_locals["message"]
+            assert len(held.headers) == 0
+            assert held.raw_headers == ()
+            assert protocol._parser is None
     finally:
-        await ws.close()
+        await runner.cleanup()
