@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,14 @@ def test_no_script_runs_a_module_of_the_test_suite_as_a_program():
     scripts = [p for p in (ROOT / "scripts").rglob("*") if p.is_file() and p.suffix != ".py"]
     offending = [p.name for p in scripts if re.search(r"-m\s+tests\.", p.read_text(errors="replace"))]
     assert offending == []
+
+
+def test_the_entry_points_load_neither_pytest_nor_the_test_suite():
+    entry_points = ["fleet.cluster_cli", "fleet.bench_drain", "fleet.measure_redis_cluster", "bench.targets"]
+    probe = (
+        f"import importlib, json, sys\nfor name in {entry_points!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest', 'tests')"
+        " or m == 'aiohttp.test_utils')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
