@@ -12,7 +12,7 @@ from aiohttp import hdrs, web
 
 from service import handlers, http_errors, keys, loop_health, ops
 from service.auth import TokenVerifier
-from service.broker import create_broker, create_connection_counter, create_presence
+from service.backends import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Flusher

@@ -1,19 +1,22 @@
 """Presence shared by every pod through Redis hashes, with per-pod heartbeats so a crashed pod's entries expire.
 
-Keys (prefix = EVA_WS_REDIS_PREFIX):
-- `{prefix}presence:{customerId}`: hash conn_id -> JSON {"user_id", "pod_id", "connected_at", "instance"}.
-- `{prefix}presence_count:{customerId}`: hash instance -> number of that instance's entries in the hash above.
+Keys (prefix = EVA_WS_REDIS_PREFIX); the braces are hash tags, so on Redis Cluster a
+customer's two hashes share a slot (on one Redis they are just part of the name):
+- `{prefix}presence:{<customerId>}`: hash conn_id -> JSON {"user_id", "pod_id", "connected_at", "instance"}.
+- `{prefix}presence_count:{<customerId>}`: hash instance -> number of that instance's entries in the hash above.
 - `{prefix}presence_pod:{instance}`: heartbeat string with a TTL of `heartbeat_ttl_s`, refreshed every third of it.
 
 `instance` is the pod id plus a random suffix, so a pod restarted under the same name
 never revives the entries of its previous life.
 
-Reading (`list`, `count`) runs one script that checks the heartbeat of every instance
-listed in the count hash; entries of instances whose heartbeat is gone are deleted on
-the spot. `count` is the sum of the live instances' counters: O(instances), not
-O(connections); only the first read after a crash walks the whole hash. A pod's
-entries therefore disappear within `heartbeat_ttl_s` of a `kill -9`, as seen by any
-reader. Entries of a customer nobody reads again stay until they are read.
+Reading (`list`, `count`) runs one script on the customer's hashes that deletes the
+entries of instances whose heartbeat is gone and sums the counters of the others:
+O(instances), not O(connections); only the first read after a crash walks the whole
+hash. On one Redis the script checks the heartbeats itself. On Redis Cluster a script may
+touch only its own slot and the heartbeats live in others, so the pod checks them first
+(`EXISTS`) and names the dead instances to the script; a heartbeat whose master cannot
+answer counts as alive. A pod's entries therefore disappear within `heartbeat_ttl_s` of a
+`kill -9`, as seen by any reader. Entries of a customer nobody reads again stay until read.
 """
 
 from __future__ import annotations
@@ -27,61 +30,17 @@ from typing import Any, Final
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
 
-from service.broker.base import BrokerUnavailable
+from service.backend_errors import BackendUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
-from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
-from service.redis_cluster_client import eval_script
+from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_script
 
 log = structlog.get_logger("eva_ws.presence")
 
-_PURGE: Final = """
-local function purge(entries_key, counts_key, heartbeat_prefix)
-  local counts = redis.call('HGETALL', counts_key)
-  local total, dead, any_dead = 0, {}, false
-  for i = 1, #counts, 2 do
-    if redis.call('EXISTS', heartbeat_prefix .. counts[i]) == 1 then
-      total = total + tonumber(counts[i + 1])
-    else
-      dead[counts[i]] = true
-      any_dead = true
-    end
-  end
-  if any_dead then
-    local flat = redis.call('HGETALL', entries_key)
-    for i = 1, #flat, 2 do
-      local ok, entry = pcall(cjson.decode, flat[i + 1])
-      if ok and type(entry) == 'table' and dead[entry['instance']] then
-        redis.call('HDEL', entries_key, flat[i])
-      end
-    end
-    for instance in pairs(dead) do
-      redis.call('HDEL', counts_key, instance)
-    end
-  end
-  return total
-end
-"""
-
-# KEYS: entries hash, counts hash. ARGV: conn_id, entry JSON, instance.
-_ADD: Final = """
-if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-end
-return 1
-"""
-# KEYS: entries hash, counts hash. ARGV: conn_id, instance.
-_REMOVE: Final = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[2])
-  end
-end
-return 1
-"""
 # Many adds and removes in one round trip, in order. KEYS: entries hash, counts hash, per
 # operation. ARGV: instance, then conn_id and entry JSON per operation (an empty JSON removes).
 _APPLY: Final = """
@@ -100,19 +59,60 @@ for i = 1, #KEYS / 2 do
 end
 return #KEYS / 2
 """
-# KEYS: entries hash, counts hash. ARGV: heartbeat key prefix.
-_COUNT: Final = _PURGE + "return purge(KEYS[1], KEYS[2], ARGV[1])\n"
-_LIST: Final = _PURGE + "purge(KEYS[1], KEYS[2], ARGV[1])\nreturn redis.call('HGETALL', KEYS[1])\n"
+# Drop the entries of dead instances, then answer. KEYS: entries hash, counts hash. ARGV:
+# 'count' (the live total) or 'list' (every live entry, flat); the heartbeat key prefix, for
+# the script to check each instance's heartbeat itself, or '' when the caller did; then the
+# instances the caller found dead.
+_READ: Final = """
+local dead, any_dead = {}, false
+for i = 3, #ARGV do
+  dead[ARGV[i]] = true
+  any_dead = true
+end
+local counts = redis.call('HGETALL', KEYS[2])
+local total = 0
+for i = 1, #counts, 2 do
+  local instance = counts[i]
+  if not dead[instance] and ARGV[2] ~= '' and redis.call('EXISTS', ARGV[2] .. instance) == 0 then
+    dead[instance] = true
+    any_dead = true
+  end
+  if not dead[instance] then
+    total = total + tonumber(counts[i + 1])
+  end
+end
+if any_dead then
+  local flat = redis.call('HGETALL', KEYS[1])
+  for i = 1, #flat, 2 do
+    local ok, entry = pcall(cjson.decode, flat[i + 1])
+    if ok and type(entry) == 'table' and dead[entry['instance']] then
+      redis.call('HDEL', KEYS[1], flat[i])
+    end
+  end
+  for instance in pairs(dead) do
+    redis.call('HDEL', KEYS[2], instance)
+  end
+end
+if ARGV[1] == 'count' then
+  return total
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+Write = tuple[tuple[str, ...], str, bytes]
+"""One connection's add or remove: its customers, its id, its entry JSON (b"" removes)."""
 
 
 class RedisPresence(Presence):
     """See Presence; entries of a pod that stopped without `close` vanish within `heartbeat_ttl_s`.
 
+    `url` names one Redis or a Redis Cluster (`redis+cluster://`); only key slots differ.
     Every call is bounded by connect + command timeout; when Redis cannot answer it raises
-    BrokerUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
-    never calls `start` still keeps its entries alive) and keeps beating through outages.
-    The adds and removes of concurrent connections share one script call (see Batcher); each
-    caller still returns only once its own write is in Redis, or raises.
+    BackendUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
+    never calls `start` still keeps its entries alive) and keeps beating through outages;
+    with each beat the pod writes again the adds and removes that failed. The adds and
+    removes of concurrent connections share one script call per slot group (see Batcher);
+    each caller still returns only once its own write is in Redis, or raises.
     """
 
     def __init__(
@@ -127,15 +127,14 @@ class RedisPresence(Presence):
         max_connections: int = 16,
     ) -> None:
         self._prefix = prefix
-        self._pod_id = pod_id
         self._instance = f"{pod_id}/{secrets.token_hex(4)}"
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
         self._timeout_s = connect_timeout_s + command_timeout_s
-        self._client = command_client(
+        self._client = any_command_client(
             url,
             max_connections=max_connections,
             wait_s=self._timeout_s,
-            **client_options(
+            options=client_options(
                 url,
                 connect_timeout_s=connect_timeout_s,
                 command_timeout_s=command_timeout_s,
@@ -143,9 +142,8 @@ class RedisPresence(Presence):
                 client_name=f"eva-ws:{client_name_part(pod_id)}:presence",
             ),
         )
-        self._remove_script = self._client.register_script(_REMOVE)
-        self._count_script = self._client.register_script(_COUNT)
-        self._list_script = self._client.register_script(_LIST)
+        # One Redis checks heartbeats inside the read script; a cluster cannot (other slots).
+        self._sharded = isinstance(self._client, RedisCluster)
         # This pod's own entries, re-added if its heartbeat ever lapsed (e.g. a long stall).
         self._local: dict[str, tuple[tuple[str, ...], PresenceEntry]] = {}
         # An `add` failed (Redis down): the next heartbeat writes every local entry again.
@@ -155,14 +153,10 @@ class RedisPresence(Presence):
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         self._starting = asyncio.Lock()  # concurrent first `add`s start one heartbeat, not several
-        # Adds and removes of concurrent connections share a round trip: (customers, conn_id, JSON or b"").
-        self._writes: Batcher[tuple[tuple[str, ...], str, bytes], None] = Batcher(self._apply)
+        self._writes: Batcher[Write, None] = Batcher(self._apply)
 
-    def _entries_key(self, customer_id: str) -> str:
-        return f"{self._prefix}presence:{customer_id}"
-
-    def _counts_key(self, customer_id: str) -> str:
-        return f"{self._prefix}presence_count:{customer_id}"
+    def _keys(self, customer_id: str) -> list[str]:
+        return [f"{self._prefix}presence:{{{customer_id}}}", f"{self._prefix}presence_count:{{{customer_id}}}"]
 
     @property
     def _heartbeat_prefix(self) -> str:
@@ -185,18 +179,18 @@ class RedisPresence(Presence):
                 try:
                     async with self._redis_call():
                         await self._beat()
-                except BrokerUnavailable as exc:
+                except BackendUnavailable as exc:
                     log.warning("presence_heartbeat_failed", instance=self._instance, error=str(exc))
                 self._heartbeat = asyncio.create_task(self._beat_forever(), name="redis-presence-heartbeat")
 
     @contextlib.asynccontextmanager
     async def _redis_call(self) -> AsyncIterator[None]:
-        """Bound a call by the timeout and report any Redis failure as BrokerUnavailable."""
+        """Bound a call by the timeout and report any Redis failure as BackendUnavailable."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"presence: {type(exc).__name__}") from exc
+        except CLUSTER_ERRORS as exc:
+            raise BackendUnavailable(f"presence: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         """See Presence.close; idempotent."""
@@ -208,17 +202,13 @@ class RedisPresence(Presence):
             self._heartbeat = None
         await self._writes.wait_idle()
         try:
-            # One round trip; the heartbeat goes first, so readers drop whatever a failure leaves.
-            async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
-                await pipe.delete(self._heartbeat_prefix + self._instance)
-                for conn_id, (customer_ids, _) in self._local.items():
-                    for customer_id in customer_ids:
-                        keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-                        await self._remove_script(keys=keys, args=[conn_id, self._instance], client=pipe)
-                await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+            # The heartbeat goes first, so readers drop whatever a failure leaves.
+            async with self._redis_call():
+                await self._client.delete(self._heartbeat_prefix + self._instance)
+            await self._apply([(customers, conn_id, b"") for conn_id, (customers, _) in self._local.items()])
+        except BackendUnavailable as exc:
             # The heartbeat expires anyway, and readers drop the entries then.
-            log.warning("presence_close_failed", error=type(exc).__name__)
+            log.warning("presence_close_failed", error=str(exc))
         self._local.clear()
         await self._client.aclose()
 
@@ -238,7 +228,7 @@ class RedisPresence(Presence):
         self._local[entry.conn_id] = (customers, entry)
         try:
             await self._writes.submit((customers, entry.conn_id, value))
-        except BrokerUnavailable:
+        except BackendUnavailable:
             self._rewrite_local = True
             raise
 
@@ -247,30 +237,35 @@ class RedisPresence(Presence):
         customers = tuple(customer_ids)
         try:
             await self._writes.submit((customers, conn_id, b""))
-        except BrokerUnavailable:
+        except BackendUnavailable:
             self._unremoved[conn_id] = customers
             raise
         self._unremoved.pop(conn_id, None)
 
-    async def _apply(self, writes: list[tuple[tuple[str, ...], str, bytes]]) -> list[None]:
-        """One script for the adds and removes of many connections."""
-        keys: list[str] = []
-        args: list[str | bytes] = [self._instance]
+    async def _apply(self, writes: list[Write]) -> list[None]:
+        """One script for the adds and removes of many connections; on a cluster, one per customer."""
+        groups: dict[str, tuple[list[str], list[str | bytes]]] = {}
         for customer_ids, conn_id, value in writes:
             for customer_id in customer_ids:
-                keys += (self._entries_key(customer_id), self._counts_key(customer_id))
+                # One Redis takes everything in one call, a cluster one call per customer's slot.
+                keys, args = groups.setdefault(customer_id if self._sharded else "", ([], [self._instance]))
+                keys += self._keys(customer_id)
                 args += (conn_id, value)
-        if keys:
+        if groups:
             async with self._redis_call():
-                # Not a registered Script: its call checks the client's type through a
-                # runtime Protocol, a few percent of a handshake's CPU in a connect storm.
-                await eval_script(self._client, _APPLY, keys, args)
+                await asyncio.gather(*(eval_script(self._client, _APPLY, keys, args) for keys, args in groups.values()))
         return [None] * len(writes)
 
-    async def list(self, customer_id: str) -> list[PresenceEntry]:
-        keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
+    async def _read(self, customer_id: str, answer: str) -> Any:
+        keys = self._keys(customer_id)
         async with self._redis_call():
-            flat: list[bytes] = await self._list_script(keys=keys, args=[self._heartbeat_prefix])
+            if not self._sharded:
+                return await eval_script(self._client, _READ, keys, [answer, self._heartbeat_prefix])
+            dead = await self._dead_instances(keys[1])
+            return await eval_script(self._client, _READ, keys, [answer, "", *dead])
+
+    async def list(self, customer_id: str) -> list[PresenceEntry]:
+        flat: list[bytes] = await self._read(customer_id, "list")
         entries = []
         for index in range(0, len(flat) - 1, 2):
             entry = _parse(flat[index], flat[index + 1])
@@ -279,10 +274,18 @@ class RedisPresence(Presence):
         return sorted(entries, key=lambda e: e.connected_at)
 
     async def count(self, customer_id: str) -> int:
-        keys = [self._entries_key(customer_id), self._counts_key(customer_id)]
-        async with self._redis_call():
-            total = await self._count_script(keys=keys, args=[self._heartbeat_prefix])
-        return int(total)
+        return int(await self._read(customer_id, "count"))
+
+    async def _dead_instances(self, counts_key: str) -> tuple[str, ...]:
+        """The instances of a count hash whose heartbeat is gone: O(pods with entries for this customer)."""
+        raw = await self._client.hkeys(counts_key)
+        instances = [i.decode(errors="replace") if isinstance(i, bytes) else i for i in raw]
+        found = await asyncio.gather(
+            *(self._client.exists(self._heartbeat_prefix + i) for i in instances), return_exceptions=True
+        )
+        # A heartbeat on a master that cannot answer counts as alive: a dead master must not
+        # hide other customers' connections, and must not purge the entries of live pods.
+        return tuple(instance for instance, exists in zip(instances, found, strict=True) if exists == 0)
 
     async def _beat(self) -> bool:
         """Refresh the heartbeat; True if it had lapsed (readers may have dropped our entries)."""
@@ -310,7 +313,7 @@ class RedisPresence(Presence):
             await asyncio.sleep(interval_s)
             try:
                 await self._refresh()
-            except BrokerUnavailable as exc:
+            except BackendUnavailable as exc:
                 # Keep beating: Redis may be back by the next tick, before the TTL runs out.
                 log.warning("presence_heartbeat_failed", instance=self._instance, error=str(exc))
 

@@ -11,6 +11,8 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from service.redis_client import command_client
+
 CLUSTER_SCHEME = "redis+cluster://"
 
 Address = tuple[str, int]
@@ -63,6 +65,16 @@ def cluster_client(url: str, *, max_connections: int, options: dict[str, Any]) -
         require_full_coverage=False,
         **cluster_options,
     )
+
+
+def any_command_client(
+    url: str, *, max_connections: int, wait_s: float, options: dict[str, Any]
+) -> Redis | RedisCluster:
+    """A command client for either topology: `cluster_client` for redis+cluster://, else a pool of
+    `max_connections` whose commands wait up to `wait_s` for a free connection."""
+    if is_cluster_url(url):
+        return cluster_client(url, max_connections=max_connections, options=options)
+    return command_client(url, max_connections=max_connections, wait_s=wait_s, **options)
 
 
 async def eval_script(client: Redis | RedisCluster, script: str, keys: list[str], args: list[Any]) -> Any:

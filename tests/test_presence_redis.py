@@ -1,4 +1,4 @@
-"""RedisPresence against a real redis-server: shared entries, idempotence, and expiry of a crashed pod's entries."""
+"""RedisPresence on one Redis and on a Redis Cluster: what only Redis can break (the contract is elsewhere)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
+from fleet.redis_cluster import RedisCluster
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from service.broker.base import BrokerUnavailable
+from service.backend_errors import BackendUnavailable
 from service.config import Settings
 from service.presence import PresenceEntry
 from service.presence_redis import RedisPresence
@@ -50,64 +52,6 @@ async def pods(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for presence in running:
         await presence.close()
-
-
-async def test_added_connections_are_listed_and_counted_from_any_pod(pods: Callable[..., Any]) -> None:
-    first, second = await pods("pod-a"), await pods("pod-b")
-    one, two = entry("pod-a", "u1", at=100.0), entry("pod-b", "u2", at=50.0)
-    await first.add(["c1", "c2"], one)
-    await second.add(["c1"], two)
-    assert await first.list("c1") == [two, one]
-    assert await second.list("c2") == [one]
-    assert await second.count("c1") == 2
-    assert await first.count("c2") == 1
-    assert await first.count("nobody") == 0
-    assert await first.list("nobody") == []
-
-
-async def test_add_and_remove_are_idempotent(pods: Callable[..., Any]) -> None:
-    pod = await pods("pod-a")
-    connection = entry("pod-a")
-    await pod.add(["c1"], connection)
-    await pod.add(["c1"], connection)
-    assert await pod.count("c1") == 1
-    await pod.remove(["c1"], connection.conn_id)
-    await pod.remove(["c1"], connection.conn_id)
-    assert await pod.count("c1") == 0
-    assert await pod.list("c1") == []
-
-
-async def test_close_removes_the_pods_entries(pods: Callable[..., Any]) -> None:
-    leaving, staying = await pods("pod-a"), await pods("pod-b")
-    await leaving.add(["c1"], entry("pod-a"))
-    kept = entry("pod-b")
-    await staying.add(["c1"], kept)
-    await leaving.close()
-    assert await staying.list("c1") == [kept]
-    assert await staying.count("c1") == 1
-
-
-async def test_entries_of_a_killed_pod_disappear_within_the_heartbeat_ttl(pods: Callable[..., Any], raw: Redis) -> None:
-    survivor = await pods("pod-a")
-    doomed = await pods("pod-b", heartbeat_ttl_s=1.0)
-    kept = entry("pod-a")
-    await survivor.add(["c1"], kept)
-    for _ in range(3):
-        await doomed.add(["c1", "c2"], entry("pod-b"))
-    assert await survivor.count("c1") == 4
-
-    await simulate_kill(doomed)
-
-    async def only_survivor_counted() -> bool:
-        return bool(await survivor.count("c1") == 1)
-
-    await eventually(only_survivor_counted, "the killed pod's entries were still counted")
-    assert await survivor.list("c1") == [kept]
-    assert await survivor.list("c2") == []
-    # Read cleanup deleted them for real, not only hid them.
-    prefix = survivor._prefix
-    assert await raw.hlen(f"{prefix}presence:c1") == 1
-    assert await raw.hlen(f"{prefix}presence:c2") == 0
 
 
 async def test_a_lapsed_heartbeat_re_adds_the_pods_entries(pods: Callable[..., Any], raw: Redis) -> None:
@@ -174,56 +118,6 @@ async def test_concurrent_first_adds_start_one_heartbeat_and_close_stops_it(redi
         await reader.close()
 
 
-async def test_presence_without_redis_raises_broker_unavailable_and_heals_when_redis_is_back(
-    redis_server: RedisServer,
-) -> None:
-    presence = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-d", heartbeat_ttl_s=1.5)
-    reader = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-r")
-    gone_while_down = entry("pod-d", "u-gone")
-    try:
-        await presence.add(["c1"], gone_while_down)
-        redis_server.stop()
-        await presence.start()  # already started: must not touch Redis
-        added_while_down = entry("pod-d", "u-new")
-        for call in (
-            presence.add(["c1"], added_while_down),
-            presence.remove(["c1"], gone_while_down.conn_id),
-            presence.list("c1"),
-            presence.count("c1"),
-        ):
-            with pytest.raises(BrokerUnavailable):
-                await call
-        redis_server.start()
-
-        async def healed() -> bool:
-            return await reader.list("c1") == [added_while_down]
-
-        # The heartbeat writes the add and the remove that Redis could not take.
-        await eventually(healed, "presence did not catch up with what happened while Redis was down")
-    finally:
-        await presence.close()
-        await reader.close()
-
-
-async def test_presence_starts_while_redis_is_down(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)  # not started yet
-    presence = RedisPresence(url=server.url, prefix="s:", pod_id="pod-s", heartbeat_ttl_s=1.5)
-    try:
-        await presence.start()
-        connection = entry("pod-s")
-        with pytest.raises(BrokerUnavailable):
-            await presence.add(["c1"], connection)
-        server.start()
-
-        async def listed() -> bool:
-            return await presence.list("c1") == [connection]
-
-        await eventually(listed, "the entry added before Redis was up never reached it")
-    finally:
-        await presence.close()
-        server.kill()
-
-
 async def evalsha_calls(raw: Redis) -> int:
     stats = await raw.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
@@ -249,7 +143,7 @@ async def test_concurrent_adds_and_removes_each_land_in_few_round_trips(pods: Ca
     assert await reader.count("c2") == 0
 
 
-async def test_concurrent_adds_without_redis_each_raise_broker_unavailable(redis_server: RedisServer) -> None:
+async def test_concurrent_adds_without_redis_each_raise_backend_unavailable(redis_server: RedisServer) -> None:
     presence = RedisPresence(url=redis_server.url, prefix="d:", pod_id="pod-d")
     try:
         await presence.start()
@@ -260,6 +154,38 @@ async def test_concurrent_adds_without_redis_each_raise_broker_unavailable(redis
             return_exceptions=True,
         )
         assert len(results) == 100
-        assert all(isinstance(r, BrokerUnavailable) for r in results)
+        assert all(isinstance(r, BackendUnavailable) for r in results)
     finally:
         await presence.close()
+
+
+async def test_a_dead_master_makes_only_its_customers_presence_unavailable(tmp_path: Path) -> None:
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    presence = RedisPresence(url=cluster.url, prefix="d:", pod_id="pod-a")
+    try:
+        await presence.start()
+        customers = [f"c{n}" for n in range(12)]
+        victim = cluster.nodes[0]
+        on_victim = [c for c in customers if cluster.owner_of(key_slot(c.encode())) is victim]
+        elsewhere = [c for c in customers if c not in on_victim]
+        assert on_victim
+        assert elsewhere
+        victim.kill()
+        with pytest.raises(BackendUnavailable):
+            await presence.count(on_victim[0])
+        with pytest.raises(BackendUnavailable):
+            await presence.add([on_victim[0]], entry("pod-a"))
+
+        async def served() -> bool:
+            try:
+                await presence.add(elsewhere, entry("pod-a"))
+            except BackendUnavailable:
+                return False  # the first command on a dead node's pooled connection
+            return True
+
+        await eventually(served, "customers of healthy masters lost their presence")
+        assert await presence.count(elsewhere[0]) >= 1
+    finally:
+        await presence.close()
+        cluster.stop()
