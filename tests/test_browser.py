@@ -395,3 +395,40 @@ def test_the_specifications_example_client_receives_an_event_verbatim(playwright
     finally:
         browser.close()
         service.stop()
+
+
+# Opens a socket, sends what `burst` names once it is open, and records the close event.
+SEND_UNTIL_CLOSED: Final = """
+async ({ burst }) => {
+  const { token } = await (await fetch('/dev/token')).json();
+  const ws = new WebSocket(`ws://${location.host}/ws/transactions?token=${token}`);
+  window.socketClose = null;
+  ws.onclose = (event) => { window.socketClose = { code: event.code, wasClean: event.wasClean }; };
+  await new Promise((resolve) => { ws.onopen = resolve; });
+  if (burst === 'oversized') {
+    ws.send('x'.repeat(8 * 1024 * 1024));
+  } else {
+    const subscribe = { type: 'subscribe', channel: 'transactions', filters: { customerId: 'CUST-001' } };
+    for (let i = 0; i < 2000; i++) ws.send(JSON.stringify(subscribe));
+    // Then 12 MiB more, still being written when the server closes.
+    const padding = ' '.repeat(32 * 1024);
+    for (let i = 0; i < 384; i++) ws.send(padding);
+  }
+}
+"""
+
+
+def close_after(page: Page, service: DevService, burst: str) -> dict[str, Any]:
+    page.goto(f"{service.url}/healthz")
+    page.evaluate(SEND_UNTIL_CLOSED, {"burst": burst})
+    closed: dict[str, Any] = wait_in_page(page, "() => window.socketClose", "the socket to close")
+    return closed
+
+
+@pytest.mark.parametrize(("burst", "code"), [("oversized", 1009), ("subscribe", 1008)])
+def test_a_browser_still_sending_gets_the_close_code_not_a_reset(service, new_page, burst, code):
+    # The server reads and drops what the browser still sends after its close frame, so no
+    # TCP reset destroys the frame: Chromium reports the code, where it used to report 1006.
+    page = new_page()
+    for attempt in range(10):
+        assert close_after(page, service, burst)["code"] == code, f"attempt {attempt}"
