@@ -185,9 +185,10 @@ class ResumingClient:
 
     def _on_subscribed(self, message: dict[str, Any]) -> None:
         key = message["subscription"]
-        for request in self.requests:
-            if request.get("subscription") is None and request.get("channel") == message["channel"]:
-                request["subscription"] = key
+        # The ack's correlationId is the request's index: two subscriptions may share a channel.
+        index = message.get("correlationId")
+        if isinstance(index, str) and index.isdigit() and int(index) < len(self.requests):
+            self.requests[int(index)]["subscription"] = key
         stream = self.streams.setdefault(key, Stream())
         position = message["position"]
         if "recovered" in message and not message["recovered"]:

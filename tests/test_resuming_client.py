@@ -61,3 +61,34 @@ def test_offsets_that_repeat_or_skip_are_counted():
     assert client.duplicates == 1
     assert client.gaps == 2
     assert [e["offset"] for e in client.events("transactions:C1")] == [1, 2, 5]
+
+
+async def test_two_subscriptions_on_one_channel_each_resume_from_their_own_position(app_client: AppClient):
+    settings = make_settings()
+    server = await app_client(settings)
+    url = str(server.make_url("/ws/transactions"))
+    async with aiohttp.ClientSession() as session:
+        client = ResumingClient(
+            session,
+            url,
+            token_for(settings, customers=["C1", "C2"]),
+            routing_key="C1",
+            subscriptions=[{"channel": "transactions", "filters": {"customerId": c}} for c in ("C1", "C2")],
+            base_backoff_s=0.05,
+        )
+        client.start()
+        await eventually(client.subscribed.is_set, "the client subscribed")
+        # The two streams stand at different offsets: C1 at 2, C2 at 1.
+        for transaction, customer in (("T-C1", "C1"), ("T-C1b", "C1"), ("T-C2", "C2")):
+            await publish(server, settings, {"type": "transaction_new", "data": txn(transaction, customer)})
+        await eventually(lambda: len(client.all_events()) == 3, "the live events of both customers")
+
+        for conn in list(server.app[keys.LIFECYCLE].connections):
+            await conn.close(CloseCode.SERVICE_RESTART, "service restart")
+        await publish(server, settings, {"type": "transaction_new", "data": txn("T-late", "C2")})
+        await eventually(lambda: client.connections == 2, "the client came back")
+        await eventually(lambda: len(client.events("transactions:C2")) == 2, "the event published while away")
+        assert [e["data"]["id"] for e in client.events("transactions:C2")] == ["T-C2", "T-late"]
+        assert [e["data"]["id"] for e in client.events("transactions:C1")] == ["T-C1", "T-C1b"]
+        assert (client.duplicates, client.gaps, client.unrecovered) == (0, 0, 0)
+        await client.stop()
