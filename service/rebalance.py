@@ -29,15 +29,15 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis, RedisCluster
 
 from service import keys, metrics
 from service.connection import Connection
 from service.keys import Lifecycle
 from service.log import get_logger
 from service.protocol import CloseCode
-from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
+from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_script
 
 log = get_logger("eva_ws.rebalance")
 
@@ -100,7 +100,7 @@ class Rebalancer:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         lifecycle: Lifecycle,
         *,
         prefix: str,
@@ -116,7 +116,6 @@ class Rebalancer:
         self._interval_s = interval_s
         self._tolerance = tolerance
         self._max_shed = max_shed
-        self._report = client.register_script(_REPORT)
         self._shed_at: dict[str, float] = {}  # routing key -> when its sockets were shed
         self._pinned_until: dict[str, float] = {}  # routing key -> not shed again before
 
@@ -125,7 +124,7 @@ class Rebalancer:
             await asyncio.sleep(self._interval_s * random.uniform(0.8, 1.2))
             try:
                 await self.step()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except CLUSTER_ERRORS as exc:
                 # Rebalancing is an optimisation; without Redis the pod simply keeps its sockets.
                 log.warning("rebalance_report_failed", error=type(exc).__name__)
 
@@ -135,8 +134,8 @@ class Rebalancer:
         draining = self._lifecycle.draining
         stale_ms = int(STALE_INTERVALS * self._interval_s * 1000)
         async with asyncio.timeout(max(1.0, self._interval_s)):
-            pods, total = await self._report(
-                keys=[self._key], args=[self._pod_id, -1 if draining else len(connections), stale_ms]
+            pods, total = await eval_script(
+                self._client, _REPORT, [self._key], [self._pod_id, -1 if draining else len(connections), stale_ms]
             )
         if draining:
             return 0
@@ -200,24 +199,24 @@ class Rebalancer:
         """Leave the average at once, so the others do not count a pod that is going away."""
         try:
             async with asyncio.timeout(1.0):
-                await self._report(keys=[self._key], args=[self._pod_id, -1, 1])
-        except (RedisError, OSError, TimeoutError) as exc:
+                await eval_script(self._client, _REPORT, [self._key], [self._pod_id, -1, 1])
+        except CLUSTER_ERRORS as exc:
             log.warning("rebalance_leave_failed", error=type(exc).__name__)
 
 
 async def rebalance_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Runs the rebalancer with the Redis broker when EVA_WS_REBALANCE_INTERVAL_S > 0."""
+    """Runs the rebalancer with the Redis broker (one Redis or a Cluster) when EVA_WS_REBALANCE_INTERVAL_S > 0."""
     settings = app[keys.SETTINGS]
     enabled = settings.rebalance_interval_s > 0 and settings.rebalance_max_shed_per_interval > 0
     if settings.redis_url is None or not enabled:
         yield
         return
     timeout_s = 1.0
-    client = command_client(
+    client = any_command_client(
         settings.redis_url,
         max_connections=2,
         wait_s=timeout_s,
-        **client_options(
+        options=client_options(
             settings.redis_url,
             connect_timeout_s=timeout_s,
             command_timeout_s=timeout_s,

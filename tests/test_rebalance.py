@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
+from fleet.redis_cluster import RedisCluster as RedisCluster_
 from fleet.redis_server import RedisServer
+from fleet.waiting import eventually
 from service.auth import Principal
 from service.keys import Lifecycle
 from service.protocol import CloseCode
 from service.rebalance import Rebalancer
+from tests.conftest import AppClient
 
 _ids = itertools.count()
 
@@ -51,19 +55,26 @@ def customers_of(lifecycle: Lifecycle) -> set[str]:
     return {next(iter(s.principal.customer_ids)) for s in lifecycle.connections}
 
 
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
+@pytest.fixture(params=["redis", "cluster"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis | RedisCluster]:
+    """A client of one Redis or of a Redis Cluster, with no rebalance report in it yet."""
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        redis: Redis | RedisCluster = Redis.from_url(server.url)
+    else:
+        cluster: RedisCluster_ = request.getfixturevalue("module_cluster")
+        redis = RedisCluster.from_url(cluster.nodes[0].url)
+    await redis.delete("t:rebalance:connections")
     yield redis
     await redis.aclose()
 
 
-def rebalancer(client: Redis, lifecycle: Lifecycle, pod_id: str, **options: Any) -> Rebalancer:
+def rebalancer(client: Redis | RedisCluster, lifecycle: Lifecycle, pod_id: str, **options: Any) -> Rebalancer:
     settings: dict[str, Any] = {"interval_s": 0.1, "tolerance": 0.2, "max_shed": 4} | options
     return Rebalancer(client, lifecycle, prefix="t:", pod_id=pod_id, **settings)
 
 
-async def test_a_pod_above_its_share_sheds_whole_customers_with_4013(client: Redis):
+async def test_a_pod_above_its_share_sheds_whole_customers_with_4013(client: Redis | RedisCluster):
     busy, idle = Lifecycle(), Lifecycle()
     for n in range(10):
         sockets(busy, f"C{n}", 2)  # 20 sockets, two per customer
@@ -79,7 +90,7 @@ async def test_a_pod_above_its_share_sheds_whole_customers_with_4013(client: Red
     assert await small.step() == 0
 
 
-async def test_customers_that_come_back_are_not_shed_again(client: Redis):
+async def test_customers_that_come_back_are_not_shed_again(client: Redis | RedisCluster):
     busy, idle = Lifecycle(), Lifecycle()
     for n in range(6):
         sockets(busy, f"C{n}", 2)
@@ -98,7 +109,7 @@ async def test_customers_that_come_back_are_not_shed_again(client: Redis):
     assert len(still) < 6  # others were shed meanwhile
 
 
-async def test_a_draining_or_crashed_pod_leaves_the_average(client: Redis):
+async def test_a_draining_or_crashed_pod_leaves_the_average(client: Redis | RedisCluster):
     busy, gone = Lifecycle(), Lifecycle()
     for n in range(10):
         sockets(busy, f"C{n}", 1)
@@ -113,3 +124,19 @@ async def test_a_draining_or_crashed_pod_leaves_the_average(client: Redis):
     busy.draining = True
     assert await big.step() == 0
     assert await client.hkeys("t:rebalance:connections") == []
+
+
+async def test_a_pod_on_redis_cluster_with_rebalancing_starts_and_reports_its_connections(
+    app_client: AppClient, module_cluster: RedisCluster_
+) -> None:
+    prefix = f"r{uuid.uuid4().hex[:6]}:"
+    await app_client(redis_url=module_cluster.url, redis_prefix=prefix, pod_id="pod-r", rebalance_interval_s="0.1")
+    reader = RedisCluster.from_url(module_cluster.nodes[0].url)
+    try:
+
+        async def reported() -> bool:
+            return await reader.hkeys(f"{prefix}rebalance:connections") == [b"pod-r"]
+
+        await eventually(reported, "the pod never reported its connections to the cluster")
+    finally:
+        await reader.aclose()
