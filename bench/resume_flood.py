@@ -149,7 +149,7 @@ async def _flood(url: str, token: str, options: dict[str, Any], results: Any) ->
 def _attacker(url: str, token: str, options: dict[str, Any], results: Any, cpus: set[int]) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
-    os.nice(10)  # the bystander's pings are measured on the same CPU: they go first
+    os.nice(10)  # the bystander shares its CPU: its pings go first, so they measure the server
     asyncio.run(_flood(url, token, options, results))
 
 
@@ -191,6 +191,8 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     secret = secrets.token_hex(32)
     redis = RedisServer(directory) if args.redis else None
     env = {"history_size": str(args.history), "log_level": "warning", "demo_publisher": "false"}
+    if args.write_window_ms is not None:
+        env["write_window_ms"] = str(args.write_window_ms)
     if redis is not None:
         redis.start()
         env["redis_url"] = redis.url
@@ -202,6 +204,10 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         if server_cpus:
             os.sched_setaffinity(pod.proc.pid, server_cpus)
             os.sched_setaffinity(0, client_cpus)
+        if os.geteuid() == 0:
+            # Less noise from whatever else runs on the machine (as scripts/bench does).
+            os.setpriority(os.PRIO_PROCESS, pod.proc.pid, -15)
+            os.setpriority(os.PRIO_PROCESS, 0, -15)
         publisher = mint_token(settings, sub="backend", customers=[], roles=["publisher"], ttl_s=3600)
         first = await _publish_history(pod.url, publisher, args.history)
         since = {"offset": 0, "epoch": first["epoch"]}
@@ -246,6 +252,7 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "history": args.history,
         "replay_events_per_message": args.replay_events_per_message,
         "delivered": args.deliver,
+        "write_window_ms": settings.write_window_ms,
         "idle": asdict(idle),
         "idle_server_cpu": round(idle_cpu, 3),
         "flood": asdict(flooded),
@@ -267,6 +274,12 @@ def main() -> None:
         action="store_true",
         help="resume without a filter, so the replayed events are sent (default: a filter drops them all)",
     )
+    parser.add_argument(
+        "--write-window-ms",
+        type=float,
+        help="EVA_WS_WRITE_WINDOW_MS for the server (default: its default, 8): a pong waits for the window "
+        "as soon as anything else is being written",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument(
         "--replay-events-per-message",
@@ -279,11 +292,17 @@ def main() -> None:
         result = asyncio.run(_run(args, Path(directory)))
     print(json.dumps(result, indent=2))
     idle, flood = result["idle"], result["flood"]
-    print(
-        f"\n| {result['broker']} | {args.sockets} | {idle['p50_ms']:.2f} / {idle['p99_ms']:.2f} | "
-        f"{flood['p50_ms']:.2f} / {flood['p99_ms']:.2f} | {result['p99_ratio']}x | "
-        f"{result['attacker']['resumes'] * args.history / args.seconds:,.0f} | {result['flood_server_cpu']:.0%} |"
-    )
+    cells = [
+        result["broker"],
+        f"{result['write_window_ms']:g} ms",
+        str(args.sockets),
+        f"{idle['p50_ms']:.2f} / {idle['p99_ms']:.2f}",
+        f"{flood['p50_ms']:.2f} / {flood['p99_ms']:.2f}",
+        f"{result['p99_ratio']}x",
+        f"{result['attacker']['resumes'] * args.history / args.seconds:,.0f}",
+        f"{result['flood_server_cpu']:.0%}",
+    ]
+    print("\n| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
