@@ -14,8 +14,14 @@ from service.config import Settings
 from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
 from service.redis_batch import Batcher
-from service.redis_client import cancel_and_wait, client_name_part, client_options, command_client
-from service.redis_cluster_client import CLUSTER_ERRORS, cluster_client, eval_script, is_cluster_url
+from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_cluster_client import (
+    CLUSTER_ERRORS,
+    SLOT_CALLS_IN_FLIGHT,
+    any_command_client,
+    eval_groups,
+    slot_group,
+)
 
 log = get_logger("eva_ws.limits")
 
@@ -24,19 +30,8 @@ log = get_logger("eva_ws.limits")
 # leases of a pod that died without releasing them stop counting after `lease_ttl_s`.
 # The key's hash tag keeps each script on one slot of a Redis Cluster.
 _NOW: Final = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-ACQUIRE_SCRIPT: Final = (
-    _NOW
-    + """redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ttl = tonumber(ARGV[3])
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return 1
-"""
-)
-# Many acquires and releases in one round trip, in order, each as ACQUIRE_SCRIPT would decide it.
+# Many acquires and releases in one round trip, in order. An acquire drops the key's expired
+# leases, then adds (or extends) its own unless the key already holds `limit` others.
 # KEYS: one per operation. ARGV: the TTL, then member and limit per operation (a limit
 # of RELEASE removes the member). Answers 1 (granted, or released) or 0 per operation.
 RELEASE: Final = -1
@@ -63,17 +58,8 @@ end
 return answers
 """
 )
-# Re-adds as well as extends: a lease dropped while Redis was unreachable counts again.
-REFRESH_SCRIPT: Final = (
-    _NOW
-    + """local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return #ARGV - 1
-"""
-)
-
-# REFRESH_SCRIPT for many keys. ARGV: the TTL, then per key its member count and members.
+# Extends every lease of many keys; re-adds as well, so a lease dropped while Redis was
+# unreachable counts again. ARGV: the TTL, then per key its member count and members.
 REFRESH_MANY_SCRIPT: Final = (
     _NOW
     + """local ttl = tonumber(ARGV[1])
@@ -98,9 +84,8 @@ class RedisConnectionCounter(ConnectionCounter):
     `eva_ws_connection_caps_unavailable_total`): an outage of the shared store must not
     lock every user out. The pod's leases are refreshed every `lease_ttl_s / 3`.
 
-    On a single Redis the acquires and releases of concurrent connections share one script
-    call (see Batcher); on a Redis Cluster the keys live on different slots, so each key
-    takes its own call.
+    The acquires and releases of concurrent connections share one script call (see Batcher);
+    on a Redis Cluster, one per slot of the batch's keys.
     """
 
     def __init__(self, client: Redis | RedisCluster, *, prefix: str, pod_id: str, lease_ttl_s: float = 30.0) -> None:
@@ -111,9 +96,7 @@ class RedisConnectionCounter(ConnectionCounter):
         self._held = Leases()
         self._refresher: asyncio.Task[None] | None = None
         # (key, member, limit or RELEASE) per operation.
-        self._batcher: Batcher[tuple[str, str, int], int] | None = (
-            None if isinstance(client, RedisCluster) else Batcher(self._send_batch)
-        )
+        self._batcher: Batcher[tuple[str, str, int], int] = Batcher(self._send_batch)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisConnectionCounter:
@@ -127,11 +110,7 @@ class RedisConnectionCounter(ConnectionCounter):
             keepalive_idle_s=10,
             client_name=f"eva-ws:{client_name_part(settings.pod_id)}:limits",
         )
-        client: Redis | RedisCluster
-        if is_cluster_url(url):
-            client = cluster_client(url, max_connections=16, options=options)
-        else:
-            client = command_client(url, max_connections=16, wait_s=2.0, **options)
+        client = any_command_client(url, max_connections=16, wait_s=2.0, options=options)
         return cls(client, prefix=settings.redis_prefix, pod_id=settings.pod_id, lease_ttl_s=settings.presence_ttl_s)
 
     def _key(self, key: str) -> str:
@@ -144,10 +123,7 @@ class RedisConnectionCounter(ConnectionCounter):
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_forever(), name="connection-lease-refresh")
         try:
-            if self._batcher is None:
-                granted = await self._run(ACQUIRE_SCRIPT, self._key(key), [self._member(lease_id), limit, self._ttl_ms])
-            else:
-                granted = await self._batcher.submit((self._key(key), self._member(lease_id), limit))
+            granted = await self._batcher.submit((self._key(key), self._member(lease_id), limit))
         except CLUSTER_ERRORS as exc:
             metrics.CONNECTION_CAPS_UNAVAILABLE.inc()
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
@@ -160,10 +136,7 @@ class RedisConnectionCounter(ConnectionCounter):
         if not self._held.discard(key, lease_id):
             return
         try:
-            if self._batcher is None:
-                await self._client.zrem(self._key(key), self._member(lease_id))
-            else:
-                await self._batcher.submit((self._key(key), self._member(lease_id), RELEASE))
+            await self._batcher.submit((self._key(key), self._member(lease_id), RELEASE))
         except CLUSTER_ERRORS as exc:
             # The lease expires by itself once this pod stops refreshing it.
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
@@ -171,8 +144,7 @@ class RedisConnectionCounter(ConnectionCounter):
     async def close(self) -> None:
         if self._refresher is not None:
             await cancel_and_wait(self._refresher)
-        if self._batcher is not None:
-            await self._batcher.wait_idle()
+        await self._batcher.wait_idle()
         with contextlib.suppress(*CLUSTER_ERRORS):
             for key in list(self._held):
                 members = [self._member(lease) for lease in self._held.holders(key)]
@@ -181,16 +153,23 @@ class RedisConnectionCounter(ConnectionCounter):
         self._held.clear()
         await self._client.aclose()
 
-    async def _run(self, script: str, key: str, args: list[Any]) -> Any:
-        async with asyncio.timeout(2.0):
-            return await eval_script(self._client, script, [key], args)
-
     async def _send_batch(self, operations: list[tuple[str, str, int]]) -> list[int]:
-        args: list[Any] = [self._ttl_ms]
-        for _, member, limit in operations:
-            args += (member, limit)
+        """One script call for the batch (on a cluster, one per slot), answers in the batch's order."""
+        groups: dict[int, list[int]] = {}
+        for index, (key, _, _) in enumerate(operations):
+            groups.setdefault(slot_group(self._client, key), []).append(index)
+        calls = []
+        for indexes in groups.values():
+            args: list[Any] = [self._ttl_ms]
+            for index in indexes:
+                args += operations[index][1:]
+            calls.append(([operations[index][0] for index in indexes], args))
         async with asyncio.timeout(2.0):
-            answers: list[int] = await eval_script(self._client, LEASES_SCRIPT, [key for key, _, _ in operations], args)
+            replies = await eval_groups(self._client, LEASES_SCRIPT, calls)
+        answers = [0] * len(operations)
+        for indexes, reply in zip(groups.values(), replies, strict=True):
+            for index, answer in zip(indexes, reply, strict=True):
+                answers[index] = int(answer)
         return answers
 
     async def _refresh_forever(self) -> None:
@@ -204,16 +183,19 @@ class RedisConnectionCounter(ConnectionCounter):
                 # Redis is down: every key is tried again next round
 
     async def _refresh(self, leases: list[tuple[str, list[str]]]) -> None:
-        """Extend (or re-add) every lease: a pod holds one key per user, so on a single Redis
-        many keys share a script call instead of one round trip each."""
-        if self._batcher is None:  # Redis Cluster: the keys live on different slots
-            for key, members in leases:
-                await self._run(REFRESH_SCRIPT, key, [self._ttl_ms, *members])
-            return
-        for start in range(0, len(leases), REFRESH_KEYS_PER_CALL):
-            chunk = leases[start : start + REFRESH_KEYS_PER_CALL]
-            args: list[Any] = [self._ttl_ms]
-            for _, members in chunk:
-                args += (len(members), *members)
+        """Extend (or re-add) every lease: a pod holds one key per user, so many keys share a
+        script call (on a cluster, keys of one slot) instead of one round trip each."""
+        groups: dict[int, list[tuple[str, list[str]]]] = {}
+        for key, members in leases:
+            groups.setdefault(slot_group(self._client, key), []).append((key, members))
+        calls = []
+        for group in groups.values():
+            for start in range(0, len(group), REFRESH_KEYS_PER_CALL):
+                chunk = group[start : start + REFRESH_KEYS_PER_CALL]
+                args: list[Any] = [self._ttl_ms]
+                for _, members in chunk:
+                    args += (len(members), *members)
+                calls.append(([key for key, _ in chunk], args))
+        for start in range(0, len(calls), SLOT_CALLS_IN_FLIGHT):
             async with asyncio.timeout(2.0):
-                await eval_script(self._client, REFRESH_MANY_SCRIPT, [key for key, _ in chunk], args)
+                await eval_groups(self._client, REFRESH_MANY_SCRIPT, calls[start : start + SLOT_CALLS_IN_FLIGHT])

@@ -37,7 +37,7 @@ from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
 from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_script
+from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_groups, eval_script, slot_group
 
 log = structlog.get_logger("eva_ws.presence")
 
@@ -111,7 +111,7 @@ class RedisPresence(Presence):
     BackendUnavailable. The heartbeat starts with `start` (or the first `add`, so an app that
     never calls `start` still keeps its entries alive) and keeps beating through outages;
     with each beat the pod writes again the adds and removes that failed. The adds and
-    removes of concurrent connections share one script call per slot group (see Batcher);
+    removes of concurrent connections share one script call (on a cluster, one per slot; see Batcher);
     each caller still returns only once its own write is in Redis, or raises.
     """
 
@@ -243,17 +243,17 @@ class RedisPresence(Presence):
         self._unremoved.pop(conn_id, None)
 
     async def _apply(self, writes: list[Write]) -> list[None]:
-        """One script for the adds and removes of many connections; on a cluster, one per customer."""
-        groups: dict[str, tuple[list[str], list[str | bytes]]] = {}
+        """One script for the adds and removes of many connections; on a cluster, one per slot."""
+        groups: dict[int, tuple[list[str], list[Any]]] = {}
         for customer_ids, conn_id, value in writes:
             for customer_id in customer_ids:
-                # One Redis takes everything in one call, a cluster one call per customer's slot.
-                keys, args = groups.setdefault(customer_id if self._sharded else "", ([], [self._instance]))
-                keys += self._keys(customer_id)
-                args += (conn_id, value)
+                keys = self._keys(customer_id)
+                group = groups.setdefault(slot_group(self._client, keys[0]), ([], [self._instance]))
+                group[0].extend(keys)
+                group[1].extend((conn_id, value))
         if groups:
             async with self._redis_call():
-                await asyncio.gather(*(eval_script(self._client, _APPLY, keys, args) for keys, args in groups.values()))
+                await eval_groups(self._client, _APPLY, groups.values())
         return [None] * len(writes)
 
     async def _read(self, customer_id: str, answer: str) -> Any:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+from collections.abc import Iterable
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.redis_client import command_client
@@ -16,6 +19,11 @@ from service.redis_client import command_client
 CLUSTER_SCHEME = "redis+cluster://"
 
 Address = tuple[str, int]
+
+# Script calls of one batch in flight at once on a cluster, all masters together: below the
+# smallest connection pool, since redis-py's cluster client fails a command that finds its
+# node's pool exhausted instead of waiting.
+SLOT_CALLS_IN_FLIGHT: Final = 8
 
 # What a command on the cluster can raise when a node cannot answer: redis-py's cluster
 # errors (no reachable node, slot not covered) are not RedisErrors.
@@ -93,3 +101,21 @@ async def eval_script(client: Redis | RedisCluster, script: str, keys: list[str]
 @functools.cache
 def _sha1(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324  # the name Redis gives a script, not security
+
+
+def slot_group(client: Redis | RedisCluster, key: str) -> int:
+    """Which script call a key's operation may share: any on one Redis, those of its slot on a cluster."""
+    return key_slot(key.encode()) if isinstance(client, RedisCluster) else 0
+
+
+async def eval_groups(
+    client: Redis | RedisCluster, script: str, calls: Iterable[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """One script call per (keys, args), each within one slot group; a few at a time, answers in order."""
+    in_flight = asyncio.Semaphore(SLOT_CALLS_IN_FLIGHT)
+
+    async def call(keys: list[str], args: list[Any]) -> Any:
+        async with in_flight:
+            return await eval_script(client, script, keys, args)
+
+    return list(await asyncio.gather(*(call(keys, args) for keys, args in calls)))

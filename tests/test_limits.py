@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from fleet.redis_cluster import RedisCluster
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
 from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
 from service.limits_redis import REFRESH_KEYS_PER_CALL, RedisConnectionCounter
 from service.redis_client import command_client
+from service.redis_cluster_client import cluster_client
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 
@@ -28,9 +31,19 @@ def _redis_counter(server: RedisServer, pod_id: str = "pod-a", lease_ttl_s: floa
     return RedisConnectionCounter(client, prefix="t:", pod_id=pod_id, lease_ttl_s=lease_ttl_s)
 
 
-@pytest.fixture(params=["local", "redis"])
+def _cluster_counter(cluster: RedisCluster) -> RedisConnectionCounter:
+    client = cluster_client(cluster.url, max_connections=16, options={})
+    return RedisConnectionCounter(client, prefix=f"t{uuid.uuid4().hex[:6]}:", pod_id="pod-a")
+
+
+@pytest.fixture(params=["local", "redis", "cluster"])
 async def counter(request) -> AsyncIterator[ConnectionCounter]:
-    made = await _local() if request.param == "local" else _redis_counter(request.getfixturevalue("redis_server"))
+    if request.param == "local":
+        made = await _local()
+    elif request.param == "redis":
+        made = _redis_counter(request.getfixturevalue("redis_server"))
+    else:
+        made = _cluster_counter(request.getfixturevalue("module_cluster"))
     yield made
     await made.close()
 

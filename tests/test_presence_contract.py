@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -199,3 +200,15 @@ async def test_a_customers_keys_carry_the_customer_as_hash_tag(store: Store, pod
     for key in (f"{store.prefix}presence:{{C1}}", f"{store.prefix}presence_count:{{C1}}"):
         # Nodes that do not own the slot answer MOVED.
         assert sum(int(reply) for reply in store.cli("EXISTS", key) if reply.isdigit()) == 1, key
+
+
+async def test_a_burst_of_connections_of_many_customers_is_recorded_and_removed(pods: Callable[..., Any]) -> None:
+    pod = await pods("pod-a")
+    entries = [entry("pod-a", f"u{n}") for n in range(300)]
+    # More concurrent writes than a pod has connections to any one master.
+    await asyncio.gather(*(pod.add([f"C{n}"], e) for n, e in enumerate(entries)))
+    for n in range(0, 300, 23):
+        assert await pod.list(f"C{n}") == [entries[n]]
+    await asyncio.gather(*(pod.remove([f"C{n}"], e.conn_id) for n, e in enumerate(entries)))
+    for n in range(0, 300, 23):
+        assert await pod.count(f"C{n}") == 0
