@@ -57,6 +57,7 @@ async def test_a_client_that_writes_an_oversized_frame_in_full_reads_the_1009_cl
     # A masked frame header declaring 8 MiB, then the 8 MiB (their content does not matter: the
     # server refuses the frame from its header and never unmasks the payload).
     oversized = frame(OP_TEXT, declared_length=OVERSIZED_BYTES) + b"x" * OVERSIZED_BYTES
+    before = await _disconnects(client)
     for attempt in range(ATTEMPTS):
         ws = await _raw(client.host, client.port, token_for(settings, sub=f"big{attempt}"))
         await _send_all(ws, oversized)
@@ -65,9 +66,18 @@ async def test_a_client_that_writes_an_oversized_frame_in_full_reads_the_1009_cl
         assert await ws.closed_by_server()
         await ws.aclose()
     # The pod counts (and logs) these closes by the code it sent, not as abnormal.
+    after = await _disconnects(client)
+    assert after["message_too_big"] - before["message_too_big"] == ATTEMPTS
+    assert after["abnormal"] == before["abnormal"]
+
+
+async def _disconnects(client: Any) -> dict[str, float]:
+    """The pod's disconnect counters (the registry is the process's: compare before and after)."""
     metrics = await (await client.get("/metrics")).text()
-    assert metric_value(metrics, 'eva_ws_disconnects_total{reason="message_too_big"}') == ATTEMPTS
-    assert metric_value(metrics, 'eva_ws_disconnects_total{reason="abnormal"}') == 0
+    return {
+        reason: metric_value(metrics, f'eva_ws_disconnects_total{{reason="{reason}"}}')
+        for reason in ("message_too_big", "abnormal")
+    }
 
 
 async def test_a_client_that_keeps_writing_after_a_subscribe_burst_reads_the_1008_close(app_client):
