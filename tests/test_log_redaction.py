@@ -36,9 +36,12 @@ HOSTILE_REQUESTS: Final = {
 }
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(tmp_path, jwt_secret=SECRET, mode="production", log_level="debug").start()
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(tmp_path_factory.mktemp("log"), jwt_secret=SECRET, mode="production", log_level="debug")
+    # Each line reaches the file as it is written: a refusal is logged before its reply is sent.
+    process.env["PYTHONUNBUFFERED"] = "1"
+    process.start()
     try:
         yield process
     finally:
@@ -68,15 +71,14 @@ def _fragments(token: str) -> list[str]:
 def test_hostile_request_lines_log_no_token(service: ServiceProcess, case: str) -> None:
     token = _token("alice")
     reply = _exchange(service.port, HOSTILE_REQUESTS[case] % {b"token": token.encode()})
-    assert reply.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), reply[:200]
-    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
-    service.stop()
     log = service.log()
     assert "Error handling request" in log or "http_request_refused" in log, log
     for fragment in _fragments(token):
         assert fragment not in log, f"{case}: {fragment[:12]}… logged"
     for fragment in _fragments(token):
         assert fragment.encode() not in reply, f"{case}: the reply repeats the token"
+    assert reply.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
 
 
 def test_accepted_tokens_fit_in_the_request_line() -> None:
