@@ -303,13 +303,14 @@ async def publish(request: web.Request) -> web.Response:
             "subscription": p.subscription,
             "offset": p.position.offset,
             "epoch": p.position.epoch,
+            "duplicate": p.position.duplicate,
         }
         for p in published
     ]
     return web.json_response(results[0] if single else {"events": results}, status=202)
 
 
-_PUBLISH_FIELDS: Final = frozenset({"type", "data", "channel", "userId", "correlationId"})
+_PUBLISH_FIELDS: Final = frozenset({"type", "data", "channel", "userId", "correlationId", "idempotencyKey"})
 
 
 def _prepare(item: Any, index: int) -> PreparedEvent:
@@ -326,6 +327,7 @@ def _prepare(item: Any, index: int) -> PreparedEvent:
             channel=item.get("channel", "transactions"),
             user_id=item.get("userId"),
             correlation_id=item.get("correlationId"),
+            idempotency_key=item.get("idempotencyKey"),
         )
     except InvalidEvent as error:
         raise InvalidEvent(f"{where}{error}") from None

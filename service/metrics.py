@@ -64,7 +64,7 @@ EVENTS_CONFLATED: Final = Counter(
 )
 PUBLISHED: Final = Counter(
     "published_total",
-    "Events published through this pod, by result (ok, invalid, unavailable).",
+    "Events published through this pod, by result (ok, duplicate, invalid, unavailable).",
     ["result"],
     namespace=NAMESPACE,
     registry=REGISTRY,

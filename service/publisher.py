@@ -13,7 +13,7 @@ from typing import Any, Final
 import orjson
 
 from service import metrics
-from service.broker.base import Broker, Position
+from service.broker.base import IDEMPOTENCY_KEY_RE, Broker, Position
 from service.protocol import (
     EVENTS_BY_CHANNEL,
     TRANSACTION_EVENTS,
@@ -37,6 +37,7 @@ class InvalidEvent(ValueError):
 class Published:
     correlation_id: str
     subscription: str
+    # For a repeated idempotency key, the original event's position (`position.duplicate`).
     position: Position
 
 
@@ -47,6 +48,8 @@ class PreparedEvent:
     subscription: str
     payload: bytes
     correlation_id: str
+    # Names the event within its channel; see Broker.publish.
+    idempotency_key: str | None = None
 
 
 def prepare_event(
@@ -56,6 +59,7 @@ def prepare_event(
     channel: str = Channel.TRANSACTIONS,
     user_id: str | None = None,
     correlation_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> PreparedEvent:
     """Validate an event and encode the payload every pod will fan out; raise InvalidEvent."""
     try:
@@ -87,6 +91,10 @@ def prepare_event(
         correlation_id = str(uuid.uuid4())
     elif not (isinstance(correlation_id, str) and 0 < len(correlation_id) <= 128):
         raise InvalidEvent("correlationId must be a string of 1 to 128 characters")
+    if idempotency_key is not None and not (
+        isinstance(idempotency_key, str) and IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key)
+    ):
+        raise InvalidEvent("idempotencyKey must be a string of 1 to 128 visible ASCII characters")
     try:
         payload = orjson.dumps(
             {"type": kind.value, "data": data, "timestamp": utc_now_iso(), "correlationId": correlation_id}
@@ -95,7 +103,7 @@ def prepare_event(
         raise InvalidEvent(f"data cannot be encoded as JSON: {exc}") from None
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}")
-    return PreparedEvent(subscription_key(chan, routing_id), payload, correlation_id)
+    return PreparedEvent(subscription_key(chan, routing_id), payload, correlation_id, idempotency_key)
 
 
 def _check_transaction(data: dict[str, Any]) -> None:
@@ -131,12 +139,14 @@ class Publisher:
         prefix: str = "",
         history_size: int | None = None,
         history_ttl_s: int | None = None,
+        idempotency_window_s: int | None = None,
     ) -> AsyncIterator[Publisher]:
         """A publisher on the Redis (or Redis Cluster) the pods use; its connections close with the block.
 
         `redis_url` and `prefix` are the pods' EVA_WS_REDIS_URL and EVA_WS_REDIS_PREFIX.
         `history_size` and `history_ttl_s` bound the history this publisher appends to, as
-        EVA_WS_HISTORY_SIZE and EVA_WS_HISTORY_TTL_S do for the pods; None keeps their
+        EVA_WS_HISTORY_SIZE and EVA_WS_HISTORY_TTL_S do for the pods, and
+        `idempotency_window_s` is their EVA_WS_IDEMPOTENCY_WINDOW_S; None keeps their
         defaults, so set them only where the pods do. Nothing is sent before the first
         publish: a Redis that cannot be reached makes `publish` raise BrokerUnavailable.
         """
@@ -151,6 +161,9 @@ class Publisher:
             settings,
             history_size=settings.history_size if history_size is None else history_size,
             history_ttl_s=settings.history_ttl_s if history_ttl_s is None else history_ttl_s,
+            idempotency_window_s=(
+                settings.idempotency_window_s if idempotency_window_s is None else idempotency_window_s
+            ),
         )
         broker = create_broker(settings)
         try:
@@ -166,10 +179,24 @@ class Publisher:
         channel: str = Channel.TRANSACTIONS,
         user_id: str | None = None,
         correlation_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Published:
-        """Validate, publish and return the event's position; raise InvalidEvent or BrokerUnavailable."""
+        """Validate, publish and return the event's position; raise InvalidEvent or BrokerUnavailable.
+
+        With `idempotency_key`, a retry of a publish that raised BrokerUnavailable (and may
+        have been stored) is safe: within EVA_WS_IDEMPOTENCY_WINDOW_S, a key already published
+        on the event's channel returns the original position (`position.duplicate`) and the
+        event is not delivered again. Use one key per event, e.g. the id of its database change.
+        """
         try:
-            event = prepare_event(event_type, data, channel=channel, user_id=user_id, correlation_id=correlation_id)
+            event = prepare_event(
+                event_type,
+                data,
+                channel=channel,
+                user_id=user_id,
+                correlation_id=correlation_id,
+                idempotency_key=idempotency_key,
+            )
         except InvalidEvent:
             metrics.PUBLISHED.labels("invalid").inc()
             raise
@@ -179,10 +206,16 @@ class Publisher:
         """Publish validated events in order (pipelined when the broker can)."""
         started = time.perf_counter()
         try:
-            positions = await self._broker.publish_many([(e.subscription, e.payload) for e in events])
+            positions = await self._broker.publish_many(
+                [(e.subscription, e.payload) for e in events],
+                idempotency_keys=[e.idempotency_key for e in events],
+            )
         except Exception:
             metrics.PUBLISHED.labels("unavailable").inc(len(events))
             raise
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-        metrics.PUBLISHED.labels("ok").inc(len(events))
+        duplicates = sum(p.duplicate for p in positions)
+        metrics.PUBLISHED.labels("ok").inc(len(events) - duplicates)
+        if duplicates:
+            metrics.PUBLISHED.labels("duplicate").inc(duplicates)
         return [Published(e.correlation_id, e.subscription, p) for e, p in zip(events, positions, strict=True)]

@@ -16,7 +16,7 @@ from service.broker.redis_cluster import RedisClusterBroker
 from tests.backends import Store
 
 BrokerFactory = Callable[..., Broker]
-"""Builds an unstarted broker; accepts the keyword `history_size`."""
+"""Builds an unstarted broker; accepts the keywords `history_size` and `idempotency_window_s`."""
 
 # Short watchdog, backoff and topology refresh so faults are noticed quickly; correctness never depends on them.
 FAST: Final[dict[str, Any]] = {
@@ -105,7 +105,10 @@ def broker_factory(store: Store, **defaults: Any) -> BrokerFactory:
 
     def make(**options: Any) -> Broker:
         if store.url is None:
-            return MemoryBroker(history_size=options.get("history_size", 1000))
+            return MemoryBroker(
+                history_size=options.get("history_size", 1000),
+                idempotency_window_s=options.get("idempotency_window_s", 300),
+            )
         settings: dict[str, Any] = {
             "url": store.url,
             "prefix": store.prefix,

@@ -11,11 +11,12 @@ from fleet.ports import free_port
 
 
 class _Link:
-    __slots__ = ("frozen", "sockets")
+    __slots__ = ("frozen", "muted", "sockets")
 
-    def __init__(self, *sockets: socket.socket) -> None:
+    def __init__(self, *sockets: socket.socket, muted: bool = False) -> None:
         self.sockets = sockets
         self.frozen = False
+        self.muted = muted
 
 
 class DropProxy:
@@ -23,7 +24,8 @@ class DropProxy:
 
     `cut()` ends every open connection at once (the browser sees 1006). `freeze()` keeps them
     open but forwards nothing more in either direction, like a peer behind a dead NAT entry:
-    only a heartbeat can tell.
+    only a heartbeat can tell. `mute_replies()` keeps forwarding requests to the target but
+    drops its answers, on open and new connections: a command that ran, whose reply was lost.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -32,6 +34,7 @@ class DropProxy:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
         self._links: list[_Link] = []
+        self._muted = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut(self) -> None:
@@ -48,6 +51,12 @@ class DropProxy:
         with self._lock:
             for link in self._links:
                 link.frozen = True
+
+    def mute_replies(self) -> None:
+        with self._lock:
+            self._muted = True
+            for link in self._links:
+                link.muted = True
 
     def close(self) -> None:
         self._listener.close()
@@ -70,16 +79,16 @@ class DropProxy:
             except OSError:
                 client.close()
                 continue
-            link = _Link(client, upstream)
             with self._lock:
+                link = _Link(client, upstream, muted=self._muted)
                 self._links.append(link)
-            threading.Thread(target=self._pump, args=(client, upstream, link), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, link), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, link, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, link, True), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, link: _Link) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, link: _Link, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if not link.frozen:
+                if not link.frozen and not (replies and link.muted):
                     sink.sendall(data)
             if not link.frozen:
                 sink.shutdown(socket.SHUT_WR)

@@ -249,3 +249,87 @@ async def test_a_deaf_subscriber_link_makes_the_broker_not_ready_until_the_canar
         assert started.recorder.envelopes == []
     finally:
         await started.broker.close()
+
+
+# -- idempotency keys ---------------------------------------------------------------
+
+
+async def test_a_repeated_idempotency_key_returns_the_original_position_and_is_delivered_once(started: Started) -> None:
+    channel = new_channel()
+    await started.broker.subscribe(channel)
+    original = await started.broker.publish(channel, payload(1), idempotency_key="evt-1")
+    repeated = await started.broker.publish(channel, payload(2), idempotency_key="evt-1")
+    following = await started.broker.publish(channel, payload(3), idempotency_key="evt-3")
+    assert (original.offset, original.duplicate) == (1, False)
+    assert (repeated.offset, repeated.epoch, repeated.duplicate) == (1, original.epoch, True)
+    assert (following.offset, following.duplicate) == (2, False)
+    await eventually(lambda: len(started.recorder.on(channel)) == 2, "two events expected")
+    assert [(e.offset, e.payload) for e in started.recorder.on(channel)] == [(1, payload(1)), (2, payload(3))]
+    history = await started.broker.history(channel, Position(offset=0, epoch=original.epoch))
+    assert [e.payload for e in history.envelopes] == [payload(1), payload(3)]
+
+
+async def test_idempotency_keys_are_per_channel_and_events_without_a_key_are_never_deduplicated(
+    started: Started,
+) -> None:
+    first, second = new_channel(), new_channel()
+    assert (await started.broker.publish(first, payload(1), idempotency_key="k")).offset == 1
+    assert not (await started.broker.publish(second, payload(1), idempotency_key="k")).duplicate
+    assert [(await started.broker.publish(first, payload(2))).offset for _ in range(2)] == [2, 3]
+
+
+async def test_publish_many_deduplicates_against_earlier_publishes_and_within_the_batch(started: Started) -> None:
+    first, second = new_channel(), new_channel()
+    await started.broker.publish(first, payload(1), idempotency_key="a")
+    items = [(first, payload(1)), (second, payload(2)), (first, payload(3)), (first, payload(3)), (first, payload(4))]
+    positions = await started.broker.publish_many(items, idempotency_keys=["a", "a", "b", "b", None])
+    assert [(p.offset, p.duplicate) for p in positions] == [(1, True), (1, False), (2, False), (2, True), (3, False)]
+    history = await started.broker.history(first, Position(offset=0, epoch=positions[0].epoch))
+    assert [e.payload for e in history.envelopes] == [payload(1), payload(3), payload(4)]
+
+
+async def test_a_pod_sees_the_idempotency_keys_another_pod_published(make_broker: BrokerFactory, store: Store) -> None:
+    if not store.shared:
+        pytest.skip("an in-process broker is the only pod")
+    pod_a, pod_b = await start_broker(make_broker), await start_broker(make_broker)
+    try:
+        channel = new_channel()
+        await pod_b.broker.subscribe(channel)
+        original = await pod_a.broker.publish(channel, payload(1), idempotency_key="evt-1")
+        retried = await pod_b.broker.publish(channel, payload(1), idempotency_key="evt-1")
+        assert (retried.offset, retried.epoch, retried.duplicate) == (original.offset, original.epoch, True)
+        marker = await pod_a.broker.publish(channel, payload(2))
+        await eventually(lambda: len(pod_b.recorder.on(channel)) == 2, "two events expected")
+        assert [e.offset for e in pod_b.recorder.on(channel)] == [original.offset, marker.offset]
+    finally:
+        await pod_a.broker.close()
+        await pod_b.broker.close()
+
+
+async def test_an_idempotency_key_is_forgotten_after_the_window(make_broker: BrokerFactory) -> None:
+    started = await start_broker(make_broker, idempotency_window_s=1)
+    try:
+        channel = new_channel()
+        await started.broker.publish(channel, payload(1), idempotency_key="evt-1")
+        # Each duplicate appends nothing, so asking again until it is not one publishes exactly once more.
+        positions: list[Position] = []
+
+        async def published_again() -> bool:
+            positions.append(await started.broker.publish(channel, payload(1), idempotency_key="evt-1"))
+            return not positions[-1].duplicate
+
+        await eventually(published_again, "the key was never forgotten")
+        assert {p.offset for p in positions[:-1]} <= {1}
+        assert positions[-1].offset == 2
+    finally:
+        await started.broker.close()
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, "a b", "caf\u00e9", "line\n"])
+async def test_an_invalid_idempotency_key_is_refused_before_anything_is_published(started: Started, key: str) -> None:
+    channel = new_channel()
+    with pytest.raises(ValueError, match="idempotency key"):
+        await started.broker.publish(channel, payload(1), idempotency_key=key)
+    with pytest.raises(ValueError, match="idempotency key"):
+        await started.broker.publish_many([(channel, payload(1))], idempotency_keys=[key])
+    assert (await started.broker.history(channel, None)).position.offset == 0

@@ -24,7 +24,7 @@ class LossyBroker(MemoryBroker):
         self.drop_offsets: set[int] = set()
         self.deliver = True
 
-    async def publish(self, channel: str, payload: bytes) -> Position:
+    async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
         handler = self._on_message
 
         def lossy(envelope: Envelope) -> None:
@@ -33,7 +33,7 @@ class LossyBroker(MemoryBroker):
 
         self._on_message = lossy
         try:
-            return await super().publish(channel, payload)
+            return await super().publish(channel, payload, idempotency_key=idempotency_key)
         finally:
             self._on_message = handler
 

@@ -22,6 +22,8 @@ def test_key_names_are_the_documented_ones() -> None:
     assert wire.pubsub_channel("p:", "transactions:C1") == "p:transactions:C1"
     assert wire.meta_key("", "transactions:C1") == "meta:{transactions:C1}"
     assert wire.stream_key("", "transactions:C1") == "history:{transactions:C1}"
+    assert wire.idempotency_key_name("", "transactions:C1", "evt-42") == "idempotency:{transactions:C1}:evt-42"
+    assert "`idempotency:{transactions:C1}:evt-42`" in DOC.read_text()
 
 
 def test_envelope_round_trips() -> None:
@@ -61,7 +63,7 @@ def test_document_gives_the_cluster_publish_script_sha_and_its_only_difference()
     assert hashlib.sha1(wire.CLUSTER_PUBLISH_SCRIPT.encode()).hexdigest() in text
     different = set(wire.CLUSTER_PUBLISH_SCRIPT.splitlines()) - set(wire.PUBLISH_SCRIPT.splitlines())
     assert different == {
-        "-- eva-ws cluster publish v1",
+        "-- eva-ws cluster publish v2",
         "redis.call('SPUBLISH', ARGV[3], 'e1:' .. id .. ':' .. epoch .. '\\n' .. ARGV[5])",
     }
     for line in different:

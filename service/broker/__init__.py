@@ -10,7 +10,11 @@ from service.config import Settings
 def create_broker(settings: Settings) -> Broker:
     """The in-process broker without EVA_WS_REDIS_URL, the Redis broker with it (Redis Cluster for redis+cluster://)."""
     if settings.redis_url is None:
-        return MemoryBroker(history_size=settings.history_size, history_ttl_s=settings.history_ttl_s)
+        return MemoryBroker(
+            history_size=settings.history_size,
+            history_ttl_s=settings.history_ttl_s,
+            idempotency_window_s=settings.idempotency_window_s,
+        )
     if settings.redis_url.startswith("redis+cluster://"):
         from service.broker.redis_cluster import RedisClusterBroker
 

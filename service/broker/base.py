@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
 
 from service.backend_errors import BackendUnavailable
+
+# What an idempotency key may be: visible ASCII, so it can be part of a Redis key name as it is.
+IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,10 @@ class Position:
 
     offset: int
     epoch: str
+    # Only on what `Broker.publish` returns: True when the event's idempotency key was
+    # published within the window, so this is the original event's position and nothing
+    # was appended. Not part of the position: equal places compare equal.
+    duplicate: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,23 @@ BrokerUnavailable = BackendUnavailable
 """What the broker raises when it cannot take a call now; the caller may retry later."""
 
 
+def check_idempotency_key(key: str | None) -> None:
+    """Raise ValueError for a key that does not match IDEMPOTENCY_KEY_RE; None is no key."""
+    if key is not None and IDEMPOTENCY_KEY_RE.fullmatch(key) is None:
+        raise ValueError("an idempotency key is 1 to 128 visible ASCII characters")
+
+
+def idempotency_keys_for(batch: Sequence[tuple[str, bytes]], keys: Sequence[str | None] | None) -> Sequence[str | None]:
+    """One checked idempotency key (or None) per item of `batch`; see Broker.publish_many."""
+    if keys is None:
+        return [None] * len(batch)
+    if len(keys) != len(batch):
+        raise ValueError("one idempotency key (or None) per event")
+    for key in keys:
+        check_idempotency_key(key)
+    return keys
+
+
 MessageHandler = Callable[[Envelope], None]
 """Called on the event loop for every live event of a subscribed channel; must not block."""
 
@@ -70,6 +96,11 @@ class Broker(abc.ABC):
     - `publish` assigns the next offset of the channel, appends the event to the
       channel's bounded history and delivers it to every pod subscribed to the channel,
       atomically: an event is in history if and only if it got an offset.
+    - An event published with an idempotency key is published once per channel and key
+      within the idempotency window, whichever pod publishes it: a repeat returns the
+      original position with `duplicate` set and appends and delivers nothing. The check
+      is atomic with the publish. The keys live in the store with the history: a store
+      that lost its data (a new epoch) forgot them too.
     - Once `subscribe(channel)` has returned, every event published on that channel
       afterwards reaches the message handler, in offset order, until `unsubscribe`.
       Live delivery is at most once; gaps (after an outage) are healed from `history`.
@@ -99,12 +130,24 @@ class Broker(abc.ABC):
         """Stop delivering and release every connection; idempotent."""
 
     @abc.abstractmethod
-    async def publish(self, channel: str, payload: bytes) -> Position:
-        """Append and deliver one event; return its position. Raise BrokerUnavailable fast."""
+    async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
+        """Append and deliver one event; return its position. Raise BrokerUnavailable fast.
 
-    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
-        """Publish several events, in order; implementations may pipeline."""
-        return [await self.publish(channel, payload) for channel, payload in items]
+        `idempotency_key` (IDEMPOTENCY_KEY_RE, else ValueError) names the event within its
+        channel; None publishes without deduplication."""
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+    ) -> list[Position]:
+        """Publish several events, in order; implementations may pipeline.
+
+        `idempotency_keys` has one entry per item (None for an item without); None: no keys."""
+        batch = list(items)
+        keys = idempotency_keys_for(batch, idempotency_keys)
+        return [
+            await self.publish(channel, payload, idempotency_key=key)
+            for (channel, payload), key in zip(batch, keys, strict=True)
+        ]
 
     @abc.abstractmethod
     async def subscribe(self, channel: str) -> None:

@@ -7,8 +7,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Final
 
-from service.broker.base import Broker, Envelope, History, Position
+from service.broker.base import Broker, Envelope, History, Position, check_idempotency_key
+
+# Idempotency keys remembered at most, across channels: a publisher flooding keys cannot grow
+# the process without bound. Beyond it the oldest are forgotten before their window ends, and
+# a retry of those would be published again.
+MAX_IDEMPOTENCY_KEYS: Final = 100_000
 
 
 @dataclass(slots=True)
@@ -24,12 +30,19 @@ class MemoryBroker(Broker):
 
     Streams idle for longer than `history_ttl_s` are forgotten on the next publish, so
     memory is bounded by the channels active within the TTL times `history_size`.
+    Idempotency keys are remembered for `idempotency_window_s`, at most MAX_IDEMPOTENCY_KEYS.
     """
 
-    def __init__(self, *, history_size: int = 1000, history_ttl_s: float = 86_400) -> None:
+    def __init__(
+        self, *, history_size: int = 1000, history_ttl_s: float = 86_400, idempotency_window_s: float = 300
+    ) -> None:
         super().__init__()
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
+        self._idempotency_window_s = idempotency_window_s
+        # (channel, key) -> (when it expires, the original position), oldest first: with one
+        # window for every key, insertion order is expiry order.
+        self._idempotency: dict[tuple[str, str], tuple[float, Position]] = {}
         self._epoch = secrets.token_hex(4)
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
@@ -43,9 +56,16 @@ class MemoryBroker(Broker):
         self._started = False
         self._subscribed.clear()
 
-    async def publish(self, channel: str, payload: bytes) -> Position:
+    async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
+        """See Broker.publish."""
+        check_idempotency_key(idempotency_key)
         now = time.monotonic()
         self._sweep(now)
+        if idempotency_key is not None:
+            self._forget_expired_keys(now)
+            seen = self._idempotency.get((channel, idempotency_key))
+            if seen is not None:
+                return Position(seen[1].offset, seen[1].epoch, duplicate=True)
         stream = self._streams.get(channel)
         if stream is None:
             stream = self._streams[channel] = _Stream(events=deque(maxlen=self._history_size))
@@ -56,7 +76,10 @@ class MemoryBroker(Broker):
         stream.events.append(envelope)
         if channel in self._subscribed:
             self._on_message(envelope)
-        return Position(stream.offset, self._epoch)
+        position = Position(stream.offset, self._epoch)
+        if idempotency_key is not None:
+            self._idempotency[(channel, idempotency_key)] = (now + self._idempotency_window_s, position)
+        return position
 
     async def subscribe(self, channel: str) -> None:
         self._subscribed.add(channel)
@@ -85,6 +108,14 @@ class MemoryBroker(Broker):
     @property
     def subscribed_channels(self) -> frozenset[str]:
         return frozenset(self._subscribed)
+
+    def _forget_expired_keys(self, now: float) -> None:
+        keys = self._idempotency
+        while keys:
+            oldest = next(iter(keys))
+            if keys[oldest][0] > now and len(keys) < MAX_IDEMPOTENCY_KEYS:
+                return
+            del keys[oldest]
 
     def _sweep(self, now: float) -> None:
         if now - self._last_sweep < 60:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -12,7 +12,14 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
-from service.broker.base import Broker, BrokerUnavailable, History, Position
+from service.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    History,
+    Position,
+    check_idempotency_key,
+    idempotency_keys_for,
+)
 from service.broker.canary import Canary, canary_channel, new_instance
 from service.broker.readiness import ReadinessLog
 from service.broker.redis_subscriber import Subscriber
@@ -35,6 +42,7 @@ class RedisBroker(Broker):
         history_size: int,
         history_ttl_s: int,
         pod_id: str,
+        idempotency_window_s: int = 300,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
         keepalive_idle_s: int = 10,
@@ -49,7 +57,8 @@ class RedisBroker(Broker):
         canary_interval_s: float = 1.0,
         canary_max_lag_s: float = 5.0,
     ) -> None:
-        """`url`, `prefix`, `history_size`, `history_ttl_s` and `pod_id` are the EVA_WS_* settings.
+        """`url`, `prefix`, `history_size`, `history_ttl_s`, `pod_id` and `idempotency_window_s`
+        are the EVA_WS_* settings.
 
         Tunables:
         - `connect_timeout_s`, `command_timeout_s`: bound every TCP connect and every command;
@@ -74,6 +83,7 @@ class RedisBroker(Broker):
         self._prefix = prefix
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
+        self._idempotency_window_s = idempotency_window_s
         self._timeout_s = connect_timeout_s + command_timeout_s
         options = client_options(
             url,
@@ -132,6 +142,7 @@ class RedisBroker(Broker):
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
+            idempotency_window_s=settings.idempotency_window_s,
             **options,
         )
 
@@ -187,45 +198,55 @@ class RedisBroker(Broker):
 
     # -- publishing and history -----------------------------------------------------------
 
-    def _script_args(self, channel: str, payload: bytes) -> tuple[list[str], list[Any]]:
-        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
-        args: list[Any] = [
-            wire.new_epoch(),
-            self._history_ttl_s,
-            wire.pubsub_channel(self._prefix, channel),
-            self._history_size,
+    def _script_args(self, channel: str, payload: bytes, idempotency_key: str | None) -> tuple[list[str], list[Any]]:
+        return wire.publish_keys_and_args(
+            self._prefix,
+            channel,
             payload,
-        ]
-        return keys, args
+            pubsub=wire.pubsub_channel(self._prefix, channel),
+            history_size=self._history_size,
+            history_ttl_s=self._history_ttl_s,
+            idempotency_key=idempotency_key,
+            idempotency_window_s=self._idempotency_window_s,
+        )
 
-    async def publish(self, channel: str, payload: bytes) -> Position:
-        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been published."""
-        keys, args = self._script_args(channel, payload)
+    async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
+        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been
+        published: a retry with the same idempotency key is answered with its position."""
+        check_idempotency_key(idempotency_key)
+        keys, args = self._script_args(channel, payload, idempotency_key)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                offset, epoch = await self._publish_script(keys=keys, args=args)
+                reply = await self._publish_script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-        return Position(offset=int(offset), epoch=epoch.decode())
+        return wire.decode_published(reply)
 
-    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
+    async def publish_many(
+        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+    ) -> list[Position]:
         """See Broker.publish_many: one pipelined round trip, scripts loaded first if Redis lost them."""
         batch = list(items)
         if not batch:
             return []
+        keys_of_events = idempotency_keys_for(batch, idempotency_keys)
+        if len(batch) == 1:
+            # A pipeline asks SCRIPT EXISTS first: one event is one round trip less without it.
+            [(channel, payload)] = batch
+            return [await self.publish(channel, payload, idempotency_key=keys_of_events[0])]
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
-                for channel, payload in batch:
-                    keys, args = self._script_args(channel, payload)
+                for (channel, payload), idempotency_key in zip(batch, keys_of_events, strict=True):
+                    keys, args = self._script_args(channel, payload, idempotency_key)
                     await self._publish_script(keys=keys, args=args, client=pipe)
                 results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-        return [Position(offset=int(offset), epoch=epoch.decode()) for offset, epoch in results]
+        return [wire.decode_published(reply) for reply in results]
 
     async def history(self, channel: str, since: Position | None) -> History:
         """See Broker.history. Reading a channel that never had events fixes its epoch, so a

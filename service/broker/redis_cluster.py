@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -13,7 +13,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import metrics
 from service.broker import redis_wire as wire
-from service.broker.base import Broker, BrokerUnavailable, History, Position
+from service.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    History,
+    Position,
+    check_idempotency_key,
+    idempotency_keys_for,
+)
 from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
 from service.broker.readiness import ReadinessLog
 from service.broker.redis_cluster_subscriber import ClusterSubscriber
@@ -41,6 +48,7 @@ class RedisClusterBroker(Broker):
         history_size: int,
         history_ttl_s: int,
         pod_id: str,
+        idempotency_window_s: int = 300,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
         keepalive_idle_s: int = 10,
@@ -66,6 +74,7 @@ class RedisClusterBroker(Broker):
         self._prefix = prefix
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
+        self._idempotency_window_s = idempotency_window_s
         self._timeout_s = connect_timeout_s + command_timeout_s
         name = client_name_part(pod_id)
         options = client_options(
@@ -123,6 +132,7 @@ class RedisClusterBroker(Broker):
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
+            idempotency_window_s=settings.idempotency_window_s,
             **{
                 "reconnect_max_s": settings.redis_reconnect_max_s,
                 "canary_interval_s": settings.broker_canary_interval_s,
@@ -186,28 +196,35 @@ class RedisClusterBroker(Broker):
 
     # -- publishing and history -----------------------------------------------------------
 
-    async def publish(self, channel: str, payload: bytes) -> Position:
-        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been published."""
-        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
-        args: list[Any] = [
-            wire.new_epoch(),
-            self._history_ttl_s,
-            wire.shard_channel(self._prefix, channel),
-            self._history_size,
+    async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
+        """See Broker.publish. On BrokerUnavailable after a timeout the event may have been
+        published: a retry with the same idempotency key is answered with its position."""
+        check_idempotency_key(idempotency_key)
+        keys, args = wire.publish_keys_and_args(
+            self._prefix,
+            channel,
             payload,
-        ]
+            pubsub=wire.shard_channel(self._prefix, channel),
+            history_size=self._history_size,
+            history_ttl_s=self._history_ttl_s,
+            idempotency_key=idempotency_key,
+            idempotency_window_s=self._idempotency_window_s,
+        )
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                offset, epoch = await eval_script(self._client, wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
+                reply = await eval_script(self._client, wire.CLUSTER_PUBLISH_SCRIPT, keys, args)
         except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-        return Position(offset=int(offset), epoch=epoch.decode())
+        return wire.decode_published(reply)
 
-    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> list[Position]:
+    async def publish_many(
+        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+    ) -> list[Position]:
         """See Broker.publish_many: channels in parallel (each on its own slot), one channel's events in order."""
         batch = list(items)
+        keys_of_events = idempotency_keys_for(batch, idempotency_keys)
         by_channel: dict[str, list[int]] = {}
         for index, (channel, _) in enumerate(batch):
             by_channel.setdefault(channel, []).append(index)
@@ -216,7 +233,7 @@ class RedisClusterBroker(Broker):
         async def publish_channel(indexes: list[int]) -> None:
             for index in indexes:
                 channel, payload = batch[index]
-                positions[index] = await self.publish(channel, payload)
+                positions[index] = await self.publish(channel, payload, idempotency_key=keys_of_events[index])
 
         # Not a TaskGroup: one unavailable master must not cancel the other channels' publishes
         # half-way (their outcome would be unknown), and the caller expects BrokerUnavailable.

@@ -45,6 +45,12 @@ def stream_key(prefix: str, channel: str) -> str:
     return f"{prefix}history:{{{channel}}}"
 
 
+def idempotency_key_name(prefix: str, channel: str, key: str) -> str:
+    """String `<offset>:<epoch>` of the event published with idempotency key `key`, expiring with the window."""
+    # The channel's hash tag comes first, so the key lives in the channel's slot whatever `key` holds.
+    return f"{prefix}idempotency:{{{channel}}}:{key}"
+
+
 def new_epoch() -> str:
     """A random epoch candidate; the scripts keep it only when the channel has none."""
     return secrets.token_hex(8)
@@ -97,9 +103,17 @@ end
 """
 
 PUBLISH_SCRIPT: Final = (
-    """-- eva-ws publish v1
--- KEYS[1] meta hash, KEYS[2] history stream
--- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] pubsub channel, ARGV[4] history size, ARGV[5] payload
+    """-- eva-ws publish v2
+-- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] idempotency key (optional)
+-- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] pubsub channel, ARGV[4] history size, ARGV[5] payload,
+-- ARGV[6] idempotency window seconds (with KEYS[3])
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local seen_offset, seen_epoch = string.match(seen, '^(%d+):(.+)$')
+    return {tonumber(seen_offset), seen_epoch, 1}
+  end
+end
 """
     + _ENSURE_EPOCH
     + """
@@ -109,7 +123,10 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'p', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], 'e1:' .. id .. ':' .. epoch .. '\\n' .. ARGV[5])
-return {offset, epoch}
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id .. ':' .. epoch, 'EX', ARGV[6])
+end
+return {offset, epoch, 0}
 """
 )
 
@@ -151,9 +168,35 @@ return {epoch, offset, entries, recovered}
 
 # The same script for Redis Cluster: SPUBLISH on the shard channel (ARGV[3] = shard_channel()),
 # which lives in the slot of the keys, so only the subscribers of that slot's shard see it.
-CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v1", "-- eva-ws cluster publish v1").replace(
+CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v2", "-- eva-ws cluster publish v2").replace(
     "redis.call('PUBLISH', ARGV[3]", "redis.call('SPUBLISH', ARGV[3]"
 )
+
+
+def publish_keys_and_args(
+    prefix: str,
+    channel: str,
+    payload: bytes,
+    *,
+    pubsub: str,
+    history_size: int,
+    history_ttl_s: int,
+    idempotency_key: str | None,
+    idempotency_window_s: int,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of PUBLISH_SCRIPT (or CLUSTER_PUBLISH_SCRIPT, with the shard channel as `pubsub`)."""
+    keys = [meta_key(prefix, channel), stream_key(prefix, channel)]
+    args: list[Any] = [new_epoch(), history_ttl_s, pubsub, history_size, payload]
+    if idempotency_key is not None:
+        keys.append(idempotency_key_name(prefix, channel, idempotency_key))
+        args.append(idempotency_window_s)
+    return keys, args
+
+
+def decode_published(reply: Any) -> Position:
+    """What the publish script returned ([offset, epoch, duplicate]) as a Position."""
+    offset, epoch, duplicate = reply
+    return Position(offset=int(offset), epoch=epoch.decode(), duplicate=bool(duplicate))
 
 
 def decode_history(channel: str, since: Position | None, reply: Any) -> History:
