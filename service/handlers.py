@@ -81,7 +81,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     principal = await _admit(request, conn_id, ip)
     if isinstance(principal, web.Response):
         return principal
-    # Read before the upgrade, which drops the query (service/websocket.py::forget_request_head).
+    # Read before the upgrade, which drops the query (service/http_protocol.py, set_parser).
     reconnect = query_value(request, "reconnect") or "0"
     # The read loop runs in this coroutine, not in one it awaits: an idle socket keeps its
     # handler's coroutines alive for its whole life, so every extra level costs every socket.
