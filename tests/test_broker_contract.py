@@ -325,6 +325,15 @@ async def test_an_idempotency_key_is_forgotten_after_the_window(make_broker: Bro
         await started.broker.close()
 
 
+async def test_a_key_with_braces_stays_in_its_channels_slot(started: Started) -> None:
+    # On Redis Cluster the key's name carries the channel's hash tag first, so a `{...}` in the
+    # key cannot move it to another slot than the script's other keys.
+    channel = new_channel()
+    first = await started.broker.publish(channel, payload(1), idempotency_key="{other}:1")
+    again = await started.broker.publish(channel, payload(1), idempotency_key="{other}:1")
+    assert (first.duplicate, again.duplicate, again.offset) == (False, True, first.offset)
+
+
 @pytest.mark.parametrize("key", ["", "x" * 129, "a b", "caf\u00e9", "line\n"])
 async def test_an_invalid_idempotency_key_is_refused_before_anything_is_published(started: Started, key: str) -> None:
     channel = new_channel()

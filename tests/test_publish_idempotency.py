@@ -10,6 +10,7 @@ import pytest
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
 from service import keys
+from service.broker import memory
 from service.publisher import InvalidEvent, Publisher
 from tests.conftest import AppClient, connect, make_settings, publish, receive_json, subscribe, token_for, txn
 from tests.drop_proxy import DropProxy
@@ -98,6 +99,17 @@ async def test_the_python_publisher_takes_an_idempotency_key(app_client: AppClie
     assert again.position == first.position
     with pytest.raises(InvalidEvent, match="idempotencyKey"):
         await publisher.publish("transaction_new", txn(), idempotency_key="two words")
+
+
+async def test_the_embedded_broker_remembers_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(memory, "MAX_IDEMPOTENCY_KEYS", 3)
+    broker = memory.MemoryBroker()
+    await broker.start()
+    for n in range(4):
+        await broker.publish("transactions:C1", b"{}", idempotency_key=f"k{n}")
+    # The oldest key went to make room: its retry is published again; the newest are still known.
+    assert not (await broker.publish("transactions:C1", b"{}", idempotency_key="k0")).duplicate
+    assert (await broker.publish("transactions:C1", b"{}", idempotency_key="k3")).duplicate
 
 
 # -- real pods on a real redis-server --------------------------------------------------
