@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
 
-from service import metrics
+from service import metrics, redis_keys, redis_lua
 from service.config import Settings
 from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
@@ -25,54 +25,11 @@ from service.redis_cluster_client import (
 
 log = get_logger("eva_ws.limits")
 
-# One sorted set per key (`user:<id>`, `ip:<addr>`): member `<pod instance>|<lease>`, score the
-# lease's expiry in Redis time (ms). Expired leases are dropped before counting, so the
-# leases of a pod that died without releasing them stop counting after `lease_ttl_s`.
-# The key's hash tag keeps each script on one slot of a Redis Cluster.
-_NOW: Final = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-# Many acquires and releases in one round trip, in order. An acquire drops the key's expired
-# leases, then adds (or extends) its own unless the key already holds `limit` others.
-# KEYS: one per operation. ARGV: the TTL, then member and limit per operation (a limit
-# of RELEASE removes the member). Answers 1 (granted, or released) or 0 per operation.
+# One sorted set per cap key (`user:<id>`, `ip:<addr>`, see redis_keys.connection_leases):
+# member `<pod instance>|<lease>`, score the lease's expiry in Redis time (ms). Expired leases
+# are dropped before counting, so the leases of a pod that died without releasing them stop
+# counting after `lease_ttl_s`. A release is an operation with limit RELEASE.
 RELEASE: Final = -1
-LEASES_SCRIPT: Final = (
-    _NOW
-    + """local ttl = tonumber(ARGV[1])
-local answers = {}
-for i = 1, #KEYS do
-  local key, member, limit = KEYS[i], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
-  if limit < 0 then
-    redis.call('ZREM', key, member)
-    answers[i] = 1
-  else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if not redis.call('ZSCORE', key, member) and redis.call('ZCARD', key) >= limit then
-      answers[i] = 0
-    else
-      redis.call('ZADD', key, now + ttl, member)
-      redis.call('PEXPIRE', key, ttl)
-      answers[i] = 1
-    end
-  end
-end
-return answers
-"""
-)
-# Extends every lease of many keys; re-adds as well, so a lease dropped while Redis was
-# unreachable counts again. ARGV: the TTL, then per key its member count and members.
-REFRESH_MANY_SCRIPT: Final = (
-    _NOW
-    + """local ttl = tonumber(ARGV[1])
-local a = 2
-for i = 1, #KEYS do
-  local n = tonumber(ARGV[a])
-  for j = a + 1, a + n do redis.call('ZADD', KEYS[i], now + ttl, ARGV[j]) end
-  redis.call('PEXPIRE', KEYS[i], ttl)
-  a = a + n + 1
-end
-return #KEYS
-"""
-)
 # Bounds one refresh script's run: Redis serves nothing else while it runs.
 REFRESH_KEYS_PER_CALL: Final = 500
 
@@ -114,7 +71,7 @@ class RedisConnectionCounter(ConnectionCounter):
         return cls(client, prefix=settings.redis_prefix, pod_id=settings.pod_id, lease_ttl_s=settings.presence_ttl_s)
 
     def _key(self, key: str) -> str:
-        return f"{self._prefix}conns:{{{key}}}"
+        return redis_keys.connection_leases(self._prefix, key)
 
     def _member(self, lease_id: str) -> str:
         return f"{self._instance}|{lease_id}"
@@ -165,7 +122,7 @@ class RedisConnectionCounter(ConnectionCounter):
                 args += operations[index][1:]
             calls.append(([operations[index][0] for index in indexes], args))
         async with asyncio.timeout(2.0):
-            replies = await eval_groups(self._client, LEASES_SCRIPT, calls)
+            replies = await eval_groups(self._client, redis_lua.LEASES_APPLY, calls)
         answers = [0] * len(operations)
         for indexes, reply in zip(groups.values(), replies, strict=True):
             for index, answer in zip(indexes, reply, strict=True):
@@ -198,4 +155,4 @@ class RedisConnectionCounter(ConnectionCounter):
                 calls.append(([key for key, _ in chunk], args))
         for start in range(0, len(calls), SLOT_CALLS_IN_FLIGHT):
             async with asyncio.timeout(2.0):
-                await eval_groups(self._client, REFRESH_MANY_SCRIPT, calls[start : start + SLOT_CALLS_IN_FLIGHT])
+                await eval_groups(self._client, redis_lua.LEASES_REFRESH, calls[start : start + SLOT_CALLS_IN_FLIGHT])

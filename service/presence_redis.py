@@ -26,12 +26,13 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from typing import Any
 
 import orjson
 import structlog
 from redis.asyncio import RedisCluster
 
+from service import redis_keys, redis_lua
 from service.backend_errors import BackendUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
@@ -40,64 +41,6 @@ from service.redis_client import cancel_and_wait, client_name_part, client_optio
 from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_groups, eval_script, slot_group
 
 log = structlog.get_logger("eva_ws.presence")
-
-# Many adds and removes in one round trip, in order. KEYS: entries hash, counts hash, per
-# operation. ARGV: instance, then conn_id and entry JSON per operation (an empty JSON removes).
-_APPLY: Final = """
-local instance = ARGV[1]
-for i = 1, #KEYS / 2 do
-  local entries, counts, conn_id, value = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i], ARGV[2 * i + 1]
-  if value == '' then
-    if redis.call('HDEL', entries, conn_id) == 1 then
-      if redis.call('HINCRBY', counts, instance, -1) <= 0 then
-        redis.call('HDEL', counts, instance)
-      end
-    end
-  elseif redis.call('HSET', entries, conn_id, value) == 1 then
-    redis.call('HINCRBY', counts, instance, 1)
-  end
-end
-return #KEYS / 2
-"""
-# Drop the entries of dead instances, then answer. KEYS: entries hash, counts hash. ARGV:
-# 'count' (the live total) or 'list' (every live entry, flat); the heartbeat key prefix, for
-# the script to check each instance's heartbeat itself, or '' when the caller did; then the
-# instances the caller found dead.
-_READ: Final = """
-local dead, any_dead = {}, false
-for i = 3, #ARGV do
-  dead[ARGV[i]] = true
-  any_dead = true
-end
-local counts = redis.call('HGETALL', KEYS[2])
-local total = 0
-for i = 1, #counts, 2 do
-  local instance = counts[i]
-  if not dead[instance] and ARGV[2] ~= '' and redis.call('EXISTS', ARGV[2] .. instance) == 0 then
-    dead[instance] = true
-    any_dead = true
-  end
-  if not dead[instance] then
-    total = total + tonumber(counts[i + 1])
-  end
-end
-if any_dead then
-  local flat = redis.call('HGETALL', KEYS[1])
-  for i = 1, #flat, 2 do
-    local ok, entry = pcall(cjson.decode, flat[i + 1])
-    if ok and type(entry) == 'table' and dead[entry['instance']] then
-      redis.call('HDEL', KEYS[1], flat[i])
-    end
-  end
-  for instance in pairs(dead) do
-    redis.call('HDEL', KEYS[2], instance)
-  end
-end
-if ARGV[1] == 'count' then
-  return total
-end
-return redis.call('HGETALL', KEYS[1])
-"""
 
 Write = tuple[tuple[str, ...], str, bytes]
 """One connection's add or remove: its customers, its id, its entry JSON (b"" removes)."""
@@ -156,11 +99,14 @@ class RedisPresence(Presence):
         self._writes: Batcher[Write, None] = Batcher(self._apply)
 
     def _keys(self, customer_id: str) -> list[str]:
-        return [f"{self._prefix}presence:{{{customer_id}}}", f"{self._prefix}presence_count:{{{customer_id}}}"]
+        return [
+            redis_keys.presence_entries(self._prefix, customer_id),
+            redis_keys.presence_counts(self._prefix, customer_id),
+        ]
 
     @property
     def _heartbeat_prefix(self) -> str:
-        return f"{self._prefix}presence_pod:"
+        return redis_keys.presence_heartbeat_prefix(self._prefix)
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> RedisPresence:
@@ -253,16 +199,16 @@ class RedisPresence(Presence):
                 group[1].extend((conn_id, value))
         if groups:
             async with self._redis_call():
-                await eval_groups(self._client, _APPLY, groups.values())
+                await eval_groups(self._client, redis_lua.PRESENCE_APPLY, groups.values())
         return [None] * len(writes)
 
     async def _read(self, customer_id: str, answer: str) -> Any:
         keys = self._keys(customer_id)
         async with self._redis_call():
             if not self._sharded:
-                return await eval_script(self._client, _READ, keys, [answer, self._heartbeat_prefix])
+                return await eval_script(self._client, redis_lua.PRESENCE_READ, keys, [answer, self._heartbeat_prefix])
             dead = await self._dead_instances(keys[1])
-            return await eval_script(self._client, _READ, keys, [answer, "", *dead])
+            return await eval_script(self._client, redis_lua.PRESENCE_READ, keys, [answer, "", *dead])
 
     async def list(self, customer_id: str) -> list[PresenceEntry]:
         flat: list[bytes] = await self._read(customer_id, "list")

@@ -31,7 +31,7 @@ from typing import Final
 from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
-from service import keys, metrics
+from service import keys, metrics, redis_keys, redis_lua
 from service.connection import Connection
 from service.keys import Lifecycle
 from service.log import get_logger
@@ -45,35 +45,6 @@ log = get_logger("eva_ws.rebalance")
 STALE_INTERVALS: Final = 3
 # A routing key that came back after a shed stays for this many intervals.
 PIN_INTERVALS: Final = 30
-
-# KEYS: the hash. ARGV: pod id, count (-1 removes the pod), stale after ms.
-# Returns {live pods, total connections of live pods}.
-_REPORT: Final = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local count = tonumber(ARGV[2])
-local stale_ms = tonumber(ARGV[3])
-if count >= 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], count .. ':' .. now_ms)
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
-end
-local flat = redis.call('HGETALL', KEYS[1])
-local pods, total = 0, 0
-for i = 1, #flat, 2 do
-  local sep = string.find(flat[i + 1], ':', 1, true)
-  local n = tonumber(string.sub(flat[i + 1], 1, sep - 1))
-  local at = tonumber(string.sub(flat[i + 1], sep + 1))
-  if now_ms - at > stale_ms then
-    redis.call('HDEL', KEYS[1], flat[i])
-  else
-    pods = pods + 1
-    total = total + n
-  end
-end
-redis.call('PEXPIRE', KEYS[1], stale_ms * 2)
-return {pods, total}
-"""
 
 
 def routing_key(conn: Connection) -> str:
@@ -111,7 +82,7 @@ class Rebalancer:
     ) -> None:
         self._client = client
         self._lifecycle = lifecycle
-        self._key = f"{prefix}rebalance:connections"
+        self._key = redis_keys.rebalance_report(prefix)
         self._pod_id = pod_id
         self._interval_s = interval_s
         self._tolerance = tolerance
@@ -135,7 +106,10 @@ class Rebalancer:
         stale_ms = int(STALE_INTERVALS * self._interval_s * 1000)
         async with asyncio.timeout(max(1.0, self._interval_s)):
             pods, total = await eval_script(
-                self._client, _REPORT, [self._key], [self._pod_id, -1 if draining else len(connections), stale_ms]
+                self._client,
+                redis_lua.REBALANCE_REPORT,
+                [self._key],
+                [self._pod_id, -1 if draining else len(connections), stale_ms],
             )
         if draining:
             return 0
@@ -199,7 +173,7 @@ class Rebalancer:
         """Leave the average at once, so the others do not count a pod that is going away."""
         try:
             async with asyncio.timeout(1.0):
-                await eval_script(self._client, _REPORT, [self._key], [self._pod_id, -1, 1])
+                await eval_script(self._client, redis_lua.REBALANCE_REPORT, [self._key], [self._pod_id, -1, 1])
         except CLUSTER_ERRORS as exc:
             log.warning("rebalance_leave_failed", error=type(exc).__name__)
 

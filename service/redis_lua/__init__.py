@@ -1,0 +1,21 @@
+"""Every Lua script eva-ws runs in Redis beside the broker's wire format, one `.lua` file each, named for what it does.
+
+Each file starts with a comment naming its KEYS and ARGV. A script is sent by its SHA1 with
+`redis_cluster_client.eval_script` (EVAL when the node does not know it yet), on either topology.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Final
+
+
+def _load(name: str) -> str:
+    return files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+PRESENCE_APPLY: Final = _load("presence_apply")
+PRESENCE_READ: Final = _load("presence_read")
+LEASES_APPLY: Final = _load("leases_apply")
+LEASES_REFRESH: Final = _load("leases_refresh")
+REBALANCE_REPORT: Final = _load("rebalance_report")
