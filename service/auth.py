@@ -16,13 +16,19 @@ from service.config import Settings
 from service.hmac_tokens import HmacTokenCheck, plain_header
 from service.jwks import JwksClient
 from service.log import get_logger
-from service.protocol import Channel, ClientMessage, ErrorCode, Filters, ProtocolError, is_valid_id, subscription_key
+from service.protocol import (
+    MAX_TOKEN_LENGTH,
+    Channel,
+    ClientMessage,
+    ErrorCode,
+    Filters,
+    ProtocolError,
+    is_valid_id,
+    subscription_key,
+)
 
 log = get_logger("eva_ws.auth")
 
-# Below aiohttp's request-line limit (8,190 bytes) with room for the path and other parameters,
-# so a token the service accepts always fits in `?token=`.
-MAX_TOKEN_LENGTH: Final = 6144
 MAX_CUSTOMERS_PER_TOKEN: Final = 1000
 MAX_EXP_S: Final = 253_402_300_799
 ROLE_ADMIN: Final = "admin"

@@ -89,6 +89,9 @@ RECONNECT_CODES: Final = frozenset(
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._~@+|:=-]{1,128}")
 MAX_TRANSACTION_IDS: Final = 100
 MAX_CORRELATION_ID_LENGTH: Final = 128
+# Below aiohttp's request-line limit (8,190 bytes) with room for the path and other parameters,
+# so a token the service accepts always fits in `?token=`.
+MAX_TOKEN_LENGTH: Final = 6144
 _MESSAGE_FIELDS: Final = frozenset({"type", "channel", "filters", "timestamp", "correlationId", "since", "token"})
 _FILTER_FIELDS: Final = frozenset({"customerId", "userId", "transactionIds"})
 
@@ -168,7 +171,7 @@ def parse_client_message(text: str) -> ClientMessage:
         return ClientMessage(type=kind, correlation_id=correlation_id)
     if kind == "refresh":
         token = raw.get("token")
-        if not isinstance(token, str) or not token or len(token) > 8192:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise fail(ErrorCode.INVALID_MESSAGE, "refresh needs a token string")
         return ClientMessage(type=kind, correlation_id=correlation_id, token=token)
     if kind not in ("subscribe", "unsubscribe"):
