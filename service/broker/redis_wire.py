@@ -1,4 +1,4 @@
-"""The Redis wire format of the broker: key names, the publish and history scripts, the envelope codec.
+"""The Redis wire format of the broker: key names, the scripts (files in service/redis_lua), the envelope codec.
 
 Everything a publisher in another language needs is here and in docs/redis-wire-format.md.
 """
@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Final
 
+from service import redis_lua
 from service.broker.base import Envelope, History, Position
 
 # Bumped only with an incompatible envelope change; subscribers drop other versions.
@@ -90,87 +91,13 @@ def decode_envelope(data: bytes) -> WireEvent:
     return WireEvent(offset=int(raw_offset), epoch=raw_epoch.decode(), payload=payload)
 
 
-# Shared by both scripts: a channel whose meta hash is gone lost its position, so it
-# starts a new epoch, and any stream left without its meta is stale and dropped.
-_ENSURE_EPOCH: Final = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-"""
-
-PUBLISH_SCRIPT: Final = (
-    """-- eva-ws publish v2
--- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] idempotency key (optional)
--- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] pubsub channel, ARGV[4] history size, ARGV[5] payload,
--- ARGV[6] idempotency window seconds (with KEYS[3])
-if KEYS[3] then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then
-    local seen_offset, seen_epoch = string.match(seen, '^(%d+):(.+)$')
-    return {tonumber(seen_offset), seen_epoch, 1}
-  end
-end
-"""
-    + _ENSURE_EPOCH
-    + """
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local id = string.format('%d', offset)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'p', ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'e1:' .. id .. ':' .. epoch .. '\\n' .. ARGV[5])
-if KEYS[3] then
-  redis.call('SET', KEYS[3], id .. ':' .. epoch, 'EX', ARGV[6])
-end
-return {offset, epoch, 0}
-"""
-)
-
-HISTORY_SCRIPT: Final = (
-    """-- eva-ws history v2
--- KEYS[1] meta hash, KEYS[2] history stream
--- ARGV[1] epoch candidate, ARGV[2] ttl seconds, ARGV[3] epoch asked for, ARGV[4] first offset wanted ('' = none),
--- ARGV[5] history size
-"""
-    + _ENSURE_EPOCH
-    + """
-local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local entries = {}
-local recovered = 0
-if ARGV[4] ~= '' then
-  -- The window is the newest ARGV[5] offsets the stream still holds (approximate trimming
-  -- may leave a few older ones, never read), found from the oldest entry alone.
-  local oldest = offset - tonumber(ARGV[5]) + 1
-  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-  if #head == 0 then
-    oldest = offset + 1
-  else
-    oldest = math.max(oldest, tonumber(string.match(head[1][1], '^%d+')))
-  end
-  local first = tonumber(ARGV[4])
-  if ARGV[3] == epoch and first >= oldest and first <= offset + 1 then
-    recovered = 1
-  else
-    first = oldest
-  end
-  if first <= offset then
-    local count = string.format('%d', offset - first + 1)
-    entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', first), '+', 'COUNT', count)
-  end
-end
-return {epoch, offset, entries, recovered}
-"""
-)
-
-# The same script for Redis Cluster: SPUBLISH on the shard channel (ARGV[3] = shard_channel()),
-# which lives in the slot of the keys, so only the subscribers of that slot's shard see it.
-CLUSTER_PUBLISH_SCRIPT: Final = PUBLISH_SCRIPT.replace("-- eva-ws publish v2", "-- eva-ws cluster publish v2").replace(
-    "redis.call('PUBLISH', ARGV[3]", "redis.call('SPUBLISH', ARGV[3]"
-)
+# The scripts, each in its own file under service/redis_lua/ (quoted in docs/redis-wire-format.md,
+# whose SHA1s other publishers may call them by). Both publish scripts start a new epoch for a
+# channel whose meta hash is gone; they differ only in PUBLISH (one Redis) or SPUBLISH on the
+# shard channel, which lives in the slot of the keys (Redis Cluster, ARGV[3] = shard_channel()).
+PUBLISH_SCRIPT: Final = redis_lua.PUBLISH
+CLUSTER_PUBLISH_SCRIPT: Final = redis_lua.PUBLISH_SHARDED
+HISTORY_SCRIPT: Final = redis_lua.HISTORY
 
 
 def publish_keys_and_args(

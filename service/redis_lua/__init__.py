@@ -1,4 +1,4 @@
-"""Every Lua script eva-ws runs in Redis beside the broker's wire format, one `.lua` file each, named for what it does.
+"""Every Lua script eva-ws runs in Redis, one `.lua` file each, named after what it does.
 
 Each file starts with a comment naming its KEYS and ARGV. A script is sent by its SHA1 with
 `redis_cluster_client.eval_script` (EVAL when the node does not know it yet), on either topology.
@@ -14,6 +14,11 @@ def _load(name: str) -> str:
     return files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
+# The broker's wire format (docs/redis-wire-format.md): byte for byte, since other publishers
+# may call them by SHA1. `publish_sharded` is `publish` with SPUBLISH, for Redis Cluster.
+PUBLISH: Final = _load("publish")
+PUBLISH_SHARDED: Final = _load("publish_sharded")
+HISTORY: Final = _load("history")
 PRESENCE_APPLY: Final = _load("presence_apply")
 PRESENCE_READ: Final = _load("presence_read")
 LEASES_APPLY: Final = _load("leases_apply")
