@@ -17,9 +17,10 @@ from aiohttp import web
 
 from fleet.process import ServiceProcess
 from service.app import create_app
-from service.auth import MAX_TOKEN_LENGTH, mint_token
+from service.auth import mint_token
 from service.config import load_settings
 from service.http_protocol import AppRunner
+from service.protocol import MAX_TOKEN_LENGTH
 from service.server import server_options
 from tests.conftest import SECRET, make_settings, token_for
 
@@ -65,21 +66,23 @@ def _settings(service: ServiceProcess) -> Any:
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP response: status, headers (lower-case names) and the body its Content-Length announces."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed before a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
+    """One HTTP response: status, headers (lower-case names) and the body its Content-Length announces.
+
+    Reads no byte beyond it, so pipelined responses can be read one after the other.
+    """
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, f"the connection closed before a response: {head!r}"
+        head += byte
+    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
+    body = b""
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(int(headers["content-length"]) - len(body))
         assert chunk, "the connection closed inside the body"
         body += chunk
-    return int(status_line.split(" ")[1]), headers, body[:length]
+    return int(status_line.split(" ")[1]), headers, body
 
 
 def _connect(service: ServiceProcess) -> socket.socket:
@@ -192,3 +195,12 @@ async def test_an_open_socket_keeps_nothing_of_the_request_head() -> None:
             assert protocol._parser is None
     finally:
         await runner.cleanup()
+
+
+def test_pipelined_requests_each_within_the_budget_are_served(service: ServiceProcess) -> None:
+    request = f"GET /healthz HTTP/1.1\r\nHost: a\r\n{_padding(BUDGET * 2 // 3)}\r\n".encode()
+    with _connect(service) as sock:
+        sock.sendall(request * 3)
+        for _ in range(3):
+            status, _, _ = _read_response(sock)
+            assert status == 200

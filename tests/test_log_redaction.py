@@ -13,9 +13,10 @@ from typing import Final
 import pytest
 
 from fleet.process import ServiceProcess
-from service.auth import MAX_TOKEN_LENGTH, mint_token
+from service.auth import mint_token
 from service.config import load_settings
 from service.log import redact_tokens
+from service.protocol import MAX_TOKEN_LENGTH
 from tests.conftest import SECRET
 
 ROOT: Final = Path(__file__).resolve().parent.parent
