@@ -281,10 +281,10 @@ async def test_foreign_publisher_calling_the_script_is_delivered(pods: Callable[
     await pod.broker.subscribe(channel)
     prefix = prefix_of(pod.broker)
     keys = [wire.meta_key(prefix, channel), wire.stream_key(prefix, channel)]
-    offset, epoch = await raw.eval(
+    offset, epoch, duplicate = await raw.eval(
         wire.PUBLISH_SCRIPT, 2, *keys, "fromgo1", 600, prefix + channel, 1000, b'{"id":"t1"}'
     )
-    assert (offset, epoch) == (1, b"fromgo1")
+    assert (offset, epoch, duplicate) == (1, b"fromgo1", 0)
     await eventually(lambda: len(pod.recorder.on(channel)) == 1, "event from the script was not delivered")
     assert pod.recorder.on(channel)[0].payload == b'{"id":"t1"}'
     assert wire.encode_envelope(1, "fromgo1", b'{"id":"t1"}') == b'e1:1:fromgo1\n{"id":"t1"}'

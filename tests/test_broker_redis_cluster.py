@@ -430,7 +430,7 @@ async def test_foreign_publishers_script_is_delivered_and_garbage_is_counted_and
         assert owner.cli("SPUBLISH", shard, garbage) == "1"
     keys = [wire.meta_key(prefix, channel), wire.stream_key(prefix, channel)]
     reply = owner.cli("EVAL", wire.CLUSTER_PUBLISH_SCRIPT, "2", *keys, "fromgo1", "600", shard, "1000", '{"id":"t1"}')
-    assert reply.split() == ["1", "fromgo1"]
+    assert reply.split() == ["1", "fromgo1", "0"]  # offset, epoch, not a duplicate
     await eventually(lambda: len(pod.recorder.on(channel)) == 1, "the script's event was not delivered")
     assert pod.recorder.on(channel)[0].payload == b'{"id":"t1"}'
     assert metrics.BROKER_INVALID_MESSAGES._value.get() == invalid_before + 3
