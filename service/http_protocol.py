@@ -1,4 +1,4 @@
-"""aiohttp's HTTP/1.1 connection with a byte budget for each request head and JSON error replies."""
+"""aiohttp's HTTP/1.1 connection: a byte budget per request head, JSON errors, no head kept after an upgrade."""
 
 from __future__ import annotations
 
@@ -28,17 +28,18 @@ class RequestHeadTooLarge(HttpProcessingError):
 
 
 class BoundedRequestHandler(RequestHandler):
-    """One connection: aiohttp's, plus a limit on the bytes of each request line and headers.
+    """One connection: aiohttp's, with a byte budget for each request head.
 
     aiohttp bounds a head only field by field (128 headers of up to 8,190 bytes each, about
-    2 MB kept per connection, and kept for a WebSocket's whole life). Here the bytes that
-    arrive while a request head is being read are counted before the parser sees them: it is
-    given at most the budget, and a head that has not ended within it gets 431. A head is read from
-    the connection's start and again once the previous request's body is complete. In a
+    2 MB per connection, kept for a WebSocket's whole life). Here the bytes that arrive while
+    a head is being read are counted before the parser sees them: it is given at most the
+    budget, and a head that has not ended within it gets 431. A head is read from the
+    connection's start and again once the previous request's body is complete; in a
     pipelined read that ends one body and starts the next head, that head's first bytes are
-    not counted (aiohttp's per-field limits still hold); browsers and aiohttp's client never
-    pipeline. aiohttp's error replies become JSON that quotes nothing of the request.
-    Relies on RequestHandler internals of aiohttp 3.13/3.14 (tests/test_headers.py).
+    not counted (aiohttp's per-field limits still hold them). At an upgrade, what only the
+    head needed is dropped (see set_parser). Error replies are JSON that quotes nothing of
+    the request. Relies on RequestHandler internals of aiohttp 3.13/3.14, which
+    tests/test_headers.py and tests/test_log_redaction.py exercise.
     """
 
     # aiohttp's handler has slots: without these each connection would carry a dict.
