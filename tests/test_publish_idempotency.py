@@ -6,11 +6,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
 from service import keys
 from service.broker import memory
+from service.broker.redis_wire import idempotency_key_name
 from service.publisher import InvalidEvent, Publisher
 from tests.conftest import AppClient, connect, make_settings, publish, receive_json, subscribe, token_for, txn
 from tests.drop_proxy import DropProxy
@@ -180,3 +182,9 @@ async def test_a_backend_publisher_and_a_pod_share_the_keys(
     assert (repeated.position.offset, repeated.position.duplicate) == (1, True)
     status, answer = await publish_to(session, pod, keyed(event_body("C1", 0), "evt-0"))
     assert (status, answer["offset"], answer["duplicate"]) == (202, 1, True)
+
+
+async def test_the_window_of_a_backend_publisher_is_the_ttl_of_its_keys(redis_server: RedisServer, raw: Redis):
+    async with Publisher.connect(redis_server.url, idempotency_window_s=60) as publisher:
+        await publisher.publish("transaction_new", txn("T1", "C1"), idempotency_key="evt-0")
+    assert 0 < await raw.ttl(idempotency_key_name("", "transactions:C1", "evt-0")) <= 60
