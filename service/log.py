@@ -18,15 +18,16 @@ _SECRET_KEYS: Final = frozenset({"token", "authorization", "secret", "password",
 
 
 # Token-shaped text anywhere in a rendered line, whoever wrote it: aiohttp quotes the request
-# line or a header in its parser errors, an exception may carry a URL. Base64url of '{"' begins
-# every JWT header, so a token cut short (aiohttp quotes the first 100 bytes) still matches;
-# the second form is any three long base64url segments; the third, whatever follows `Bearer `
-# or `token=` up to a separator (a token spoilt by a bad byte is still a secret).
-_TOKEN_SHAPED: Final = re.compile(
-    r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){0,2}"
-    r"|[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"
-    r"|(?i:(?<=bearer )|(?<=token=))[^\s&'\"\\]+"
+# line or a header in its parser errors, an exception may carry a URL. A JWT header is JSON, so
+# its base64url starts `eyJ` (`{"`), or `ey`/`ew` when a space or newline follows the brace: from
+# `eyJ` anything is redacted (aiohttp quotes the first 100 bytes, a token cut short is a secret
+# too), from `ey`/`ew` two dotted segments. Possessive repeats: no backtracking through long ids.
+_B64: Final = "[A-Za-z0-9_-]"
+_JWT_SHAPED: Final = re.compile(
+    rf"eyJ{_B64}{{4,}}+(?:\.{_B64}*+){{0,2}}|e[wy]{_B64}{{8,}}+\.{_B64}{{8,}}+(?:\.{_B64}*+)?"
 )
+# Whatever follows `Bearer ` or `token=` up to a separator: a token spoilt by a bad byte is still one.
+_AFTER_KEYWORD: Final = re.compile(r"(?i)(bearer\s+|token=)[^\s&'\"\\]+")
 REDACTED: Final = "[redacted]"
 
 
@@ -38,7 +39,12 @@ def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
 
 def redact_tokens(text: str) -> str:
     """`text` with everything token-shaped replaced; the last step before any line is written."""
-    return _TOKEN_SHAPED.sub(REDACTED, text)
+    text = _JWT_SHAPED.sub(REDACTED, text)
+    # Most lines have neither word: the substring tests cost far less than the search.
+    lowered = text.lower()
+    if "bearer" in lowered or "token=" in lowered:
+        text = _AFTER_KEYWORD.sub(rf"\1{REDACTED}", text)
+    return text
 
 
 def _redact_line(_logger: Any, _method: str, line: Any) -> str:

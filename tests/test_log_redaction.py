@@ -125,6 +125,12 @@ def test_every_logger_redacts_tokens() -> None:
         ("conn_id 0123456789abcdef0123456789abcdef", True),
         ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIi", False),
         ("Authorization: Bearer not-a-jwt-but-secret", False),
+        ("BeArEr not-a-jwt-but-secret", False),
+        ("GET /ws?customerId=C1&token=not-a-jwt&reconnect=1", False),
+        # A header with a space or a newline after the brace: base64url `ey`/`ew`.
+        ("ewogICJhbGciOiAiSFMyNTYiCn0.eyJzdWIiOiJhbGljZSJ9.c2ln", False),
+        ("eyAiYWxnIjogIkhTMjU2In0.eyJzdWIiOiJhbGljZSJ9", False),
+        ("the eyebrows.are fine", True),
     ],
 )
 def test_redaction_keeps_ordinary_text(text: str, kept: bool) -> None:
