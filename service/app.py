@@ -10,7 +10,7 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from service import handlers, http_errors, keys, loop_health, ops
+from service import handlers, http_errors, inspect_api, keys, loop_health, ops
 from service.auth import TokenVerifier
 from service.backends import create_broker, create_connection_counter, create_presence
 from service.broker.base import Broker
@@ -68,6 +68,7 @@ def create_app(
     api = [
         app.router.add_post("/api/v1/publish", handlers.publish),
         app.router.add_get("/api/v1/presence/{customer_id}", handlers.presence),
+        *inspect_api.add_routes(app),
     ]
     if not settings.ops_port:
         ops.add_routes(app)
@@ -96,6 +97,7 @@ def create_app(
     app.cleanup_ctx.append(_loop_health_ctx)
     app.cleanup_ctx.append(_deadlines_ctx)
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(inspect_api.connections_query_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
     app.cleanup_ctx.append(rebalance_ctx)
     app.on_shutdown.append(_close_remaining_sockets)

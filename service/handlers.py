@@ -342,7 +342,8 @@ async def presence(request: web.Request) -> web.Response:
     customer_id = request.match_info["customer_id"]
     if not is_valid_id(customer_id):
         return _json_error(400, "invalid_customer", "not a valid customer id")
-    if not principal.can_see_customer(customer_id):
+    # Backends that publish for every customer may see who is online for any of them.
+    if not (principal.is_publisher or principal.can_see_customer(customer_id)):
         return _json_error(403, "forbidden", "not allowed to see this customer")
     try:
         entries = await request.app[keys.PRESENCE].list(customer_id)

@@ -168,12 +168,35 @@ class Hub:
         # Keyed by the whole envelope's identity (payload too): an offset reused after a
         # failover to a replica that missed writes cannot serve another event's frame.
         self._replay_cache: OrderedDict[tuple[str, str, int, bytes], _Decoded | None] = OrderedDict()
+        # Broker channels between pods (not client streams): their payloads go to a handler as they are.
+        self._pod_channels: dict[str, Callable[[bytes], None]] = {}
         broker.set_handlers(on_message=self.on_message, on_resubscribed=self.on_resubscribed)
 
     @property
     def channels(self) -> frozenset[str]:
         """Channels with at least one local subscription: what this pod wants from the broker."""
         return frozenset(self._channels)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Local subscriptions per channel, for operators."""
+        return {key: len(state.subs) for key, state in self._channels.items()}
+
+    def subscriptions(self) -> list[Subscription]:
+        """Every local subscription, for operators: O(subscriptions on this pod)."""
+        return [sub for state in self._channels.values() for sub in state.subs]
+
+    async def listen(self, key: str, handler: Callable[[bytes], None]) -> None:
+        """Deliver every live payload of a pod-to-pod channel to `handler`: no history, no repair.
+
+        Raises BrokerUnavailable if the broker cannot take the subscription now; once taken,
+        the broker keeps it across reconnects.
+        """
+        self._pod_channels[key] = handler
+        try:
+            await self._broker.subscribe(key)
+        except BaseException:
+            del self._pod_channels[key]
+            raise
 
     async def subscribe(
         self,
@@ -244,6 +267,9 @@ class Hub:
     def on_message(self, envelope: Envelope) -> None:
         state = self._channels.get(envelope.channel)
         if state is None:
+            handler = self._pod_channels.get(envelope.channel)
+            if handler is not None:
+                handler(envelope.payload)
             return
         if not state.in_sync:
             # Setting up or repairing: history will hold this event; just remember how far to read.

@@ -11,6 +11,7 @@ from service.auth import TokenVerifier
 from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Connection, Flusher
+from service.connections_query import ConnectionsQuery
 from service.deadlines import Deadlines
 from service.hub import Hub
 from service.jwks import JwksClient
@@ -37,5 +38,6 @@ LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 FLUSHER: Final = web.AppKey("flusher", Flusher)
 DEADLINES: Final = web.AppKey("deadlines", Deadlines)
 CONNECTION_LIMITS: Final = web.AppKey("connection_limits", ConnectionLimits)
+CONNECTIONS_QUERY: Final = web.AppKey("connections_query", ConnectionsQuery)
 # Present only when EVA_WS_JWKS_URL is set.
 JWKS: Final = web.AppKey("jwks", JwksClient)
