@@ -76,6 +76,9 @@ class ConnectionsQuery:
         # The pod's open sockets (Lifecycle.connections), read at each query.
         self._connections = connections
         self._pod_id = pod_id
+        # Connections keep a monotonic clock; this turns it into wall time. Taken once, so a
+        # socket's time, which orders the pages, is the same in every answer.
+        self._wall_minus_monotonic = time.time() - time.monotonic()
         # The embedded broker is one process: nobody else to ask.
         self._shared = not isinstance(broker, MemoryBroker)
         self._pending: dict[str, _Pending] = {}
@@ -141,14 +144,12 @@ class ConnectionsQuery:
             if listed is not None:
                 channel = channel_of_key(sub.key).value
                 listed.append({"channel": channel, "subscription": sub.key, "filters": sub.filters.to_json()})
-        # Connections keep a monotonic clock; this is the wall time they opened at.
-        wall_minus_monotonic = time.time() - time.monotonic()
         return [
             {
                 "connId": conn.conn_id,
                 "userId": conn.principal.user_id,
                 "podId": self._pod_id,
-                "connectedAt": conn.opened_at + wall_minus_monotonic,
+                "connectedAt": conn.opened_at + self._wall_minus_monotonic,
                 "customerIds": list(conn.principal.customer_ids),
                 "subscriptions": sorted(subscriptions[id(conn)], key=lambda s: s["subscription"]),
             }
