@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 
 from fleet.redis_cluster import RedisCluster
 from fleet.waiting import eventually
-from service.broker.redis_cluster import RedisClusterBroker
+from service.broker.canary import CANARY_CHANNEL_PART
+from service.broker.redis import RedisBroker
 
 PREFIX = "m:"
 
@@ -30,13 +31,15 @@ PREFIX = "m:"
 async def shard_channels(node: aioredis.Redis) -> int:
     """How many of the pod's shard channels this master has subscribed; 0 while it does not answer."""
     try:
-        return len(await node.pubsub_shardchannels(f"{PREFIX}*"))
+        names = await node.pubsub_shardchannels(f"{PREFIX}*")
+        # Without the pod's own canary channel: only the channels it was asked to subscribe.
+        return len([name for name in names if CANARY_CHANNEL_PART.encode() not in name])
     except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.ResponseError):
         return 0
 
 
 async def measure(cluster: RedisCluster, channels: int) -> dict[str, Any]:
-    broker = RedisClusterBroker(
+    broker = RedisBroker(
         url=cluster.url, prefix=PREFIX, history_size=100, history_ttl_s=600, pod_id="measure", topology_refresh_s=1.0
     )
     names = [f"transactions:C{n}" for n in range(channels)]
@@ -50,7 +53,9 @@ async def measure(cluster: RedisCluster, channels: int) -> dict[str, Any]:
         raw["subscribe_s"] = time.perf_counter() - started
         print(f"subscribed {channels} channels in {raw['subscribe_s']:.2f} s")
         for node in cluster.nodes:
-            on_node = len(node.cli("PUBSUB", "SHARDCHANNELS", f"{PREFIX}*").split())
+            on_node = len(
+                [n for n in node.cli("PUBSUB", "SHARDCHANNELS", f"{PREFIX}*").split() if CANARY_CHANNEL_PART not in n]
+            )
             stats = node.cli("INFO", "commandstats")
             calls = re.search(r"^cmdstat_ssubscribe:calls=(\d+)", stats, re.MULTILINE)
             raw["masters"].append(

@@ -12,7 +12,6 @@ from typing import Any, Final
 from service.broker.base import Broker, Envelope, Position
 from service.broker.memory import MemoryBroker
 from service.broker.redis import RedisBroker
-from service.broker.redis_cluster import RedisClusterBroker
 from tests.backends import Store
 
 BrokerFactory = Callable[..., Broker]
@@ -120,7 +119,7 @@ def broker_factory(store: Store, **defaults: Any) -> BrokerFactory:
             **options,
         }
         if store.topology == "cluster":
-            return RedisClusterBroker(topology_refresh_s=1.0, **settings)
+            settings.setdefault("topology_refresh_s", 1.0)
         return RedisBroker(**settings)
 
     return make

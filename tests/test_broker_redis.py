@@ -465,11 +465,6 @@ async def test_a_cancelled_publish_does_not_mix_up_later_replies(
     assert position.offset in (1, 2)  # the cancelled publish may or may not have run
 
 
-def test_cluster_urls_are_refused_with_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="cluster"):
-        RedisBroker(url="redis+cluster://127.0.0.1:1", prefix="", history_size=1, history_ttl_s=1, pod_id="p")
-
-
 async def test_bursts_larger_than_the_connection_pool_wait_for_a_connection(pods: Callable[..., Any]) -> None:
     # A generous time bound: the point is waiting for a connection, not how fast that is.
     pod = await pods(max_connections=4, command_timeout_s=30.0)

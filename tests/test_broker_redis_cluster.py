@@ -1,4 +1,4 @@
-"""RedisClusterBroker on a real three-master Redis Cluster: sharding, migration, node loss (contract elsewhere)."""
+"""RedisBroker on a real three-master Redis Cluster: sharding, migration, node loss (contract elsewhere)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from service.broker import create_broker
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.canary import CANARY_CHANNEL_PART
-from service.broker.redis_cluster import RedisClusterBroker
+from service.broker.redis import RedisBroker
+from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.config import Settings
 from service.redis_cluster_client import parse_cluster_url
 from tests.broker_contract import (
@@ -91,7 +92,7 @@ def cluster_factory_for_url(url: str, **defaults: Any) -> BrokerFactory:
         settings.update(FAST)
         settings.update(defaults)
         settings.update(options)
-        return RedisClusterBroker(**settings)
+        return RedisBroker(**settings)
 
     return make
 
@@ -117,7 +118,7 @@ async def pods(shared_cluster: RedisCluster) -> AsyncIterator[Callable[..., Any]
 
 
 def prefix_of(broker: Broker) -> str:
-    assert isinstance(broker, RedisClusterBroker)
+    assert isinstance(broker, RedisBroker)
     return broker._prefix
 
 
@@ -138,9 +139,11 @@ def test_cluster_urls_name_every_seed_node() -> None:
     assert credentials == {"username": "u", "password": "p@ss"}
 
 
-def test_create_broker_picks_the_cluster_broker_for_cluster_urls() -> None:
+def test_create_broker_picks_sharded_delivery_for_cluster_urls() -> None:
     settings = Settings(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2", pod_id="p")
-    assert isinstance(create_broker(settings), RedisClusterBroker)
+    broker = create_broker(settings)
+    assert isinstance(broker, RedisBroker)
+    assert isinstance(broker._subscriber, ClusterSubscriber)
 
 
 async def test_channels_spread_over_every_master_and_each_master_serves_its_own(
@@ -323,8 +326,9 @@ async def test_a_replica_promoted_after_its_master_dies_takes_over_the_channels(
         await eventually(lambda: replicated_cluster.owner_of(slot) is not victim, "no replica was promoted")
         promoted = replicated_cluster.owner_of(slot)
         await eventually(lambda: listener.broker.ready, "broker did not move to the promoted replica")
-        assert isinstance(listener.broker, RedisClusterBroker)
-        assert channels[0] in listener.broker.channels_by_node()[("127.0.0.1", promoted.port)]
+        assert isinstance(listener.broker, RedisBroker)
+        assert isinstance(listener.broker._subscriber, ClusterSubscriber)
+        assert channels[0] in listener.broker._subscriber.links()[("127.0.0.1", promoted.port)]
         await eventually(
             lambda: set(lost) <= {c for notice in listener.recorder.resubscribed for c in notice},
             "the moved channels were not reported as resubscribed",

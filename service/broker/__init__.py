@@ -8,17 +8,13 @@ from service.config import Settings
 
 
 def create_broker(settings: Settings) -> Broker:
-    """The in-process broker without EVA_WS_REDIS_URL, the Redis broker with it (Redis Cluster for redis+cluster://)."""
+    """The in-process broker without EVA_WS_REDIS_URL, the Redis broker with it (one Redis or a Cluster)."""
     if settings.redis_url is None:
         return MemoryBroker(
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             idempotency_window_s=settings.idempotency_window_s,
         )
-    if settings.redis_url.startswith("redis+cluster://"):
-        from service.broker.redis_cluster import RedisClusterBroker
-
-        return RedisClusterBroker.from_settings(settings)
     from service.broker.redis import RedisBroker
 
     return RedisBroker.from_settings(settings)

@@ -1,4 +1,4 @@
-"""The Redis broker: one Lua script per publish, a per-channel stream as history, live delivery by Subscriber."""
+"""The Redis broker, on one Redis or a Redis Cluster: one Lua script per publish, a per-channel stream as history."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+import structlog
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import metrics
 from service.broker import redis_wire as wire
@@ -20,18 +21,34 @@ from service.broker.base import (
     check_idempotency_key,
     idempotency_keys_for,
 )
-from service.broker.canary import Canary, canary_channel, new_instance
+from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
 from service.broker.readiness import ReadinessLog
+from service.broker.redis_cluster_subscriber import ClusterSubscriber
 from service.broker.redis_subscriber import Subscriber
 from service.config import Settings
-from service.redis_client import client_name_part, client_options, command_client
+from service.redis_client import cancel_and_wait, client_name_part, client_options
+from service.redis_cluster_client import (
+    CLUSTER_ERRORS,
+    Address,
+    any_command_client,
+    eval_script,
+    is_cluster_url,
+    parse_cluster_url,
+)
+
+log = structlog.get_logger("eva_ws.broker")
 
 
 class RedisBroker(Broker):
-    """Broker over one Redis: see Broker for the contract and docs/redis-wire-format.md for the format.
+    """Broker over Redis: see Broker for the contract and docs/redis-wire-format.md for the format.
 
-    Publishing and history use a pool of command connections; live events arrive on a
-    separate PUB/SUB connection owned by a Subscriber.
+    `url` names one Redis or a Redis Cluster 7.0+ (`redis+cluster://`). Publishing and
+    history use a pool of command connections (on a cluster, redis-py's RedisCluster, which
+    follows MOVED and ASK). Live events arrive on PUB/SUB connections: one owned by a
+    Subscriber on one Redis; on a cluster, sharded PUB/SUB with one connection per master,
+    managed by ClusterSubscriber. A channel's meta hash, history stream and (on a cluster)
+    shard channel share one hash tag, hence one slot, so the publish script runs on the
+    slot's master and SPUBLISHes there.
     """
 
     def __init__(
@@ -56,6 +73,7 @@ class RedisBroker(Broker):
         max_connections: int = 32,
         canary_interval_s: float = 1.0,
         canary_max_lag_s: float = 5.0,
+        topology_refresh_s: float = 5.0,
     ) -> None:
         """`url`, `prefix`, `history_size`, `history_ttl_s`, `pod_id` and `idempotency_window_s`
         are the EVA_WS_* settings.
@@ -68,18 +86,21 @@ class RedisBroker(Broker):
         - `pong_timeout_s`: how long a PING may stay unanswered before the connection is
           treated as half-open, reported not ready, and rebuilt.
         - `subscribe_timeout_s`: how long `subscribe` waits for Redis to confirm.
-        - `max_connections`: connections for publish and history; more concurrent calls wait
-          for a free one, within the same time bound.
+        - `max_connections`: connections for publish and history (per master on a cluster);
+          more concurrent calls wait for a free one, within the same time bound.
         - `reconnect_min_s`, `reconnect_max_s`: reconnect backoff, doubled per failed attempt
           from min up to max, jittered, reset after a connection that got fully subscribed.
         - `canary_interval_s`: how often the pod publishes a canary to its private channel.
         - `canary_max_lag_s`: the pod is not ready while no canary sent within this many
           seconds came back on its subscriber connection.
+        - `topology_refresh_s` (cluster): how often the slot map is re-read when nothing
+          suggests it changed (a lost connection or a moved slot re-reads it at once).
         """
         super().__init__()
-        if url.startswith("redis+cluster://"):
-            # Cluster needs sharded PUB/SUB (SSUBSCRIBE); the keys are already hash-tagged for it.
-            raise ValueError("RedisBroker talks to one Redis server, not a cluster")
+        self._sharded = is_cluster_url(url)
+        # Sharded PUB/SUB on a cluster: the channel carries the keys' hash tag (see redis_wire).
+        self._channel_name = wire.shard_channel if self._sharded else wire.pubsub_channel
+        self._publish_script = wire.CLUSTER_PUBLISH_SCRIPT if self._sharded else wire.PUBLISH_SCRIPT
         self._prefix = prefix
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
@@ -92,34 +113,51 @@ class RedisBroker(Broker):
             keepalive_idle_s=keepalive_idle_s,
             client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
-        self._client = command_client(url, max_connections=max_connections, wait_s=self._timeout_s, **options)
-        options["client_name"] = f"eva-ws:{client_name_part(pod_id)}:sub"
-        self._sub_client: Redis = Redis.from_url(url, **options)
-        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
-        self._history_script = self._client.register_script(wire.HISTORY_SCRIPT)
-        self._canary_channel = canary_channel(prefix, client_name_part(new_instance(pod_id)))
+        self._client = any_command_client(url, max_connections=max_connections, wait_s=self._timeout_s, options=options)
+        # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
+        canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
+        self._canary_channel = self._channel_name(prefix, canary_part)
         self._canary = Canary(publish=self._publish_canary, interval_s=canary_interval_s, max_lag_s=canary_max_lag_s)
 
-        self._subscriber = Subscriber(
-            client=self._sub_client,
-            prefix=prefix,
-            pod_id=pod_id,
+        sub_options = dict(options, client_name=f"eva-ws:{client_name_part(pod_id)}:sub")
+        timing: dict[str, Any] = {
+            "prefix": prefix,
+            "pod_id": pod_id,
             # Late-bound: the hub installs its handlers with set_handlers after construction.
-            on_message=lambda envelope: self._on_message(envelope),
-            on_resubscribed=lambda channels: self._on_resubscribed(channels),
-            ping_interval_s=ping_interval_s,
-            pong_timeout_s=pong_timeout_s,
-            subscribe_timeout_s=subscribe_timeout_s,
-            reconnect_min_s=reconnect_min_s,
-            reconnect_max_s=reconnect_max_s,
-            canary=self._canary,
-            canary_channel=self._canary_channel,
-        )
-        self._subscribe_timeout_s = subscribe_timeout_s
+            "on_message": lambda envelope: self._on_message(envelope),
+            "on_resubscribed": lambda channels: self._on_resubscribed(channels),
+            "ping_interval_s": ping_interval_s,
+            "pong_timeout_s": pong_timeout_s,
+            "subscribe_timeout_s": subscribe_timeout_s,
+            "reconnect_min_s": reconnect_min_s,
+            "reconnect_max_s": reconnect_max_s,
+            "canary": self._canary,
+        }
+        self._subscriber: Subscriber | ClusterSubscriber
+        self._sub_client: Redis | None = None
+        if self._sharded:
+            seeds, credentials = parse_cluster_url(url)
+            link_options: dict[str, Any] = {**sub_options, **credentials}
+
+            def link_client(address: Address) -> Redis:
+                return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **link_options))
+
+            self._subscriber = ClusterSubscriber(
+                seeds=seeds,
+                link_client=link_client,
+                topology_refresh_s=topology_refresh_s,
+                on_slot_map_changed=self._slot_map_changed,
+                canary_channel=canary_part,
+                **timing,
+            )
+        else:
+            self._sub_client = Redis.from_url(url, **sub_options)
+            self._subscriber = Subscriber(client=self._sub_client, canary_channel=self._canary_channel, **timing)
+        self._refreshing: asyncio.Task[None] | None = None
         self._readiness_log = ReadinessLog(
             pod_id=pod_id,
             reasons=self.not_ready_reasons,
-            disconnects=lambda: (self._subscriber.disconnects, self._subscriber.disconnected_at),
+            disconnects=lambda: self._subscriber.disconnects,
             canary_lag_s=lambda: self._canary.lag_s,
             channels=lambda: self._subscriber.wanted_count,
         )
@@ -171,20 +209,44 @@ class RedisBroker(Broker):
         await self._readiness_log.close()
         await self._canary.close()
         await self._subscriber.close()
-        await self._sub_client.aclose()
+        if self._refreshing is not None:
+            await cancel_and_wait(self._refreshing)
+        if self._sub_client is not None:
+            await self._sub_client.aclose()
         await self._client.aclose()
+
+    def _slot_map_changed(self) -> None:
+        """The cluster subscriber saw a new slot map: make the command client read it too.
+
+        Without this, the first command for a failed-over slot goes to the dead master,
+        fails, and only then makes redis-py re-read the map.
+        """
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(
+                self._refresh_command_slots(), name="redis-cluster-command-slots"
+            )
+
+    async def _refresh_command_slots(self) -> None:
+        assert isinstance(self._client, RedisCluster)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.nodes_manager.initialize()
+        except CLUSTER_ERRORS as exc:
+            # redis-py re-reads the map by itself after the next failed command.
+            log.info("broker_command_slot_map_stale", error=type(exc).__name__)
 
     # -- readiness -------------------------------------------------------------------------
 
     def not_ready_reasons(self) -> list[str]:
         """See Broker.not_ready_reasons: `broker_not_ready` (no answering subscriber
-        connection), `resubscribe_pending` (Redis lacks wanted channels), `broker_canary_lag`
+        connection; on a cluster also no slot map or a wanted channel not confirmed on its
+        master), `resubscribe_pending` (one Redis lacks wanted channels), `broker_canary_lag`
         (no canary came back within `canary_max_lag_s`)."""
-        if self._closed or not self._subscriber.connected:
+        if self._closed:
             return ["broker_not_ready"]
-        reasons = []
-        if self._subscriber.subscriptions_pending:
-            reasons.append("resubscribe_pending")
+        reasons = self._subscriber.not_ready_reasons()
+        if reasons == ["broker_not_ready"]:
+            return reasons
         if self._canary.lagging:
             reasons.append("broker_canary_lag")
         return reasons
@@ -192,8 +254,10 @@ class RedisBroker(Broker):
     async def _publish_canary(self, data: bytes) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._client.publish(self._canary_channel, data)
-        except (RedisError, OSError, TimeoutError) as exc:
+                await self._client.execute_command(
+                    "SPUBLISH" if self._sharded else "PUBLISH", self._canary_channel, data
+                )
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"canary not sent: {type(exc).__name__}") from exc
 
     # -- publishing and history -----------------------------------------------------------
@@ -203,7 +267,7 @@ class RedisBroker(Broker):
             self._prefix,
             channel,
             payload,
-            pubsub=wire.pubsub_channel(self._prefix, channel),
+            pubsub=self._channel_name(self._prefix, channel),
             history_size=self._history_size,
             history_ttl_s=self._history_ttl_s,
             idempotency_key=idempotency_key,
@@ -218,8 +282,8 @@ class RedisBroker(Broker):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._publish_script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+                reply = await eval_script(self._client, self._publish_script, keys, args)
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return wire.decode_published(reply)
@@ -227,7 +291,9 @@ class RedisBroker(Broker):
     async def publish_many(
         self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
     ) -> list[Position]:
-        """See Broker.publish_many: one pipelined round trip, scripts loaded first if Redis lost them."""
+        """See Broker.publish_many. One Redis: one pipelined round trip, scripts loaded first if
+        Redis lost them. A cluster: channels in parallel (each on its own slot), one channel's
+        events in order."""
         batch = list(items)
         if not batch:
             return []
@@ -236,17 +302,43 @@ class RedisBroker(Broker):
             # A pipeline asks SCRIPT EXISTS first: one event is one round trip less without it.
             [(channel, payload)] = batch
             return [await self.publish(channel, payload, idempotency_key=keys_of_events[0])]
+        if isinstance(self._client, RedisCluster):
+            return await self._publish_per_channel(batch, keys_of_events)
+        script = self._client.register_script(self._publish_script)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
                 for (channel, payload), idempotency_key in zip(batch, keys_of_events, strict=True):
                     keys, args = self._script_args(channel, payload, idempotency_key)
-                    await self._publish_script(keys=keys, args=args, client=pipe)
+                    await script(keys=keys, args=args, client=pipe)
                 results = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return [wire.decode_published(reply) for reply in results]
+
+    async def _publish_per_channel(
+        self, batch: list[tuple[str, bytes]], keys_of_events: Sequence[str | None]
+    ) -> list[Position]:
+        by_channel: dict[str, list[int]] = {}
+        for index, (channel, _) in enumerate(batch):
+            by_channel.setdefault(channel, []).append(index)
+        positions: list[Position | None] = [None] * len(batch)
+
+        async def publish_channel(indexes: list[int]) -> None:
+            for index in indexes:
+                channel, payload = batch[index]
+                positions[index] = await self.publish(channel, payload, idempotency_key=keys_of_events[index])
+
+        # Not a TaskGroup: one unavailable master must not cancel the other channels' publishes
+        # half-way (their outcome would be unknown), and the caller expects BrokerUnavailable.
+        results = await asyncio.gather(
+            *(publish_channel(indexes) for indexes in by_channel.values()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [p for p in positions if p is not None]
 
     async def history(self, channel: str, since: Position | None) -> History:
         """See Broker.history. Reading a channel that never had events fixes its epoch, so a
@@ -254,17 +346,21 @@ class RedisBroker(Broker):
         keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
         asked_epoch = since.epoch if since is not None else ""
         first = str(since.offset + 1) if since is not None else ""
+        args: list[Any] = [wire.new_epoch(), self._history_ttl_s, asked_epoch, first, self._history_size]
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._history_script(
-                    keys=keys,
-                    args=[wire.new_epoch(), self._history_ttl_s, asked_epoch, first, self._history_size],
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
+                try:
+                    reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
+                except RedisConnectionError:
+                    # Safe to repeat, unlike a publish: its only write creates a missing epoch.
+                    # On a cluster a lost connection makes redis-py re-read the slot map, so a
+                    # failed-over master costs one attempt, not a failed resume.
+                    reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
+        except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
         return wire.decode_history(channel, since, reply)
 
-    # -- subscriptions: see Subscriber ----------------------------------------------
+    # -- subscriptions: see Subscriber and ClusterSubscriber ------------------------------
 
     @property
     def ready(self) -> bool:
@@ -276,8 +372,8 @@ class RedisBroker(Broker):
         return self._subscriber.subscribed_channels
 
     async def subscribe(self, channel: str) -> None:
-        """See Broker.subscribe. Raises BrokerUnavailable (and forgets the channel) if Redis
-        does not confirm within `subscribe_timeout_s`."""
+        """See Broker.subscribe. Raises BrokerUnavailable (and forgets the channel) if Redis (the
+        slot's master) does not confirm within `subscribe_timeout_s`."""
         await self._subscriber.subscribe(channel)
 
     async def unsubscribe(self, channel: str) -> None:

@@ -31,7 +31,7 @@ TOPOLOGY_REFRESH_S: Final = 5.0
 
 
 class ClusterSubscriber:
-    """The sharded PUB/SUB side of RedisClusterBroker; same surface as Subscriber.
+    """The sharded PUB/SUB side of RedisBroker on a cluster; same surface as Subscriber.
 
     It keeps the wanted set and the slot map (CLUSTER SLOTS), and assigns every wanted
     channel to the ShardLink of the master that owns the channel's slot. A link that
@@ -140,6 +140,10 @@ class ClusterSubscriber:
         for link in self._links.values():
             confirmed |= link.actual & link.wanted
         return frozenset(confirmed & self._wanted)
+
+    def not_ready_reasons(self) -> list[str]:
+        """`broker_not_ready` until every wanted channel is confirmed on its slot's master (see `ready`)."""
+        return [] if self.ready else ["broker_not_ready"]
 
     @property
     def wanted_count(self) -> int:

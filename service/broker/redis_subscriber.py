@@ -81,8 +81,8 @@ class Subscriber:
         self._connected = False
         # Connections lost or failed so far, and when the last one was, so that readiness
         # reporting sees a reconnect even when it was over before anyone looked.
-        self.disconnects = 0
-        self.disconnected_at = 0.0
+        self._disconnects = 0
+        self._disconnected_at = 0.0
         self._up = asyncio.Event()  # set while `_connected`
         self._reached_ready = False  # the current connection had every wanted channel confirmed
         self._ping_sent_at: float | None = None
@@ -112,6 +112,18 @@ class Subscriber:
                     waiter.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
         self._set_connected(False)
+
+    @property
+    def disconnects(self) -> tuple[int, float]:
+        """Connections lost or failed so far, and when the last one was."""
+        return self._disconnects, self._disconnected_at
+
+    def not_ready_reasons(self) -> list[str]:
+        """`broker_not_ready` without an answering connection, else `resubscribe_pending`
+        while wanted channels are missing in Redis (see `subscriptions_pending`)."""
+        if not self.connected:
+            return ["broker_not_ready"]
+        return ["resubscribe_pending"] if self.subscriptions_pending else []
 
     @property
     def wanted_count(self) -> int:
@@ -226,8 +238,8 @@ class Subscriber:
             except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
                 log.exception("broker_subscriber_failed", pod_id=self._pod_id)
             finally:
-                self.disconnects += 1
-                self.disconnected_at = time.monotonic()
+                self._disconnects += 1
+                self._disconnected_at = time.monotonic()
                 self._reset_connection_state()
                 # aclose() cannot hang on a half-open socket: it does not wait for the peer.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
