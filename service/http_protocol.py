@@ -58,6 +58,17 @@ class BoundedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_refused:
             return
+        if (
+            self._upgraded
+            and self._payload_parser is None
+            and len(self._message_tail) + len(data) > self._head_budget_bytes
+        ):
+            # An upgrade is pending: aiohttp keeps what follows its head and, if the upgrade is
+            # declined, parses it as the next request without it passing through here. A client
+            # sends nothing before the 101, so more than a head's budget is an abuse.
+            self._head_refused = True
+            self.force_close()
+            return
         if self._upgraded or self._payload_parser is not None or not self._reading_head():
             self._feed(data)
             return

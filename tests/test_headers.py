@@ -204,3 +204,22 @@ def test_pipelined_requests_each_within_the_budget_are_served(service: ServicePr
         for _ in range(3):
             status, _, _ = _read_response(sock)
             assert status == 200
+
+
+def test_headers_behind_a_declined_upgrade_are_held_to_the_budget(service: ServiceProcess) -> None:
+    # aiohttp keeps what follows an upgrade request's head and, when the handler declines the
+    # upgrade (401 here), parses it as the next request: that head must not escape the budget.
+    upgrade = (
+        "GET /ws/transactions HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    unfinished = "GET /healthz HTTP/1.1\r\nHost: a\r\n" + _padding(BUDGET * 2)
+    with _connect(service) as sock:
+        sock.sendall((upgrade + unfinished).encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    # The connection ends (rather than waiting for the rest of the head), after a 401 for the
+    # upgrade and perhaps a 431 for what followed it.
+    assert received == b"" or received.startswith(b"HTTP/1.1 401 "), received[:100]
+    assert b" 200 " not in received
