@@ -10,12 +10,13 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from service import handlers, http_errors, inspect_api, keys, loop_health, ops
+from service import control_api, handlers, http_errors, inspect_api, keys, loop_health, ops
 from service.auth import TokenVerifier
-from service.backends import create_broker, create_connection_counter, create_presence
+from service.backends import create_broker, create_connection_counter, create_presence, create_revocation_store
 from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Flusher
+from service.control import ControlPlane
 from service.deadlines import Deadlines
 from service.demo import demo_publisher_ctx
 from service.hub import Hub
@@ -26,6 +27,7 @@ from service.presence import Presence
 from service.protocol import CloseCode
 from service.publisher import Publisher
 from service.rebalance import rebalance_ctx
+from service.revocations import RevocationStore, RevokedTokens
 
 log = get_logger("eva_ws.app")
 
@@ -40,8 +42,10 @@ def create_app(
     broker: Broker | None = None,
     presence: Presence | None = None,
     connection_counter: ConnectionCounter | None = None,
+    revocation_store: RevocationStore | None = None,
 ) -> web.Application:
-    """The whole service; `broker`, `presence` and `connection_counter` default to what the settings select."""
+    """The whole service; `broker`, `presence`, `connection_counter` and `revocation_store` default to what
+    the settings select."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[http_errors.json_errors])
     app[keys.SETTINGS] = settings
     jwks = None
@@ -50,7 +54,8 @@ def create_app(
             settings.jwks_url, cooldown_s=settings.jwks_cooldown_s, max_age_s=settings.jwks_max_age_s
         )
         app.cleanup_ctx.append(_jwks_ctx)
-    app[keys.VERIFIER] = TokenVerifier(settings, jwks=jwks)
+    revoked = RevokedTokens()
+    app[keys.VERIFIER] = TokenVerifier(settings, jwks=jwks, revoked=revoked)
     app[keys.CONNECTION_LIMITS] = ConnectionLimits(
         connection_counter or create_connection_counter(settings),
         per_user=settings.max_connections_per_user,
@@ -62,12 +67,18 @@ def create_app(
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.PRESENCE] = presence or create_presence(settings)
     app[keys.HUB] = Hub(app[keys.BROKER])
+    app[keys.CONTROL] = ControlPlane(
+        app[keys.BROKER], app[keys.HUB], store=revocation_store or create_revocation_store(settings), revoked=revoked
+    )
     app[keys.PUBLISHER] = Publisher(app[keys.BROKER])
 
     app.router.add_get("/ws/transactions", handlers.websocket)
     api = [
         app.router.add_post("/api/v1/publish", handlers.publish),
         app.router.add_get("/api/v1/presence/{customer_id}", handlers.presence),
+        app.router.add_post("/api/v1/disconnect", control_api.disconnect),
+        app.router.add_post("/api/v1/revoke", control_api.revoke),
+        app.router.add_post("/api/v1/unsubscribe", control_api.unsubscribe),
         *inspect_api.add_routes(app),
     ]
     if not settings.ops_port:
@@ -97,6 +108,7 @@ def create_app(
     app.cleanup_ctx.append(_loop_health_ctx)
     app.cleanup_ctx.append(_deadlines_ctx)
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(_control_ctx)
     app.cleanup_ctx.append(inspect_api.connections_query_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
     app.cleanup_ctx.append(rebalance_ctx)
@@ -142,6 +154,13 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await presence.close()
     await broker.close()
     await app[keys.CONNECTION_LIMITS].counter.close()
+
+
+async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
+    control = app[keys.CONTROL]
+    await control.start()
+    yield
+    await control.close()
 
 
 async def _close_remaining_sockets(app: web.Application) -> None:

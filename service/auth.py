@@ -6,7 +6,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_plus
 
 import jwt
@@ -27,12 +27,20 @@ from service.protocol import (
     subscription_key,
 )
 
+if TYPE_CHECKING:
+    from service.revocations import RevokedTokens
+
 log = get_logger("eva_ws.auth")
 
 MAX_CUSTOMERS_PER_TOKEN: Final = 1000
 MAX_EXP_S: Final = 253_402_300_799
 ROLE_ADMIN: Final = "admin"
 ROLE_PUBLISHER: Final = "publisher"
+# The longest lifetime (exp - iat) of a token a pod accepts. It bounds how long a revocation
+# must be kept (service/revocations.py): a token issued before it was revoked is dead after this.
+MAX_TOKEN_LIFETIME_S: Final = 86_400
+# The longest `jti` a revocation can name; `jti` is any string the issuer chose.
+MAX_JTI_LENGTH: Final = 256
 # Most tokens carry no role; every connection shares this one.
 NO_ROLES: Final[frozenset[str]] = frozenset()
 
@@ -57,6 +65,9 @@ class Principal:
     roles: frozenset[str]
     # Unix seconds.
     expires_at: float
+    # Unix seconds (`iat`) and the `jti` claim: what a revocation names (service/revocations.py).
+    issued_at: float = 0.0
+    token_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -76,7 +87,11 @@ class Principal:
 class TokenVerifier:
     """Validates tokens against the configured keys, algorithms, audience and issuer."""
 
-    def __init__(self, settings: Settings, *, jwks: JwksClient | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, jwks: JwksClient | None = None, revoked: RevokedTokens | None = None
+    ) -> None:
+        """`revoked`: tokens refused although valid (AuthError reason `revoked`); None: none."""
+        self._revoked = revoked
         self._default_key = settings.default_verification_key
         self._keys: dict[str, str] = dict(settings.jwt_keys)
         self._jwks = jwks
@@ -92,6 +107,14 @@ class TokenVerifier:
 
     async def verify(self, token: object) -> Principal:
         """A Principal, or AuthError; messages never repeat the token or any part of it."""
+        principal = await self._verify(token)
+        if principal.expires_at - principal.issued_at > MAX_TOKEN_LIFETIME_S:
+            raise AuthError("lifetime_too_long", f"token lifetime (exp - iat) exceeds {MAX_TOKEN_LIFETIME_S} s")
+        if self._revoked is not None and self._revoked.revokes(principal):
+            raise AuthError("revoked", "token has been revoked")
+        return principal
+
+    async def _verify(self, token: object) -> Principal:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed", "token is missing or too long")
         try:
@@ -187,12 +210,19 @@ def _principal(claims: dict[str, Any]) -> Principal:
     # The upper bound keeps timers and ISO dates representable (year 9999).
     if not isinstance(exp, int | float) or not 0 < exp <= MAX_EXP_S:
         raise AuthError("invalid_claim", "exp must be a number of seconds before year 10000")
+    iat = claims["iat"]
+    if not isinstance(iat, int | float) or not 0 <= iat <= MAX_EXP_S:
+        raise AuthError("invalid_claim", "iat must be a number of seconds before year 10000")
+    jti = claims.get("jti")
     return Principal(
         user_id=sub,
         # Interned: the sockets of one customer share its id instead of holding a copy each.
         customer_ids=tuple(sorted(sys.intern(c) for c in customers)),
         roles=frozenset(roles) if roles else NO_ROLES,
         expires_at=float(exp),
+        issued_at=float(iat),
+        # Kept only when a revocation could name it.
+        token_id=jti if isinstance(jti, str) and 0 < len(jti) <= MAX_JTI_LENGTH else None,
     )
 
 

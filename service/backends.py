@@ -6,8 +6,9 @@ from service.broker import create_broker
 from service.config import Settings
 from service.limits import ConnectionCounter, LocalConnectionCounter
 from service.presence import MemoryPresence, Presence
+from service.revocations import MemoryRevocationStore, RevocationStore
 
-__all__ = ["create_broker", "create_connection_counter", "create_presence"]
+__all__ = ["create_broker", "create_connection_counter", "create_presence", "create_revocation_store"]
 
 
 def create_presence(settings: Settings) -> Presence:
@@ -26,3 +27,12 @@ def create_connection_counter(settings: Settings) -> ConnectionCounter:
     from service.limits_redis import RedisConnectionCounter
 
     return RedisConnectionCounter.from_settings(settings)
+
+
+def create_revocation_store(settings: Settings) -> RevocationStore:
+    """Revocations in this process without EVA_WS_REDIS_URL, in Redis with it (any topology)."""
+    if settings.redis_url is None:
+        return MemoryRevocationStore()
+    from service.revocations_redis import RedisRevocationStore
+
+    return RedisRevocationStore.from_settings(settings)

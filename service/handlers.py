@@ -56,6 +56,11 @@ async def _authenticate(request: web.Request) -> Principal:
     return await request.app[keys.VERIFIER].verify(token)
 
 
+def unauthorized_error(error: AuthError) -> str:
+    """The `error` word of a 401: `token_revoked` for a revoked token, so clients stop retrying it."""
+    return "token_revoked" if error.reason == "revoked" else "unauthorized"
+
+
 def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
     metrics.HANDSHAKES_REJECTED.labels(reason).inc()
     log.info("handshake_rejected", reason=reason, status=status)
@@ -110,6 +115,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             reconnecting=reconnect.isdigit() and int(reconnect) > 0,
         )
         lifecycle.connections.add(conn)
+        control = app[keys.CONTROL]
+        control.attach(session)
         metrics.CONNECTIONS_OPENED.inc()
         metrics.CONNECTIONS_ACTIVE.inc()
         customers = principal.customer_ids
@@ -138,6 +145,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                     # violation for which aiohttp already sent the close frame.
                     break
         finally:
+            control.detach(session)
             await session.close()
             await conn.stop()
             lifecycle.connections.discard(conn)
@@ -182,7 +190,7 @@ async def _admit(request: web.Request, conn_id: str, ip: str) -> Principal | web
         try:
             principal = await _authenticate(request)
         except AuthError as error:
-            return _reject(f"token_{error.reason}", 401, "unauthorized", error.message)
+            return _reject(f"token_{error.reason}", 401, unauthorized_error(error), error.message)
         if not await limits.acquire_user(conn_id, principal.user_id):
             return _too_many("user_connection_limit", "user")
         admitted = True
@@ -249,6 +257,7 @@ _SERVER_REASONS: Final = {
     CloseCode.SERVICE_RESTART: "service_restart",
     CloseCode.REBALANCE: "rebalance",
     CloseCode.GOING_AWAY: "going_away",
+    CloseCode.DISCONNECTED_BY_SERVER: "disconnected",
 }
 
 
@@ -270,7 +279,7 @@ async def publish(request: web.Request) -> web.Response:
     try:
         principal = await _authenticate(request)
     except AuthError as error:
-        return _json_error(401, "unauthorized", error.message)
+        return _json_error(401, unauthorized_error(error), error.message)
     if not principal.is_publisher:
         return _json_error(403, "forbidden", "the token needs the publisher role")
     try:

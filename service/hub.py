@@ -170,6 +170,8 @@ class Hub:
         self._replay_cache: OrderedDict[tuple[str, str, int, bytes], _Decoded | None] = OrderedDict()
         # Broker channels between pods (not client streams): their payloads go to a handler as they are.
         self._pod_channels: dict[str, Callable[[bytes], None]] = {}
+        # Called when such a channel's subscription was lost and regained: its live payloads in between are gone.
+        self._pod_channel_regained: dict[str, Callable[[], None]] = {}
         broker.set_handlers(on_message=self.on_message, on_resubscribed=self.on_resubscribed)
 
     @property
@@ -185,17 +187,22 @@ class Hub:
         """Every local subscription, for operators: O(subscriptions on this pod)."""
         return [sub for state in self._channels.values() for sub in state.subs]
 
-    async def listen(self, key: str, handler: Callable[[bytes], None]) -> None:
+    async def listen(
+        self, key: str, handler: Callable[[bytes], None], *, on_regained: Callable[[], None] | None = None
+    ) -> None:
         """Deliver every live payload of a pod-to-pod channel to `handler`: no history, no repair.
 
         Raises BrokerUnavailable if the broker cannot take the subscription now; once taken,
-        the broker keeps it across reconnects.
+        the broker keeps it across reconnects, and calls `on_regained` (if any) after each.
         """
         self._pod_channels[key] = handler
+        if on_regained is not None:
+            self._pod_channel_regained[key] = on_regained
         try:
             await self._broker.subscribe(key)
         except BaseException:
             del self._pod_channels[key]
+            self._pod_channel_regained.pop(key, None)
             raise
 
     async def subscribe(
@@ -292,6 +299,9 @@ class Hub:
 
     def on_resubscribed(self, channels: list[str]) -> None:
         for key in channels:
+            regained = self._pod_channel_regained.get(key)
+            if regained is not None:
+                regained()
             state = self._channels.get(key)
             if state is not None and state.setup is not None and state.setup.done():
                 state.catch_up = True

@@ -12,6 +12,7 @@ from service.broker.base import Broker
 from service.config import Settings
 from service.connection import Connection, Flusher
 from service.connections_query import ConnectionsQuery
+from service.control import ControlPlane
 from service.deadlines import Deadlines
 from service.hub import Hub
 from service.jwks import JwksClient
@@ -34,6 +35,7 @@ BROKER: Final = web.AppKey("broker", Broker)
 HUB: Final = web.AppKey("hub", Hub)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 PRESENCE: Final = web.AppKey("presence", Presence)
+CONTROL: Final = web.AppKey("control", ControlPlane)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 FLUSHER: Final = web.AppKey("flusher", Flusher)
 DEADLINES: Final = web.AppKey("deadlines", Deadlines)

@@ -176,3 +176,24 @@ GC_PAUSE: Final = Histogram(
     registry=REGISTRY,
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+CONTROL_REQUESTS: Final = Counter(
+    "control_requests_total",
+    "Control commands asked of this pod (POST /api/v1/disconnect, revoke, unsubscribe), by command and outcome.",
+    ["command", "outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CONTROL_COMMANDS_APPLIED: Final = Counter(
+    "control_commands_applied_total",
+    "Control commands this pod received from the control channel and applied, by command.",
+    ["command"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CONTROL_SOCKETS_AFFECTED: Final = Counter(
+    "control_sockets_affected_total",
+    "Sockets closed (disconnect, revoke) or subscriptions ended (unsubscribe) on this pod by control commands.",
+    ["command"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

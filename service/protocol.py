@@ -56,6 +56,7 @@ class ErrorCode(enum.StrEnum):
     BINARY_NOT_SUPPORTED = "binary_not_supported"  # the protocol is JSON in text frames
     TOKEN_EXPIRING = "token_expiring"  # the token expired: send `refresh` before the grace period ends
     INVALID_TOKEN = "invalid_token"  # a `refresh` carried a token that is invalid or for another user
+    TOKEN_REVOKED = "token_revoked"  # a `refresh` carried a token an operator revoked (POST /api/v1/revoke)
     UNAVAILABLE = "unavailable"  # the broker could not take the subscription now; retry later
     INTERNAL_ERROR = "internal_error"  # a bug; logged with the correlation id
 
@@ -70,6 +71,8 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the pod drains for a deploy; reconnect with backoff and resume
     TOKEN_EXPIRED = 4001  # no valid refresh within the grace period; reconnect with a new token
+    # An operator ended the session (POST /api/v1/disconnect, or its token was revoked); do not reconnect.
+    DISCONNECTED_BY_SERVER = 4003
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and resume
     REBALANCE = 4013  # the pod sheds load after a scale-out; reconnect and resume
 

@@ -14,9 +14,11 @@ from service.deadlines import Deadlines, Slot
 from service.hub import Hub, HubUnavailable, SubscribeResult, Subscription
 from service.log import get_logger
 from service.protocol import (
+    Channel,
     ClientMessage,
     CloseCode,
     ErrorCode,
+    Filters,
     ProtocolError,
     channel_of_key,
     encode,
@@ -76,6 +78,10 @@ class Session:
         if reconnecting:
             metrics.RECONNECTS.inc()
         self._schedule_expiry(conn.principal)
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
 
     @property
     def subscription_keys(self) -> frozenset[str]:
@@ -203,30 +209,15 @@ class Session:
         try:
             principal = await self._verifier.verify(message.token)
         except AuthError as error:
-            raise ProtocolError(ErrorCode.INVALID_TOKEN, error.message, cid) from None
+            code = ErrorCode.TOKEN_REVOKED if error.reason == "revoked" else ErrorCode.INVALID_TOKEN
+            raise ProtocolError(code, error.message, cid) from None
         if principal.user_id != self._conn.principal.user_id:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, "the new token is for another user", cid)
         self._conn.principal = principal
         # Subscriptions were authorized with the old token; drop those the new one no longer allows.
         for sub in [s for s in self._subscriptions if not entitled_to_key(principal, s.key)]:
-            key = sub.key
-            self._forget(sub)
-            await self._hub.unsubscribe(sub)
-            self._conn.send(
-                encode(
-                    {
-                        "type": "unsubscribed",
-                        "channel": channel_of_key(key).value,
-                        "subscription": key,
-                        "filters": sub.filters.to_json(),
-                        # Ended by the server, not asked for: the new token does not allow it.
-                        "reason": "forbidden",
-                        "correlationId": cid,
-                        "timestamp": utc_now_iso(),
-                    }
-                ),
-                "unsubscribed",
-            )
+            # Ended by the server, not asked for: the new token does not allow it.
+            await self._end(sub, "forbidden", cid)
         self._schedule_expiry(principal)
         self._conn.send(
             encode(
@@ -238,6 +229,39 @@ class Session:
                 }
             ),
             "refreshed",
+        )
+
+    async def end_subscriptions(self, channel: Channel, filters: Filters, *, reason: str) -> int:
+        """End (POST /api/v1/unsubscribe) the subscriptions on `channel` whose filters include every
+        one of `filters`; the client gets `unsubscribed` with `reason`. How many ended."""
+        wanted = filters.to_json().items()
+        ended = [
+            sub
+            for sub in self._subscriptions
+            if channel_of_key(sub.key) is channel and wanted <= sub.filters.to_json().items()
+        ]
+        for sub in ended:
+            await self._end(sub, reason, None)
+        return len(ended)
+
+    async def _end(self, sub: Subscription, reason: str, correlation_id: str | None) -> None:
+        """End a subscription the server decided to end, and tell the client why."""
+        key = sub.key
+        self._forget(sub)
+        await self._hub.unsubscribe(sub)
+        self._conn.send(
+            encode(
+                {
+                    "type": "unsubscribed",
+                    "channel": channel_of_key(key).value,
+                    "subscription": key,
+                    "filters": sub.filters.to_json(),
+                    "reason": reason,
+                    "correlationId": correlation_id,
+                    "timestamp": utc_now_iso(),
+                }
+            ),
+            "unsubscribed",
         )
 
     def _find(self, key: str) -> Subscription | None:

@@ -18,7 +18,7 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from service.auth import MAX_EXP_S, AuthError, Principal, TokenVerifier
+from service.auth import MAX_EXP_S, MAX_TOKEN_LIFETIME_S, AuthError, Principal, TokenVerifier
 from service.protocol import (
     MAX_TRANSACTION_IDS,
     ClientMessage,
@@ -48,6 +48,8 @@ AUTH_MESSAGES = frozenset(
         "customerIds must be a list of valid ids",
         "roles must be a list of strings",
         "exp must be a number of seconds before year 10000",
+        "iat must be a number of seconds before year 10000",
+        f"token lifetime (exp - iat) exceeds {MAX_TOKEN_LIFETIME_S} s",
         *(f"token lacks the {claim} claim" for claim in ("exp", "iat", "sub", "aud", "iss", "nbf")),
     }
 )
