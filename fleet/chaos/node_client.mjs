@@ -29,10 +29,22 @@ function record(name, message) {
 
 // The client's sockets, tapped: a message is recorded only while the client still listens to
 // that socket (it clears onmessage when it gives a socket up).
+//
+// Node 20's WebSocket (undici) fires `error` but never `close` when the handshake is refused (a
+// 502 from nginx while every worker is marked down): readyState stays CONNECTING forever. A
+// browser always follows that error with a close event (code 1006), and the client waits for it,
+// so the socket here does what a browser does; stderr says each time it had to.
 function tappedWebSocket(name) {
   return class TappedWebSocket extends WebSocket {
     constructor(url, protocols) {
       super(url, protocols);
+      let closed = false;
+      this.addEventListener('close', () => { closed = true; });
+      this.addEventListener('error', () => setTimeout(() => {
+        if (closed || this.readyState === WebSocket.OPEN) return;
+        process.stderr.write(`${new Date().toISOString()} ${name} handshake failed without a close event: closing with 1006\n`);
+        this.dispatchEvent(Object.assign(new Event('close'), { code: 1006, reason: '', wasClean: false }));
+      }, 100));
       this.addEventListener('message', (event) => {
         if (this.onmessage === null || typeof event.data !== 'string') return;
         record(name, JSON.parse(event.data));
