@@ -1,11 +1,15 @@
-"""Command line: `eva-ws serve` runs a pod, `eva-ws token` mints a development token."""
+"""Command line: `eva-ws serve` runs a pod, `token` mints a dev token, `disconnect` and `revoke` act on a deployment."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Final
@@ -34,6 +38,10 @@ Every setting is an {ENV_PREFIX}* environment variable; the main ones:
   {ENV_PREFIX}ALLOWED_ORIGINS  browser origins allowed to open sockets (https://app.example.com,...)
   {ENV_PREFIX}LOG_LEVEL        debug, info (default), warning, error
 Every setting, with its default: docs/configuration.md"""
+# `eva-ws disconnect` and `eva-ws revoke`: where the deployment is, and an admin token for it.
+CONTROL_URL_ENV: Final = ENV_PREFIX + "URL"
+ADMIN_TOKEN_ENV: Final = ENV_PREFIX + "ADMIN_TOKEN"
+CONTROL_TIMEOUT_S: Final = 10.0
 
 
 def _port(text: str) -> int:
@@ -60,6 +68,18 @@ def _positive_seconds(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
     if seconds <= 0:
         raise argparse.ArgumentTypeError("must be positive")
+    return seconds
+
+
+def _unix_seconds(text: str) -> int:
+    if text == "now":
+        return int(time.time())
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not `now` or whole unix seconds") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return seconds
 
 
@@ -104,6 +124,32 @@ def _parser() -> argparse.ArgumentParser:
         help="admin (sees every customer) or publisher (may publish); repeatable",
     )
     token.add_argument("--ttl", type=_positive_seconds, default=3600, help="lifetime in seconds (default 3600)")
+
+    control_epilog = (
+        f"It calls the deployment's HTTP API with a token of role admin: --url or {CONTROL_URL_ENV}, "
+        f"--token or {ADMIN_TOKEN_ENV}. Every pod applies the command within a second."
+    )
+    disconnect = commands.add_parser(
+        "disconnect",
+        help="close every socket of a user on every pod (close code 4003)",
+        description="Close every socket of a user on every pod of a running deployment, with close code 4003.",
+        epilog=control_epilog,
+    )
+    disconnect.add_argument("--user", required=True, type=_id, help="user id (the sub claim)")
+    disconnect.add_argument("--reason", help="the close reason the clients see (at most 100 bytes)")
+    revoke = commands.add_parser(
+        "revoke",
+        help="refuse a user's tokens issued before a time, or one token by its jti, on every pod",
+        description="Refuse tokens on every pod of a running deployment (401 token_revoked) and close the "
+        "sockets opened with them (4003). Revocations outlive pod restarts.",
+        epilog=control_epilog,
+    )
+    revoke.add_argument("--user", type=_id, help="user id (the sub claim); needs --before")
+    revoke.add_argument("--before", type=_unix_seconds, help="revoke tokens issued before this (unix seconds, or now)")
+    revoke.add_argument("--jti", help="revoke the one token with this jti claim")
+    for command in (disconnect, revoke):
+        command.add_argument("--url", help=f"the deployment's base URL, https://ws.example.com ({CONTROL_URL_ENV})")
+        command.add_argument("--token", help=f"a token with the admin role ({ADMIN_TOKEN_ENV})")
     return parser
 
 
@@ -150,6 +196,43 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """POST one control command to a deployment; print its answer."""
+    url = args.url or os.environ.get(CONTROL_URL_ENV)
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
+    if not url or not token:
+        parser.error(f"give --url (or {CONTROL_URL_ENV}) and --token (or {ADMIN_TOKEN_ENV})")
+    body: dict[str, object]
+    if args.command == "disconnect":
+        body = {"userId": args.user} if args.reason is None else {"userId": args.user, "reason": args.reason}
+    elif args.jti is not None and args.user is None and args.before is None:
+        body = {"jti": args.jti}
+    elif args.jti is None and args.user is not None and args.before is not None:
+        body = {"userId": args.user, "issuedBefore": args.before}
+    else:
+        parser.error("revoke needs --user with --before, or --jti alone")
+    request = urllib.request.Request(  # noqa: S310  # an operator's own URL, http or https
+        f"{url.rstrip('/')}/api/v1/{args.command}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CONTROL_TIMEOUT_S) as response:  # noqa: S310  # as above
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as error:
+        try:
+            answer = json.loads(error.read())
+            reason = f"{answer['error']}: {answer['message']}"
+        except (ValueError, KeyError, TypeError):
+            reason = "no JSON answer"
+        print(f"eva-ws: {args.command} refused with {error.code} ({reason})", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as error:
+        print(f"eva-ws: cannot reach {url}: {error}", file=sys.stderr)
+    return 1
+
+
 def _run(settings: Settings) -> None:
     from service.server import serve
 
@@ -162,7 +245,11 @@ def _run(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in ("disconnect", "revoke"):
+        # A client of a deployment: the server's settings play no part.
+        return _control(parser, args)
     try:
         settings = load_settings(_environment(args))
     except ConfigError as error:

@@ -249,6 +249,9 @@ _KNOWN: Final = frozenset(
 ) | {
     # Read by scripts/ (which virtualenv to use), not by the service; exported by users.
     ENV_PREFIX + "VENV",
+    # Read by `eva-ws disconnect` and `eva-ws revoke` (a deployment's URL, an admin token), not by the service.
+    ENV_PREFIX + "URL",
+    ENV_PREFIX + "ADMIN_TOKEN",
 }
 
 

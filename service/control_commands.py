@@ -143,14 +143,16 @@ def _filters(raw: dict[str, Any]) -> Filters:
     )
 
 
-async def send(broker: Broker, store: RevocationStore, command: Command, *, requested_by: str) -> Issued:
+async def send(broker: Broker, store: RevocationStore | None, command: Command, *, requested_by: str) -> Issued:
     """Keep a revocation in the store, then publish the command to every pod; return what was sent.
 
     Returns once the broker took the command: every subscribed pod gets it. Raises
     BackendUnavailable when the store or the broker cannot take it (nothing, or only the
-    stored revocation, took effect: retrying is safe).
+    stored revocation, took effect: retrying is safe), ValueError for a revocation without a store.
     """
     if isinstance(command, Revoke):
+        if store is None:
+            raise ValueError("a revocation needs the revocation store the pods load at start")
         await store.add(command.revocation)
     issued = Issued(command, requested_by, time.time())
     await broker.publish(CONTROL_CHANNEL, encode(issued))

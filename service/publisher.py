@@ -13,7 +13,9 @@ from typing import Any, Final
 import orjson
 
 from service import metrics
+from service.auth import MAX_JTI_LENGTH
 from service.broker.base import IDEMPOTENCY_KEY_RE, Broker, Position
+from service.control_commands import Command, Disconnect, Revoke, check_reason, send
 from service.protocol import (
     EVENTS_BY_CHANNEL,
     TRANSACTION_EVENTS,
@@ -23,6 +25,7 @@ from service.protocol import (
     subscription_key,
     utc_now_iso,
 )
+from service.revocations import Revocation, RevocationStore
 
 # Redis kills subscribers whose output buffer overflows; big events must not get that far.
 MAX_EVENT_BYTES: Final = 64 * 1024
@@ -127,8 +130,15 @@ class Publisher:
     ...     await publisher.publish("transaction_update", {"id": "T1", "customerId": "C1"})
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(
+        self, broker: Broker, *, revocations: RevocationStore | None = None, name: str = "publisher", leeway_s: int = 30
+    ) -> None:
+        """`revocations`: where `revoke` keeps revocations (None: this publisher cannot revoke).
+        `name` says who sent a control command in the pods' logs; `leeway_s` is the pods' EVA_WS_JWT_LEEWAY_S."""
         self._broker = broker
+        self._revocations = revocations
+        self._name = name
+        self._leeway_s = leeway_s
 
     @classmethod
     @asynccontextmanager
@@ -150,7 +160,7 @@ class Publisher:
         defaults, so set them only where the pods do. Nothing is sent before the first
         publish: a Redis that cannot be reached makes `publish` raise BrokerUnavailable.
         """
-        from service.broker import create_broker
+        from service.backends import create_broker, create_revocation_store
         from service.config import REDIS_URL_SCHEMES, Settings
 
         if not redis_url.startswith(REDIS_URL_SCHEMES):
@@ -166,9 +176,11 @@ class Publisher:
             ),
         )
         broker = create_broker(settings)
+        revocations = create_revocation_store(settings)
         try:
-            yield cls(broker)
+            yield cls(broker, revocations=revocations, name=settings.pod_id, leeway_s=settings.jwt_leeway_s)
         finally:
+            await revocations.close()
             await broker.close()
 
     async def publish(
@@ -201,6 +213,42 @@ class Publisher:
             metrics.PUBLISHED.labels("invalid").inc()
             raise
         return (await self.publish_prepared([event]))[0]
+
+    async def disconnect(self, user_id: str, *, reason: str = "disconnected by an operator") -> None:
+        """Close every socket of `user_id` on every pod with 4003 (as POST /api/v1/disconnect does).
+
+        Returns once the pods' broker took the command; raises ValueError for a bad id or
+        reason, BrokerUnavailable when Redis cannot be reached (retrying is safe).
+        """
+        if not is_valid_id(user_id):
+            raise ValueError("user_id must be a valid id")
+        await self._send(Disconnect(user_id, check_reason(reason, reason)))
+
+    async def revoke(
+        self, *, user_id: str | None = None, issued_before: int | None = None, jti: str | None = None
+    ) -> None:
+        """Refuse, on every pod, the tokens of `user_id` issued before `issued_before` (unix seconds), or
+        the token `jti`; sockets opened with them close with 4003 (as POST /api/v1/revoke does).
+
+        Returns once the revocation is stored and sent; raises ValueError for a bad request,
+        BrokerUnavailable when Redis cannot be reached (retrying is safe).
+        """
+        if (jti is None) == (user_id is None):
+            raise ValueError("revoke names either user_id and issued_before, or jti")
+        if jti is not None:
+            if issued_before is not None or not 0 < len(jti) <= MAX_JTI_LENGTH:
+                raise ValueError(f"jti must be 1 to {MAX_JTI_LENGTH} characters, without issued_before")
+            revocation = Revocation.of_token(jti, leeway_s=self._leeway_s)
+        else:
+            if not is_valid_id(user_id) or not isinstance(issued_before, int) or issued_before < 0:
+                raise ValueError("revoke by user needs a valid user_id and issued_before in whole unix seconds")
+            if issued_before > time.time() + self._leeway_s:
+                raise ValueError("issued_before must not be in the future")
+            revocation = Revocation.of_user(str(user_id), issued_before, leeway_s=self._leeway_s)
+        await self._send(Revoke(revocation))
+
+    async def _send(self, command: Command) -> None:
+        await send(self._broker, self._revocations, command, requested_by=self._name)
 
     async def publish_prepared(self, events: list[PreparedEvent]) -> list[Published]:
         """Publish validated events in order (pipelined when the broker can)."""
