@@ -24,6 +24,7 @@ from service.jwks import JwksClient
 from service.limits import ConnectionCounter, ConnectionLimits
 from service.log import get_logger
 from service.presence import Presence
+from service.presence_events import AnnouncingPresence
 from service.protocol import CloseCode
 from service.publisher import Publisher
 from service.rebalance import rebalance_ctx
@@ -65,7 +66,8 @@ def create_app(
     app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
     app[keys.DEADLINES] = Deadlines()
     app[keys.BROKER] = broker or create_broker(settings)
-    app[keys.PRESENCE] = presence or create_presence(settings)
+    # Announces each socket's opens and closes to the subscribers that asked (presence_join / presence_leave).
+    app[keys.PRESENCE] = AnnouncingPresence(presence or create_presence(settings), app[keys.BROKER])
     app[keys.HUB] = Hub(app[keys.BROKER])
     app[keys.CONTROL] = ControlPlane(
         app[keys.BROKER], app[keys.HUB], store=revocation_store or create_revocation_store(settings), revoked=revoked

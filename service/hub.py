@@ -17,6 +17,7 @@ from service import metrics
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.frames import text_frame
 from service.log import get_logger
+from service.presence_events import channel_of
 from service.protocol import EventType, Filters, channel_of_key, encode, position_json, utc_now_iso
 
 log = get_logger("eva_ws.hub")
@@ -72,6 +73,7 @@ class Subscription:
         "key",
         "last_offset",
         "live",
+        "presence",
         "recipient",
         "transaction_ids",
         "user_id",
@@ -90,6 +92,8 @@ class Subscription:
         # False while the subscription is being set up or replayed: live events skip it.
         self.live = False
         self.closed = False
+        # Whether it also gets presence_join / presence_leave of its customer (set once watching).
+        self.presence = False
 
     def matches(self, data: dict[str, Any]) -> bool:
         if self.transaction_ids is not None and data.get("id") not in self.transaction_ids:
@@ -132,7 +136,7 @@ class _Decoded:
 
 
 class _ChannelState:
-    __slots__ = ("catch_up", "epoch", "key", "last_offset", "max_seen", "repair", "setup", "subs")
+    __slots__ = ("catch_up", "epoch", "key", "last_offset", "max_seen", "presence_watchers", "repair", "setup", "subs")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -145,6 +149,8 @@ class _ChannelState:
         self.repair: asyncio.Task[None] | None = None
         # Set after a broker reconnect: read history once even without a visible gap.
         self.catch_up = False
+        # Subscriptions with presence; the pod listens to the customer's announcements while any.
+        self.presence_watchers = 0
 
     @property
     def in_sync(self) -> bool:
@@ -187,6 +193,40 @@ class Hub:
         """Every local subscription, for operators: O(subscriptions on this pod)."""
         return [sub for state in self._channels.values() for sub in state.subs]
 
+    async def _watch_presence(self, state: _ChannelState) -> None:
+        state.presence_watchers += 1
+        if state.presence_watchers > 1:
+            return
+        key = state.key
+        try:
+            await self.listen(channel_of(key.partition(":")[2]), lambda payload: self._on_presence(key, payload))
+        except BaseException:
+            state.presence_watchers -= 1
+            raise
+
+    async def _unwatch_presence(self, state: _ChannelState) -> None:
+        state.presence_watchers -= 1
+        if not state.presence_watchers:
+            await self.unlisten(channel_of(state.key.partition(":")[2]))
+
+    def _on_presence(self, key: str, payload: bytes) -> None:
+        state = self._channels.get(key)
+        if state is None:
+            return
+        frame = text_frame(payload)  # announced as its subscribers get it: one frame for all
+        for sub in state.subs:
+            if sub.presence and sub.live:
+                sub.recipient.enqueue(frame)
+
+    async def unlisten(self, key: str) -> None:
+        """Stop delivering a pod-to-pod channel (see `listen`); unknown keys are ignored."""
+        if self._pod_channels.pop(key, None) is None:
+            return
+        self._pod_channel_regained.pop(key, None)
+        with contextlib.suppress(BrokerUnavailable):
+            # The broker keeps its own wanted set and drops the channel on reconnect anyway.
+            await self._broker.unsubscribe(key)
+
     async def listen(
         self, key: str, handler: Callable[[bytes], None], *, on_regained: Callable[[], None] | None = None
     ) -> None:
@@ -213,8 +253,13 @@ class Hub:
         *,
         since: Position | None,
         on_ready: Callable[[Subscription, SubscribeResult], None],
+        presence: bool = False,
     ) -> Subscription:
-        """Join a channel; `on_ready` runs (to send the ack) before any replayed event is queued."""
+        """Join a channel; `on_ready` runs (to send the ack) before any replayed event is queued.
+
+        `presence` (a customer's transactions only): also deliver presence_join / presence_leave
+        (service/presence_events.py), from the ack on.
+        """
         state = self._channels.get(key)
         if state is None:
             state = self._channels[key] = _ChannelState(key)
@@ -231,6 +276,9 @@ class Hub:
                 state.setup.result()  # the channel is open already: no timer, no shield
             else:
                 await asyncio.wait_for(asyncio.shield(state.setup), self._subscribe_timeout_s)
+            if presence:
+                await asyncio.wait_for(self._watch_presence(state), self._subscribe_timeout_s)
+                sub.presence = True
             result = await self._join(state, sub, since)
         except (BrokerUnavailable, TimeoutError) as exc:
             await self.unsubscribe(sub)
@@ -250,6 +298,8 @@ class Hub:
             return
         state.subs.remove(sub)
         metrics.HUB_SUBSCRIPTIONS.dec()
+        if sub.presence:
+            await self._unwatch_presence(state)
         if not state.subs:
             del self._channels[sub.key]
             metrics.HUB_CHANNELS.set(len(self._channels))

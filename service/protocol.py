@@ -95,7 +95,9 @@ MAX_CORRELATION_ID_LENGTH: Final = 128
 # Below aiohttp's request-line limit (8,190 bytes) with room for the path and other parameters,
 # so a token the service accepts always fits in `?token=`.
 MAX_TOKEN_LENGTH: Final = 6144
-_MESSAGE_FIELDS: Final = frozenset({"type", "channel", "filters", "timestamp", "correlationId", "since", "token"})
+_MESSAGE_FIELDS: Final = frozenset(
+    {"type", "channel", "filters", "timestamp", "correlationId", "since", "token", "presence"}
+)
 _FILTER_FIELDS: Final = frozenset({"customerId", "userId", "transactionIds"})
 
 
@@ -138,6 +140,8 @@ class ClientMessage:
     correlation_id: str | None = None
     since: Position | None = None
     token: str | None = None
+    # subscribe to transactions only: also presence_join / presence_leave of the customer.
+    presence: bool = False
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -189,12 +193,18 @@ def parse_client_message(text: str) -> ClientMessage:
         raise fail(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {channel_name[:64]!r}") from None
 
     since = _parse_since(raw.get("since"), fail) if kind == "subscribe" else None
+    presence = raw.get("presence", False)
+    if not isinstance(presence, bool):
+        raise fail(ErrorCode.INVALID_MESSAGE, "presence must be true or false")
+    if presence and (kind != "subscribe" or channel is not Channel.TRANSACTIONS):
+        raise fail(ErrorCode.INVALID_MESSAGE, "presence is for a subscribe to transactions")
     return ClientMessage(
         type=kind,
         channel=channel,
         filters=_parse_filters(raw.get("filters"), fail),
         correlation_id=correlation_id,
         since=since,
+        presence=presence,
     )
 
 

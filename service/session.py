@@ -166,6 +166,8 @@ class Session:
                 "correlationId": cid,
                 "timestamp": utc_now_iso(),
             }
+            if message.presence:
+                ack["presence"] = True
             if result.recovered is not None:
                 ack["recovered"] = result.recovered
                 ack["replayed"] = result.replayed
@@ -175,7 +177,9 @@ class Session:
             self._conn.send(encode(ack), "subscribed")
 
         try:
-            await self._hub.subscribe(self._conn, key, filters, since=message.since, on_ready=acknowledge)
+            await self._hub.subscribe(
+                self._conn, key, filters, since=message.since, on_ready=acknowledge, presence=message.presence
+            )
         except HubUnavailable:
             log.warning(
                 "subscribe_unavailable", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id, channel=key

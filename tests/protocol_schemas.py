@@ -15,7 +15,9 @@ SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 EVENT_TYPES: Final = frozenset(
     {"transaction_update", "transaction_new", "transaction_delete", "stage_change", "user_update", "notification"}
 )
-SERVER_TYPES: Final = frozenset({"subscribed", "unsubscribed", "pong", "error", "resync", "refreshed"})
+SERVER_TYPES: Final = frozenset(
+    {"subscribed", "unsubscribed", "pong", "error", "resync", "refreshed", "presence_join", "presence_leave"}
+)
 CLIENT_TYPES: Final = frozenset({"subscribe", "unsubscribe", "ping", "refresh"})
 
 

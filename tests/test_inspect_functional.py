@@ -15,6 +15,7 @@ from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
 from tests.conftest import SECRET, make_settings, token_for
 from tests.openapi_document import assert_response
+from tests.protocol_schemas import assert_server_message
 
 SETTINGS = make_settings()
 ADMIN = token_for(SETTINGS, sub="root", customers=[], roles=["admin"])
@@ -52,22 +53,35 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client_session
 
 
-async def get(session: aiohttp.ClientSession, pod: ServiceProcess, path: str, token: str = ADMIN) -> tuple[int, Any]:
+async def get(
+    session: aiohttp.ClientSession, pod: ServiceProcess, path: str, token: str = ADMIN, *, documented: str = ""
+) -> tuple[int, Any]:
+    """GET `path`, checked against the document's `documented` path (by default, `path` without its query)."""
     async with session.get(f"{pod.url}{path}", headers={"Authorization": f"Bearer {token}"}) as response:
         body = await response.json()
-        assert_response(path.partition("?")[0], "GET", response.status, response.content_type, body)
+        assert_response(documented or path.partition("?")[0], "GET", response.status, response.content_type, body)
         return response.status, body
 
 
 async def open_socket(
-    session: aiohttp.ClientSession, pod: ServiceProcess, user: str, *subscriptions: dict[str, Any]
+    session: aiohttp.ClientSession,
+    pod: ServiceProcess,
+    user: str,
+    *subscriptions: dict[str, Any],
+    customers: list[str] = CUSTOMERS,
 ) -> aiohttp.ClientWebSocketResponse:
-    token = token_for(SETTINGS, sub=user, customers=CUSTOMERS)
+    token = token_for(SETTINGS, sub=user, customers=customers)
     ws = await session.ws_connect(f"{pod.url}/ws/transactions?token={token}")
     for body in subscriptions:
         await ws.send_json({"type": "subscribe", **body})
-        assert (await ws.receive_json(timeout=10))["type"] == "subscribed"
+        assert (await receive_server_message(ws))["type"] == "subscribed"
     return ws
+
+
+async def receive_server_message(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    message: dict[str, Any] = await ws.receive_json(timeout=10)
+    assert_server_message(message)
+    return message
 
 
 def pod_id(pod: ServiceProcess) -> str:
@@ -165,3 +179,64 @@ async def test_channels_lists_the_answering_pods_channels_with_subscriber_counts
     )
     for ws in sockets:
         await ws.close()
+
+
+async def test_a_subscriber_with_presence_sees_sockets_of_its_customer_open_and_close_on_the_other_pod(
+    pods: tuple[ServiceProcess, ServiceProcess], session: aiohttp.ClientSession
+) -> None:
+    pod_a, pod_b = pods
+    # Subscribed without presence, or to another customer: neither gets these messages.
+    plain = await open_socket(session, pod_a, "plain", {"channel": "transactions", "filters": {"customerId": "C1"}})
+    elsewhere = await open_socket(
+        session, pod_b, "elsewhere", {"channel": "transactions", "filters": {"customerId": "C2"}, "presence": True}
+    )
+
+    watcher = await open_socket(
+        session,
+        pod_a,
+        "watcher",
+        {"channel": "transactions", "filters": {"customerId": "C1"}, "presence": True},
+        customers=["C1"],
+    )
+    visitor = await session.ws_connect(
+        f"{pod_b.url}/ws/transactions?token={token_for(SETTINGS, sub='visitor', customers=['C1'])}"
+    )
+    joined = await receive_server_message(watcher)
+    assert (joined["type"], joined["userId"], joined["podId"], joined["customerId"]) == (
+        "presence_join",
+        "visitor",
+        pod_id(pod_b),
+        "C1",
+    )
+    # The same connection as presence lists it.
+    status, body = await get(session, pod_a, "/api/v1/presence/C1", documented="/api/v1/presence/{customerId}")
+    assert status == 200
+    assert joined["connId"] in [c["connId"] for c in body["connections"]]
+    await visitor.close()
+    left = await receive_server_message(watcher)
+    assert (left["type"], left["connId"], left["connectedAt"]) == (
+        "presence_leave",
+        joined["connId"],
+        joined["connectedAt"],
+    )
+
+    # What the other two got since: only the answers to their pings.
+    for ws in (plain, elsewhere):
+        await ws.send_json({"type": "ping", "correlationId": "after"})
+        assert (await receive_server_message(ws))["type"] == "pong"
+    for ws in (watcher, plain, elsewhere):
+        await ws.close()
+
+
+async def test_presence_is_refused_for_a_customer_the_token_may_not_see_and_on_user_channels(
+    pods: tuple[ServiceProcess, ServiceProcess], session: aiohttp.ClientSession
+) -> None:
+    pod_a, _ = pods
+    ws = await open_socket(session, pod_a, "alice")
+    await ws.send_json(
+        {"type": "subscribe", "channel": "transactions", "filters": {"customerId": "C9"}, "presence": True}
+    )
+    assert (await receive_server_message(ws))["code"] == "forbidden"
+    await ws.send_json({"type": "subscribe", "channel": "notifications", "presence": True})
+    assert (await receive_server_message(ws))["code"] == "invalid_message"
+    await ws.close()

@@ -99,6 +99,14 @@ async def test_every_message_type_of_a_real_connection_matches_its_schema(aiohtt
     )
     assert (await next_message(ws))["type"] == "notification"
 
+    # A subscription with presence sees another socket of its customer open and close.
+    watcher = await connect(client, token_for(settings, sub="watcher", customers=["C1"]))
+    assert (await subscribe(watcher, filters={"customerId": "C1"}, presence=True))["presence"] is True
+    visitor = await connect(client, token_for(settings, sub="visitor", customers=["C1"]))
+    assert (await next_message(watcher))["type"] == "presence_join"
+    await visitor.close()
+    assert (await next_message(watcher))["type"] == "presence_leave"
+
     await send(ws, {"type": "ping", "correlationId": "p1"})
     assert (await next_message(ws))["type"] == "pong"
     await send(ws, {"type": "ping"})
@@ -119,7 +127,10 @@ async def test_every_message_type_of_a_real_connection_matches_its_schema(aiohtt
         await publish(client, settings, {"type": "transaction_update", "data": txn()})
     await broker.subscribe("transactions:C1")
     await publish(client, settings, {"type": "transaction_update", "data": txn()})
-    assert (await next_message(ws))["type"] == "resync"
+    resync = await next_message(ws)
+    assert resync["type"] == "resync"
+    # What history still holds follows the resync, from its position on.
+    assert (await next_message(ws))["offset"] == resync["position"]["offset"] + 1
 
     await send(ws, {"type": "unsubscribe", "channel": "transactions", "filters": {"customerId": "C1"}})
     assert (await next_message(ws))["type"] == "unsubscribed"
