@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +59,19 @@ def test_document_is_openapi_3_1_with_valid_schemas() -> None:
                     # Every error is {"error", "message"}, whatever the endpoint.
                     schema = response["content"]["application/json"]["schema"]
                     assert schema in ({"$ref": "#/components/schemas/Error"}, {"$ref": "#/components/schemas/NotReady"})
+
+
+def test_document_is_valid_openapi_3_1() -> None:
+    default = (
+        OPENAPI.parent.parent / ".cache" / "openapi-schemas-2.1.0" / "package" / "schemas" / "v3.1" / "schema.json"
+    )
+    path = Path(os.environ.get("EVA_WS_OPENAPI_SCHEMA", default))
+    assert path.is_file(), (
+        f"the OpenAPI 3.1 JSON Schema is missing at {path}: scripts/test fetches it "
+        "(scripts/lib/browser.sh ensure_openapi_schema), or set EVA_WS_OPENAPI_SCHEMA"
+    )
+    errors = list(Draft202012Validator(json.loads(path.read_text())).iter_errors(document()))
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message[:200]}" for e in errors]
 
 
 def test_docs_link_to_the_document() -> None:

