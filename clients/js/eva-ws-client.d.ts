@@ -129,8 +129,9 @@ export interface ClientEventMap {
   resumed: { subscription: Subscription; replayed: number };
   resync: { subscription: Subscription; position: StreamPosition; reason: ResyncReason };
   reconnected: { missed: number; resynced: number };
-  /** `reason` is set when the server ended the subscription (a refreshed token no longer allows it). */
-  unsubscribed: { subscription: string; reason?: 'forbidden' };
+  /** `reason` is set when the server ended the subscription: `forbidden` (a refreshed token no longer
+   * allows it) or the reason an operator gave; the subscription is not asked for again. */
+  unsubscribed: { subscription: string; reason?: string };
   tokenrefreshed: { expiresAt: string };
   tokenexpiring: Record<string, never>;
   error: { code: string; message: string; correlationId?: string | null; subscription?: Subscription };
@@ -138,6 +139,8 @@ export interface ClientEventMap {
 
 export declare const NO_RECONNECT_CODES: ReadonlySet<number>;
 export declare const TOKEN_EXPIRED_CODE: 4001;
+/** An operator disconnected the user or revoked its token: the client closes for good (state `closed`). */
+export declare const DISCONNECTED_BY_SERVER_CODE: 4003;
 export declare const State: Readonly<{
   IDLE: 'idle';
   CONNECTING: 'connecting';

@@ -9,7 +9,10 @@ export const NO_RECONNECT_CODES = Object.freeze(new Set([
   1000, // normal: the client or the server ended the connection on purpose
   1008, // policy violation: sustained rate-limit abuse; reconnecting at once would be abuse again
   1009, // message too big: this client sent an oversized frame; resending it would fail the same way
+  4003, // disconnected by the server: an operator ended the session or revoked its token
 ]));
+/** An operator disconnected the user or revoked its token: do not reconnect; the user must sign in again. */
+export const DISCONNECTED_BY_SERVER_CODE = 4003;
 /** The token expired without a refresh: reconnect only with a new token. */
 export const TOKEN_EXPIRED_CODE = 4001;
 
@@ -390,8 +393,8 @@ export class EvaWsClient extends EventTarget {
 
   onUnsubscribed(message) {
     if (message.reason) {
-      // The server ended it (a refreshed token no longer allows it): stop wanting it, so a
-      // reconnect does not ask for it again.
+      // The server ended it (a refreshed token no longer allows it, or an operator ended it):
+      // stop wanting it, so a reconnect does not ask for it again.
       const sub = [...this.wanted].find((s) => s.key === message.subscription);
       if (sub) {
         sub.active = false; // already gone on the server: nothing to send

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { inspect } from 'node:util';
 
-import { backoffDelayMs, EvaWsClient, Position, tokenExpiryMs } from '../eva-ws-client.js';
+import { backoffDelayMs, DISCONNECTED_BY_SERVER_CODE, EvaWsClient, Position, tokenExpiryMs } from '../eva-ws-client.js';
 import { event, FakeWebSocket, record, until } from '../testing/fake-websocket.js';
 
 function jwt(claims) {
@@ -258,6 +258,21 @@ describe('reconnect and resume', () => {
     }
     const waits = states.filter((s) => s.state === 'reconnecting' && s.delayMs !== undefined);
     assert.deepEqual(waits.map((s) => s.attempt).slice(0, 3), [1, 2, 3]);
+  });
+
+  test('close code 4003 (disconnected by an operator) closes for good and says why', async () => {
+    const client = makeClient();
+    const states = [];
+    client.addEventListener('state', (e) => states.push(e.detail));
+    const ws = await openAndAck(client);
+    ws.serverClose(DISCONNECTED_BY_SERVER_CODE, 'token revoked');
+    assert.equal(client.state, 'closed');
+    assert.deepEqual(
+      { code: states.at(-1).code, reason: states.at(-1).reason },
+      { code: 4003, reason: 'token revoked' },
+    );
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    assert.equal(FakeWebSocket.instances.length, 1);
   });
 
   for (const code of [1000, 1008, 1009]) {
