@@ -56,6 +56,14 @@ def parse_cluster_url(url: str) -> tuple[list[Address], dict[str, str]]:
     return seeds, credentials
 
 
+def server_address(url: str) -> Address:
+    """Host and port of a one-server URL (`redis://`, `rediss://`), or the socket path and 0 (`unix://`)."""
+    parsed = urlsplit(url)
+    if parsed.scheme == "unix":
+        return parsed.path, 0
+    return parsed.hostname or "localhost", parsed.port or 6379
+
+
 def cluster_client(url: str, *, max_connections: int, options: dict[str, Any]) -> RedisCluster:
     """A RedisCluster for commands, with the options of `redis_client.client_options` and the URL's credentials.
 

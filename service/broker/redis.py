@@ -23,7 +23,7 @@ from service.broker.base import (
 )
 from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
 from service.broker.readiness import ReadinessLog
-from service.broker.redis_cluster_subscriber import ClusterSubscriber
+from service.broker.redis_shard_link import CLASSIC, SHARDED
 from service.broker.redis_subscriber import Subscriber
 from service.config import Settings
 from service.redis_client import cancel_and_wait, client_name_part, client_options
@@ -34,6 +34,7 @@ from service.redis_cluster_client import (
     eval_script,
     is_cluster_url,
     parse_cluster_url,
+    server_address,
 )
 
 log = structlog.get_logger("eva_ws.broker")
@@ -44,11 +45,10 @@ class RedisBroker(Broker):
 
     `url` names one Redis or a Redis Cluster 7.0+ (`redis+cluster://`). Publishing and
     history use a pool of command connections (on a cluster, redis-py's RedisCluster, which
-    follows MOVED and ASK). Live events arrive on PUB/SUB connections: one owned by a
-    Subscriber on one Redis; on a cluster, sharded PUB/SUB with one connection per master,
-    managed by ClusterSubscriber. A channel's meta hash, history stream and (on a cluster)
-    shard channel share one hash tag, hence one slot, so the publish script runs on the
-    slot's master and SPUBLISHes there.
+    follows MOVED and ASK). Live events arrive on PUB/SUB connections managed by a
+    Subscriber: one to one Redis; on a cluster, sharded PUB/SUB with one per master. A
+    channel's meta hash, history stream and (on a cluster) shard channel share one hash
+    tag, hence one slot, so the publish script runs on the slot's master and SPUBLISHes there.
     """
 
     def __init__(
@@ -133,8 +133,6 @@ class RedisBroker(Broker):
             "reconnect_max_s": reconnect_max_s,
             "canary": self._canary,
         }
-        self._subscriber: Subscriber | ClusterSubscriber
-        self._sub_client: Redis | None = None
         if self._sharded:
             seeds, credentials = parse_cluster_url(url)
             link_options: dict[str, Any] = {**sub_options, **credentials}
@@ -142,17 +140,21 @@ class RedisBroker(Broker):
             def link_client(address: Address) -> Redis:
                 return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **link_options))
 
-            self._subscriber = ClusterSubscriber(
-                seeds=seeds,
-                link_client=link_client,
-                topology_refresh_s=topology_refresh_s,
-                on_slot_map_changed=self._slot_map_changed,
-                canary_channel=canary_part,
-                **timing,
-            )
         else:
-            self._sub_client = Redis.from_url(url, **sub_options)
-            self._subscriber = Subscriber(client=self._sub_client, canary_channel=self._canary_channel, **timing)
+            seeds = [server_address(url)]
+
+            def link_client(address: Address) -> Redis:
+                return Redis.from_url(url, **sub_options)
+
+        self._subscriber = Subscriber(
+            seeds=seeds,
+            link_client=link_client,
+            kind=SHARDED if self._sharded else CLASSIC,
+            topology_refresh_s=topology_refresh_s,
+            on_slot_map_changed=self._slot_map_changed,
+            canary_channel=canary_part,
+            **timing,
+        )
         self._refreshing: asyncio.Task[None] | None = None
         self._readiness_log = ReadinessLog(
             pod_id=pod_id,
@@ -211,8 +213,6 @@ class RedisBroker(Broker):
         await self._subscriber.close()
         if self._refreshing is not None:
             await cancel_and_wait(self._refreshing)
-        if self._sub_client is not None:
-            await self._sub_client.aclose()
         await self._client.aclose()
 
     def _slot_map_changed(self) -> None:
@@ -360,7 +360,7 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
         return wire.decode_history(channel, since, reply)
 
-    # -- subscriptions: see Subscriber and ClusterSubscriber ------------------------------
+    # -- subscriptions: see Subscriber ------------------------------------------------------
 
     @property
     def ready(self) -> bool:

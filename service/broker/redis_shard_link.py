@@ -1,4 +1,4 @@
-"""One Redis Cluster master's sharded PUB/SUB connection, owned by one task, for the channels of that master's slots."""
+"""One Redis node's PUB/SUB connection, owned by one task: classic on one Redis, sharded on a Redis Cluster master."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 import structlog
 from redis.asyncio import Redis
@@ -18,21 +19,51 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Envelope
-from service.broker.redis_subscriber import SUBSCRIBE_BATCH_MAX, SilentConnection
 from service.redis_client import cancel_and_wait
 from service.redis_cluster_client import Address
 
 log = structlog.get_logger("eva_ws.broker")
 
+# One SUBSCRIBE/UNSUBSCRIBE command carries at most this many channels, so a pod that
+# resubscribes thousands of channels after a reconnect sends a few large commands
+# instead of one per channel, without building a single multi-megabyte request.
+SUBSCRIBE_BATCH_MAX: Final = 500
+
+
+class SilentConnection(Exception):
+    """The connection stopped answering PINGs: rebuild it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PubSubKind:
+    """The PUB/SUB flavour of a topology: its commands and the kinds of its replies."""
+
+    sharded: bool
+    message: str
+    subscribed: str
+    unsubscribed: str
+    # Log events of the connection's life (the names operators know for each topology).
+    connected_event: str
+    disconnected_event: str
+
+
+CLASSIC: Final = PubSubKind(False, "message", "subscribe", "unsubscribe", "broker_connected", "broker_disconnected")
+"""One Redis: SUBSCRIBE/PUBLISH on `pubsub_channel` names."""
+
+SHARDED: Final = PubSubKind(
+    True, "smessage", "ssubscribe", "sunsubscribe", "broker_shard_connected", "broker_shard_disconnected"
+)
+"""Redis Cluster: SSUBSCRIBE/SPUBLISH on `shard_channel` names, served by the master of their slot."""
+
 
 class ShardLink:
-    """Live delivery for the channels whose slots one master owns, over one connection to it.
+    """Live delivery for the channels one node serves (a cluster master's slots, or all of one Redis).
 
-    The ClusterSubscriber decides which channels belong here (`assign`, `drop`); the
-    link's owner task does all I/O: SSUBSCRIBE/SUNSUBSCRIBE of the difference (one
-    command per slot, as Redis refuses shard channels of several slots in one), PINGs
-    to detect a silent node, and reconnects with capped, jittered backoff. It reports
-    confirmations, losses and the need for a fresh slot map through callbacks.
+    The Subscriber decides which channels belong here (`assign`, `drop`); the link's owner
+    task does all I/O: (S)SUBSCRIBE/(S)UNSUBSCRIBE of the difference in batches (on a
+    cluster one command per slot, as Redis refuses shard channels of several slots in
+    one), PINGs to detect a silent node, and reconnects with capped, jittered backoff. It
+    reports confirmations, losses and the need for a fresh slot map through callbacks.
     """
 
     def __init__(
@@ -40,6 +71,7 @@ class ShardLink:
         *,
         address: Address,
         client: Redis,
+        kind: PubSubKind,
         prefix: str,
         pod_id: str,
         on_envelope: Callable[[Envelope], None],
@@ -48,6 +80,7 @@ class ShardLink:
         on_topology_doubt: Callable[[], None],
         ping_interval_s: float,
         pong_timeout_s: float,
+        subscribe_timeout_s: float,
         reconnect_min_s: float,
         reconnect_max_s: float,
         canary_channel: str = "",
@@ -57,6 +90,8 @@ class ShardLink:
         other), undecoded: the canary is not an event."""
         self.address = address
         self._client = client
+        self._kind = kind
+        self._name = wire.shard_channel if kind.sharded else wire.pubsub_channel
         self._prefix = prefix
         self._pod_id = pod_id
         self._on_envelope = on_envelope
@@ -65,6 +100,7 @@ class ShardLink:
         self._on_topology_doubt = on_topology_doubt
         self._ping_interval_s = ping_interval_s
         self._pong_timeout_s = pong_timeout_s
+        self._subscribe_timeout_s = subscribe_timeout_s
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
         self._canary_channel = canary_channel
@@ -79,6 +115,10 @@ class ShardLink:
         self._server: set[str] = set()  # what the node will have once every sent command is applied
         self._unsubscribing: dict[str, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed, per channel
         self.actual: set[str] = set()  # what the node confirmed on the current connection
+        # Assigned channels not confirmed yet, with when they were assigned.
+        self._unconfirmed_since: dict[str, float] = {}
+        # The current connection had every assigned channel confirmed at least once.
+        self._reached = False
         self.connected = False
         # Connections lost so far and when the last one was: readiness reporting sees a
         # reconnect even when it was over before anyone looked.
@@ -104,17 +144,35 @@ class ShardLink:
         await self._client.aclose()
 
     @property
-    def healthy(self) -> bool:
-        """Connected, every assigned channel confirmed, and the last PING answered in time."""
-        if not self.connected or self._displaced or self._pong_late():
-            return False
+    def answering(self) -> bool:
+        """Connected, and the last PING answered in time."""
+        return self.connected and not self._pong_late()
+
+    @property
+    def pending(self) -> bool:
+        """Assigned channels are missing on the node: the current connection has not yet
+        subscribed everything, a channel's slot moved away, or a new channel waits longer
+        than `subscribe_timeout_s`.
+
+        A channel that a client has just asked for is not pending yet: every subscribe
+        takes a round trip, and readiness must not flap with client traffic.
+        """
+        if not self._reached or self._displaced:
+            return True
+        horizon = time.monotonic() - self._subscribe_timeout_s
+        return any(since < horizon for since in self._unconfirmed_since.values())
+
+    @property
+    def _complete(self) -> bool:
         return self.wanted <= self.actual and self.wanted <= self._server
 
     def assign(self, channel: str, *, notice: bool) -> None:
         """Make this link deliver `channel`; with `notice`, report it as resubscribed once confirmed."""
         self.wanted.add(channel)
         self._displaced.discard(channel)
-        self._by_name[wire.shard_channel(self._prefix, channel).encode()] = channel
+        if not self.confirmed(channel):
+            self._unconfirmed_since.setdefault(channel, time.monotonic())
+        self._by_name[self._name(self._prefix, channel).encode()] = channel
         if notice:
             self._notice.add(channel)
         self._wake()
@@ -135,8 +193,9 @@ class ShardLink:
         self.wanted.discard(channel)
         self._notice.discard(channel)
         self._displaced.discard(channel)
+        self._unconfirmed_since.pop(channel, None)
         if channel not in self._server and channel not in self._unsubscribing:
-            self._by_name.pop(wire.shard_channel(self._prefix, channel).encode(), None)
+            self._by_name.pop(self._name(self._prefix, channel).encode(), None)
         self._wake()
 
     def _wake(self) -> None:
@@ -163,15 +222,15 @@ class ShardLink:
                 metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
                 connections += 1
                 connected = True
-                log.info("broker_shard_connected", pod_id=self._pod_id, node=_node(self.address))
+                log.info(self._kind.connected_event, pod_id=self._pod_id, node=_node(self.address))
                 if connections > 1:
                     self._notice |= self.wanted
-                reached = await self._serve(pubsub)
+                await self._serve(pubsub)
             except (RedisError, OSError, TimeoutError, SilentConnection) as exc:
                 if not connected:
                     metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
                 log.warning(
-                    "broker_shard_disconnected",
+                    self._kind.disconnected_event,
                     pod_id=self._pod_id,
                     node=_node(self.address),
                     error=type(exc).__name__,
@@ -183,14 +242,19 @@ class ShardLink:
                 if connected:
                     self.disconnects += 1
                     self.disconnected_at = time.monotonic()
+                reached = self._reached
                 self.connected = False
+                self._reached = False
                 self._server.clear()
                 self._unsubscribing.clear()
                 self.actual.clear()
                 self._ping_sent_at = None
+                # aclose() cannot hang on a half-open socket: it does not wait for the peer.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             # A failover or a resharding often shows up first as a lost connection or a refusal.
             self._on_topology_doubt()
+            # Reset only after a connection that got fully subscribed, so a connection that
+            # fails right after connecting (e.g. SUBSCRIBE refused) still backs off.
             attempt = 0 if reached else attempt + 1
             await asyncio.sleep(self._backoff_s(attempt))
 
@@ -199,14 +263,13 @@ class ShardLink:
         cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def _serve(self, pubsub: PubSub) -> bool:
-        """Serve one connection until it fails; True if it ever had every assigned channel."""
+    async def _serve(self, pubsub: PubSub) -> None:
+        """Serve one connection until it fails."""
         ping_token = f"eva-ws-watchdog:{self._pod_id}".encode()
         next_ping = time.monotonic()
         self.connected = True
-        self._dirty = True
+        self._dirty = True  # a new connection has no subscriptions yet
         changed = True
-        reached = False
         while not self._closed:
             if self._dirty:
                 self._dirty = False
@@ -218,12 +281,14 @@ class ShardLink:
                 await pubsub.ping(ping_token)
             if self._pong_late():
                 raise SilentConnection(f"no PONG within {self._pong_timeout_s}s")
+            # Set comparisons cost O(channels): only after something that can change them,
+            # never per delivered event.
             if changed:
                 changed = False
-                reached = reached or self.healthy
+                self._reached = self._reached or self._complete
                 self._report_recovered()
             if self._dirty:
-                continue
+                continue  # changed while we were sending: reconcile before blocking
             wait_s = (self._ping_sent_at + self._pong_timeout_s if self._ping_sent_at is not None else next_ping) - now
             message: Mapping[str, Any] | None = None
             try:
@@ -237,7 +302,7 @@ class ShardLink:
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "smessage":
+            if kind == self._kind.message:
                 self._deliver(message)
             elif kind == "pong":
                 if message["data"] == ping_token:
@@ -247,29 +312,45 @@ class ShardLink:
             else:
                 self._confirm(kind, message)
                 changed = True
-        return reached
 
     async def _reconcile(self, pubsub: PubSub) -> None:
+        """Send the difference between the assigned channels and what the node will have, batched."""
         to_unsubscribe = self._server - self.wanted
         to_subscribe = self.wanted - self._server - self._displaced
-        for channels in _by_slot(self._prefix, to_unsubscribe):
-            await pubsub.sunsubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
+        unsubscribe = pubsub.sunsubscribe if self._kind.sharded else pubsub.unsubscribe
+        subscribe = pubsub.ssubscribe if self._kind.sharded else pubsub.subscribe
+        for channels in self._batches(to_unsubscribe):
+            await unsubscribe(*(self._name(self._prefix, c) for c in channels))
             self._server.difference_update(channels)
             for channel in channels:
                 self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
-        for channels in _by_slot(self._prefix, to_subscribe):
-            await pubsub.ssubscribe(*(wire.shard_channel(self._prefix, c) for c in channels))
+        for channels in self._batches(to_subscribe):
+            await subscribe(*(self._name(self._prefix, c) for c in channels))
             self._server.update(channels)
+
+    def _batches(self, channels: set[str]) -> list[list[str]]:
+        """Channels in batches of SUBSCRIBE_BATCH_MAX; on a cluster, each batch of one hash slot
+        (one SSUBSCRIBE may only name channels of one slot)."""
+        groups: defaultdict[int, list[str]] = defaultdict(list)
+        for channel in sorted(channels):
+            slot = key_slot(self._name(self._prefix, channel).encode()) if self._kind.sharded else 0
+            groups[slot].append(channel)
+        return [
+            group[start : start + SUBSCRIBE_BATCH_MAX]
+            for group in groups.values()
+            for start in range(0, len(group), SUBSCRIBE_BATCH_MAX)
+        ]
 
     def _confirm(self, kind: str, message: Mapping[str, Any]) -> None:
         channel = self._by_name.get(message["channel"])
         if channel is None:
             return
-        if kind == "ssubscribe":
+        if kind == self._kind.subscribed:
             self.actual.add(channel)
+            self._unconfirmed_since.pop(channel, None)
             if channel in self.wanted and channel in self._server:
                 self._on_confirmed(self, channel)
-        elif kind == "sunsubscribe":
+        elif kind == self._kind.unsubscribed:
             self.actual.discard(channel)
             pending = self._unsubscribing.get(channel, 0)
             if pending > 1:
@@ -308,18 +389,6 @@ class ShardLink:
             log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
             return
         self._on_envelope(Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload))
-
-
-def _by_slot(prefix: str, channels: set[str]) -> list[list[str]]:
-    """Channels grouped per hash slot, in batches: one SSUBSCRIBE may only name channels of one slot."""
-    groups: defaultdict[int, list[str]] = defaultdict(list)
-    for channel in sorted(channels):
-        groups[key_slot(wire.shard_channel(prefix, channel).encode())].append(channel)
-    return [
-        group[start : start + SUBSCRIBE_BATCH_MAX]
-        for group in groups.values()
-        for start in range(0, len(group), SUBSCRIBE_BATCH_MAX)
-    ]
 
 
 def _node(address: Address) -> str:

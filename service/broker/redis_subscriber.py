@@ -1,47 +1,57 @@
-"""The Redis broker's PUB/SUB side: one connection, owned by one task, that never stays deaf."""
+"""Live delivery: a slot map, one ShardLink per node that serves channels, channels moved when slots move.
+
+One Redis is a cluster of one node that owns every slot and never moves any: the same
+coordinator runs it with classic PUB/SUB (see ShardLink's PubSubKind).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
 
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
 from service.broker.canary import Canary
+from service.broker.redis_shard_link import SHARDED, PubSubKind, ShardLink
 from service.redis_client import cancel_and_wait
+from service.redis_cluster_client import Address
 
 log = structlog.get_logger("eva_ws.broker")
 
-# One SUBSCRIBE/UNSUBSCRIBE command carries at most this many channels, so a pod that
-# resubscribes thousands of channels after a reconnect sends a few large commands
-# instead of one per channel, without building a single multi-megabyte request.
-SUBSCRIBE_BATCH_MAX: Final = 500
+SlotMap = list[Address | None]
+"""Owner (master address) of each of the 16384 slots; None for a slot nobody serves."""
+
+# Without any sign of trouble the slot map is still re-read this often, so a failover or a
+# resharding that no connection of this pod noticed is picked up anyway.
+TOPOLOGY_REFRESH_S: Final = 5.0
 
 
 class Subscriber:
-    """Live delivery for a set of channels over one PUB/SUB connection.
+    """The PUB/SUB side of RedisBroker: the wanted set, and which node delivers each channel.
 
-    A single owner task does all I/O on the connection: `subscribe` and `unsubscribe`
-    only change the wanted set and wake it. The task batches the difference between
-    the wanted set and what Redis has into SUBSCRIBE/UNSUBSCRIBE commands, reads with a
-    bounded `get_message` timeout, PINGs to detect half-open sockets, and on any
-    failure rebuilds the connection with capped, jittered backoff, resubscribes every
-    wanted channel and reports them to `on_resubscribed`.
+    It keeps the wanted set and the slot map (CLUSTER SLOTS on a cluster; on one Redis,
+    every slot is the one node's), and assigns every wanted channel to the ShardLink of
+    the node that owns the channel's slot. A link that loses its node, or is told by the
+    node that a slot moved away (a server-sent SUNSUBSCRIBE), asks for a new slot map;
+    channels whose owner changed are moved to the new owner's link. After a reconnect or
+    a move the channels are reported to `on_resubscribed` once confirmed again, since
+    events published in between were not delivered live.
     """
 
     def __init__(
         self,
         *,
-        client: Redis,
+        seeds: list[Address],
+        link_client: Callable[[Address], Redis],
+        kind: PubSubKind = SHARDED,
         prefix: str,
         pod_id: str,
         on_message: MessageHandler,
@@ -51,15 +61,25 @@ class Subscriber:
         subscribe_timeout_s: float,
         reconnect_min_s: float,
         reconnect_max_s: float,
+        topology_refresh_s: float = TOPOLOGY_REFRESH_S,
+        on_slot_map_changed: Callable[[], None] = lambda: None,
         canary: Canary | None = None,
         canary_channel: str = "",
     ) -> None:
-        """`canary` gets every message of `canary_channel`, a channel this connection
-        subscribes to on its own, outside the wanted set: it is never reported to the hub
-        nor counted as a subscription."""
-        self._client = client
+        """`canary` gets every message of `canary_channel`, a channel kept on the link of its
+        slot's master like a wanted one but never reported to the hub nor counted as a
+        subscription."""
+        """`seeds`: the cluster nodes to ask for the slot map, or (with classic `kind`) the one Redis."""
+        self._seeds = list(seeds)
+        self._kind = kind
+        self._name = wire.shard_channel if kind.sharded else wire.pubsub_channel
+        self._canary = canary
+        self._canary_channel = canary_channel
+        # Channels this pod keeps for itself, beside the hub's wanted set.
+        self._private: frozenset[str] = frozenset({canary_channel} if canary is not None else ())
+        self._on_slot_map_changed = on_slot_map_changed
+        self._link_client = link_client
         self._prefix = prefix
-        self._prefix_bytes = prefix.encode()
         self._pod_id = pod_id
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
@@ -68,123 +88,130 @@ class Subscriber:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
-        self._canary = canary
-        self._canary_channel = canary_channel.encode()
+        self._topology_refresh_s = topology_refresh_s
 
-        # Written only by the owner task, except `_wanted` and `_waiters`.
         self._wanted: set[str] = set()
-        self._server: set[str] = set()  # what Redis will have once every sent command is applied
-        self._actual: set[str] = set()  # what Redis confirmed on the current connection
+        self._assigned: dict[str, Address] = {}  # wanted channels with an owner in the slot map
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        # Wanted channels not confirmed by Redis yet, with when they were first asked for.
-        self._unconfirmed_since: dict[str, float] = {}
-        self._connected = False
-        # Connections lost or failed so far, and when the last one was, so that readiness
-        # reporting sees a reconnect even when it was over before anyone looked.
-        self._disconnects = 0
-        self._disconnected_at = 0.0
-        self._up = asyncio.Event()  # set while `_connected`
-        self._reached_ready = False  # the current connection had every wanted channel confirmed
-        self._ping_sent_at: float | None = None
-        self._wake_scope: asyncio.Timeout | None = None
-        self._dirty = False  # the wanted set changed since the owner last reconciled
-        self._owner: asyncio.Task[None] | None = None
+        self._slots: SlotMap | None = None
+        self._links: dict[Address, ShardLink] = {}
+        self._doubt = asyncio.Event()
+        self._topology: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # links of nodes that left the slot map
+        self._map_source: tuple[Address, Redis] | None = None
+        self._metrics_due = False
         self._closed = False
 
     async def start(self, *, timeout_s: float) -> None:
-        """Start the owner task; raise BrokerUnavailable if no connection comes up within `timeout_s`."""
-        self._owner = asyncio.create_task(self._run(), name="redis-broker-subscriber")
+        """Read the slot map and connect to every master; raise BrokerUnavailable if no node
+        answers within `timeout_s`, and keep trying in the background all the same."""
         try:
             async with asyncio.timeout(timeout_s):
-                await self._up.wait()
-        except TimeoutError:
-            raise BrokerUnavailable("redis subscriber connection did not come up") from None
+                slots = await self._fetch_slots()
+        except (TimeoutError, BrokerUnavailable) as exc:
+            self._doubt.set()
+            self._topology = asyncio.create_task(self._run_topology(), name="redis-cluster-topology")
+            raise BrokerUnavailable("no redis cluster node returned the slot map") from exc
+        self._apply(slots)
+        self._topology = asyncio.create_task(self._run_topology(), name="redis-cluster-topology")
 
     async def close(self) -> None:
-        """Stop the owner task and fail pending subscribes; idempotent."""
+        """Stop every task and connection and fail pending subscribes; idempotent."""
         self._closed = True
-        if self._owner is not None:
-            await cancel_and_wait(self._owner)
-            self._owner = None
+        if self._topology is not None:
+            await cancel_and_wait(self._topology)
+            self._topology = None
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.close()
+        for task in list(self._retiring):
+            await task
+        if self._map_source is not None:
+            await self._map_source[1].aclose()
+            self._map_source = None
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
-        self._set_connected(False)
-
-    @property
-    def disconnects(self) -> tuple[int, float]:
-        """Connections lost or failed so far, and when the last one was."""
-        return self._disconnects, self._disconnected_at
+        self._write_metrics()
 
     def not_ready_reasons(self) -> list[str]:
-        """`broker_not_ready` without an answering connection, else `resubscribe_pending`
-        while wanted channels are missing in Redis (see `subscriptions_pending`)."""
-        if not self.connected:
+        """`broker_not_ready` without a slot map, with a wanted channel no node serves, or with a
+        link that does not answer; else `resubscribe_pending` while a link lacks channels (see
+        ShardLink.pending)."""
+        if self._closed or self._slots is None or len(self._assigned) != len(self._wanted) + len(self._private):
             return ["broker_not_ready"]
-        return ["resubscribe_pending"] if self.subscriptions_pending else []
+        links = [link for link in self._links.values() if link.wanted]
+        if not all(link.answering for link in links):
+            return ["broker_not_ready"]
+        return ["resubscribe_pending"] if any(link.pending for link in links) else []
+
+    @property
+    def subscribed_channels(self) -> frozenset[str]:
+        confirmed: set[str] = set()
+        for link in self._links.values():
+            confirmed |= link.actual & link.wanted
+        return frozenset(confirmed & self._wanted)
 
     @property
     def wanted_count(self) -> int:
         return len(self._wanted)
 
     @property
-    def connected(self) -> bool:
-        """A connection is up and its last PING was answered in time."""
-        return self._connected and not self._pong_late()
+    def disconnects(self) -> tuple[int, float]:
+        """Connections to masters lost so far, and when the last one was."""
+        links = self._links.values()
+        return sum(link.disconnects for link in links), max((link.disconnected_at for link in links), default=0.0)
 
-    @property
-    def subscriptions_pending(self) -> bool:
-        """Wanted channels are missing in Redis: the current connection has not yet
-        resubscribed everything, or a new channel waits longer than `subscribe_timeout_s`.
-
-        A channel that a client has just asked for is not pending yet: every subscribe
-        takes a round trip, and readiness must not flap with client traffic.
-        """
-        if not self._reached_ready:
-            return True
-        horizon = time.monotonic() - self._subscribe_timeout_s
-        return any(since < horizon for since in self._unconfirmed_since.values())
-
-    @property
-    def subscribed_channels(self) -> frozenset[str]:
-        return frozenset(self._actual & self._wanted)
+    def links(self) -> dict[Address, frozenset[str]]:
+        """Which master delivers which channels right now (for operators and tests)."""
+        return {address: frozenset(link.wanted) for address, link in self._links.items()}
 
     async def subscribe(self, channel: str) -> None:
-        """Return once Redis confirmed the channel; raise BrokerUnavailable (and forget the
-        channel) if it does not within `subscribe_timeout_s`."""
+        """Return once the owning master confirmed the channel; raise BrokerUnavailable (and forget
+        the channel) if it does not within `subscribe_timeout_s`."""
         if self._closed:
             raise BrokerUnavailable("broker closed")
         self._wanted.add(channel)
-        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
-        if channel in self._actual and channel in self._server:
+        if channel not in self._assigned:
+            self._assign(channel, notice=False)
+        # Also after an unsubscribe whose SUNSUBSCRIBE was never sent: no new confirmation will come.
+        if self._confirmed(channel):
+            self._update_metrics()
             return
-        self._unconfirmed_since.setdefault(channel, time.monotonic())
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(waiter)
-        self._wake()
+        self._update_metrics()
         try:
             async with asyncio.timeout(self._subscribe_timeout_s):
                 await waiter
         except TimeoutError:
             self._drop_waiter(channel, waiter)
-            if channel not in self._actual and not self._waiters.get(channel):
-                self._wanted.discard(channel)
-                self._unconfirmed_since.pop(channel, None)
-                metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
-                self._wake()
-            raise BrokerUnavailable("subscription not confirmed by redis") from None
+            if not self._confirmed(channel) and not self._waiters.get(channel):
+                self._forget(channel)
+            raise BrokerUnavailable("subscription not confirmed by redis cluster") from None
 
     async def unsubscribe(self, channel: str) -> None:
         """Stop delivery at once; a subscribe still waiting for this channel returns."""
         if channel not in self._wanted:
             return
+        self._forget(channel)
+        for waiter in self._waiters.pop(channel, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _forget(self, channel: str) -> None:
         self._wanted.discard(channel)
-        self._unconfirmed_since.pop(channel, None)
-        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
-        self._resolve(channel)
-        self._wake()
+        address = self._assigned.pop(channel, None)
+        if address is not None and address in self._links:
+            self._links[address].drop(channel)
+        self._update_metrics()
+
+    def _confirmed(self, channel: str) -> bool:
+        address = self._assigned.get(channel)
+        link = self._links.get(address) if address is not None else None
+        return link is not None and link.confirmed(channel)
 
     def _drop_waiter(self, channel: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(channel, [])
@@ -193,194 +220,196 @@ class Subscriber:
         if not waiters:
             self._waiters.pop(channel, None)
 
-    def _resolve(self, channel: str) -> None:
-        for waiter in self._waiters.pop(channel, []):
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _wake(self) -> None:
-        self._dirty = True
-        # Cuts the owner's current get_message wait short so it applies the change now.
-        if self._wake_scope is not None and not self._wake_scope.expired():
-            self._wake_scope.reschedule(asyncio.get_running_loop().time())
-
-    def _pong_late(self) -> bool:
-        return self._ping_sent_at is not None and time.monotonic() - self._ping_sent_at > self._pong_timeout_s
-
-    def _set_connected(self, connected: bool) -> None:
-        self._connected = connected
-        if connected:
-            self._up.set()
-        else:
-            self._up.clear()
-
-    # -- the owner task ------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        """Keep one PUB/SUB connection alive forever: connect, serve, back off, repeat."""
-        attempt = 0
-        connections = 0
-        while not self._closed:
-            pubsub = self._client.pubsub()
-            connected = False
-            self._reached_ready = False
-            try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-                metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
-                connections += 1
-                log.info("broker_connected", pod_id=self._pod_id, connection=connections)
-                connected = True
-                await self._serve(pubsub, notify_resubscribed=connections > 1)
-            except (RedisError, OSError, TimeoutError, SilentConnection) as exc:
-                if not connected:
-                    metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
-                log.warning("broker_disconnected", pod_id=self._pod_id, error=type(exc).__name__, detail=str(exc))
-            except Exception:  # the loop must outlive any bug, or the pod goes deaf for good
-                log.exception("broker_subscriber_failed", pod_id=self._pod_id)
-            finally:
-                self._disconnects += 1
-                self._disconnected_at = time.monotonic()
-                self._reset_connection_state()
-                # aclose() cannot hang on a half-open socket: it does not wait for the peer.
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            # Reset only after a connection that got fully subscribed, so a connection that
-            # fails right after connecting (e.g. SUBSCRIBE refused) still backs off.
-            attempt = 0 if self._reached_ready else attempt + 1
-            await asyncio.sleep(self._backoff_s(attempt))
-
-    def _backoff_s(self, attempt: int) -> float:
-        # Equal jitter: never zero (no hot loop), never synchronised across pods.
-        cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
-        return cap / 2 + random.uniform(0, cap / 2)
-
-    def _reset_connection_state(self) -> None:
-        self._server.clear()
-        self._actual.clear()
-        self._ping_sent_at = None
-        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(0)
-        self._set_connected(False)
-
-    async def _serve(self, pubsub: PubSub, *, notify_resubscribed: bool) -> None:
-        ping_token = f"eva-ws-watchdog:{self._pod_id}".encode()
-        next_ping = time.monotonic()
-        self._set_connected(True)
-        pending_notice = notify_resubscribed
-        self._dirty = True  # a new connection has no subscriptions yet
-        changed = True
-        if self._canary is not None:
-            await pubsub.subscribe(self._canary_channel)
-        while not self._closed:
-            if self._dirty:
-                self._dirty = False
-                await self._reconcile(pubsub)
-                changed = True
-            now = time.monotonic()
-            if self._ping_sent_at is None and now >= next_ping:
-                self._ping_sent_at = now
-                await pubsub.ping(ping_token)
-            if self._pong_late():
-                raise SilentConnection(f"no PONG within {self._pong_timeout_s}s")
-            # Set comparisons cost O(channels): only after something that can change them,
-            # never per delivered event.
-            if changed:
-                changed = False
-                if self._actual == self._server == self._wanted:
-                    self._reached_ready = True
-                    if pending_notice:
-                        pending_notice = False
-                        log.info("broker_resubscribed", pod_id=self._pod_id, channels=len(self._actual))
-                        self._call_resubscribed(sorted(self._actual))
-            if self._dirty:
-                continue  # changed while we were sending: reconcile before blocking
-            if self._ping_sent_at is not None:
-                wait_s = self._ping_sent_at + self._pong_timeout_s - now
-            else:
-                wait_s = next_ping - now
-            message: Mapping[str, Any] | None = None
-            try:
-                async with asyncio.timeout(None) as scope:
-                    self._wake_scope = scope
-                    message = await pubsub.get_message(timeout=max(0.001, wait_s))
-            except TimeoutError:
-                pass  # woken by _wake: a subscription changed
-            finally:
-                self._wake_scope = None
-            if message is None:
-                continue
-            kind = message["type"]
-            if message.get("channel") == self._canary_channel and self._canary is not None:
-                if kind == "message":
-                    self._canary.received(message["data"])
-                elif kind == "subscribe":
-                    self._canary.kick()  # a round trip now, instead of one interval later
-            elif kind == "message":
-                self._deliver(message)
-            elif kind == "pong":
-                if message["data"] == ping_token:
-                    self._ping_sent_at = None
-                    next_ping = time.monotonic() + self._ping_interval_s
-                    changed = True
-            else:
-                self._confirm(kind, message)
-                changed = True
-
-    async def _reconcile(self, pubsub: PubSub) -> None:
-        """Send the difference between the wanted set and what Redis will have, batched."""
-        to_subscribe = sorted(self._wanted - self._server)
-        to_unsubscribe = sorted(self._server - self._wanted)
-        for start in range(0, len(to_unsubscribe), SUBSCRIBE_BATCH_MAX):
-            batch = to_unsubscribe[start : start + SUBSCRIBE_BATCH_MAX]
-            await pubsub.unsubscribe(*(wire.pubsub_channel(self._prefix, c) for c in batch))
-            self._server.difference_update(batch)
-        for start in range(0, len(to_subscribe), SUBSCRIBE_BATCH_MAX):
-            batch = to_subscribe[start : start + SUBSCRIBE_BATCH_MAX]
-            await pubsub.subscribe(*(wire.pubsub_channel(self._prefix, c) for c in batch))
-            self._server.update(batch)
-
-    def _channel_of(self, raw: bytes) -> str | None:
-        if not raw.startswith(self._prefix_bytes):
+    def _owner(self, channel: str) -> Address | None:
+        if self._slots is None:
             return None
-        try:
-            return raw[len(self._prefix_bytes) :].decode()
-        except UnicodeDecodeError:
-            return None
+        if not self._kind.sharded:
+            return self._seeds[0]  # one Redis serves every channel
+        return self._slots[key_slot(self._name(self._prefix, channel).encode())]
 
-    def _confirm(self, kind: str, message: Mapping[str, Any]) -> None:
-        channel = self._channel_of(message["channel"])
-        if channel is None:
+    def _assign(self, channel: str, *, notice: bool) -> None:
+        """Hand a wanted channel to the link of its slot's master, or leave it unassigned until a new map."""
+        address = self._owner(channel)
+        if address is None:
+            self._assigned.pop(channel, None)
+            self._doubt.set()
             return
-        if kind == "subscribe":
-            self._actual.add(channel)
-            self._unconfirmed_since.pop(channel, None)
-            if channel in self._wanted and channel in self._server:
-                self._resolve(channel)
-        elif kind == "unsubscribe":
-            self._actual.discard(channel)
-        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self._actual))
+        self._assigned[channel] = address
+        self._link(address).assign(channel, notice=notice)
 
-    def _deliver(self, message: Mapping[str, Any]) -> None:
-        channel = self._channel_of(message["channel"])
-        if channel is None or channel not in self._wanted:
-            return  # unsubscribed while the message was on its way
-        try:
-            event = wire.decode_envelope(message["data"])
-        except wire.MalformedEnvelope as exc:
-            metrics.BROKER_INVALID_MESSAGES.inc()
-            # The channel name is routing data, not payload; the payload is never logged.
-            log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
-            return
-        envelope = Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload)
+    def _link(self, address: Address) -> ShardLink:
+        link = self._links.get(address)
+        if link is None:
+            link = ShardLink(
+                address=address,
+                client=self._link_client(address),
+                kind=self._kind,
+                prefix=self._prefix,
+                pod_id=self._pod_id,
+                on_envelope=self._deliver,
+                on_confirmed=self._link_confirmed,
+                on_recovered=self._link_recovered,
+                on_topology_doubt=self._topology_doubt,
+                ping_interval_s=self._ping_interval_s,
+                pong_timeout_s=self._pong_timeout_s,
+                subscribe_timeout_s=self._subscribe_timeout_s,
+                reconnect_min_s=self._reconnect_min_s,
+                reconnect_max_s=self._reconnect_max_s,
+                canary_channel=self._canary_channel,
+                on_canary=self._canary.received if self._canary is not None else lambda data: None,
+            )
+            self._links[address] = link
+            link.start()
+        return link
+
+    # -- callbacks from the links ---------------------------------------------------------
+
+    def _deliver(self, envelope: Envelope) -> None:
         try:
             self._on_message(envelope)
         except Exception:  # one failing handler must not stop delivery of the rest
-            log.exception("broker_handler_failed", channel=channel, offset=event.offset)
+            log.exception("broker_handler_failed", channel=envelope.channel, offset=envelope.offset)
 
-    def _call_resubscribed(self, channels: list[str]) -> None:
+    def _link_confirmed(self, link: ShardLink, channel: str) -> None:
+        if channel in self._private and self._canary is not None:
+            self._canary.kick()  # a round trip now, instead of one interval later
+        if self._assigned.get(channel) == link.address:
+            for waiter in self._waiters.pop(channel, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._update_metrics()
+
+    def _link_recovered(self, channels: list[str]) -> None:
+        channels = [c for c in channels if c in self._wanted]
+        self._update_metrics()
+        if not channels:
+            return
+        log.info("broker_resubscribed", pod_id=self._pod_id, channels=len(channels))
         try:
             self._on_resubscribed(channels)
-        except Exception:  # same reason as in _handle
+        except Exception:  # same reason as in _deliver
             log.exception("broker_resubscribed_handler_failed", channels=len(channels))
 
+    def _topology_doubt(self) -> None:
+        self._doubt.set()
+        self._update_metrics()
 
-class SilentConnection(Exception):
-    """The subscriber connection stopped answering: rebuild it."""
+    def _update_metrics(self) -> None:
+        # Coalesced: computing them costs O(channels), and a resubscribe confirms thousands at once.
+        if not self._metrics_due:
+            self._metrics_due = True
+            asyncio.get_running_loop().call_soon(self._write_metrics)
+
+    def _write_metrics(self) -> None:
+        self._metrics_due = False
+        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
+        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self.subscribed_channels))
+
+    # -- the slot map ----------------------------------------------------------------------
+
+    async def _run_topology(self) -> None:
+        """Re-read the slot map when a link doubts it (and every `topology_refresh_s`), paced by backoff."""
+        attempt = 0
+        while not self._closed:
+            try:
+                async with asyncio.timeout(self._topology_refresh_s):
+                    await self._doubt.wait()
+            except TimeoutError:
+                pass
+            self._doubt.clear()
+            try:
+                slots = await self._fetch_slots()
+            except BrokerUnavailable:
+                attempt += 1
+                self._doubt.set()
+            except Exception:  # the loop must outlive any bug, or moved channels stay deaf
+                log.exception("broker_topology_failed", pod_id=self._pod_id)
+                attempt += 1
+            else:
+                attempt = 0
+                self._apply(slots)
+            # Pacing: a burst of doubts (every link of a dead node) costs one read, not many.
+            cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
+            await asyncio.sleep(cap / 2 + random.uniform(0, cap / 2))
+
+    def _apply(self, slots: SlotMap) -> None:
+        """Adopt a slot map: move channels whose owner changed, open and close links to match."""
+        first = self._slots is None
+        changed = self._slots != slots
+        self._slots = slots
+        masters = {address for address in slots if address is not None}
+        moved = 0
+        # The walk costs O(channels); an unchanged map with nothing displaced or unassigned needs none.
+        displaced = any(link.has_displaced for link in self._links.values())
+        stale = changed or displaced or len(self._assigned) != len(self._wanted) + len(self._private)
+        for channel in list(self._wanted | self._private) if stale else []:
+            old = self._assigned.get(channel)
+            new = self._owner(channel)
+            if old == new and old is not None and old in self._links:
+                link = self._links[old]
+                if channel not in link.wanted or link.displaced(channel):
+                    # The node dropped it, yet the map still names that node: subscribe again there.
+                    link.assign(channel, notice=True)
+                continue
+            if old is not None and old in self._links:
+                self._links[old].drop(channel)
+            moved += 1
+            # Events published while the channel had no subscription here must come from history.
+            self._assign(channel, notice=old is not None)
+        for address in [a for a in self._links if a not in masters]:
+            link = self._links.pop(address)
+            task = asyncio.get_running_loop().create_task(link.close(), name="redis-shard-link-close")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        for address in masters:
+            self._link(address)
+        if changed or moved:
+            log.info("broker_slot_map", pod_id=self._pod_id, masters=len(masters), moved_channels=moved)
+        if changed and not first:
+            self._on_slot_map_changed()
+        self._update_metrics()
+
+    async def _fetch_slots(self) -> SlotMap:
+        """CLUSTER SLOTS from the node asked last time if it answers, else from the first that does;
+        on one Redis, the node owns every slot."""
+        if not self._kind.sharded:
+            return [self._seeds[0]] * REDIS_CLUSTER_HASH_SLOTS
+        if self._map_source is not None:
+            address, client = self._map_source
+            try:
+                return _slot_map(await client.execute_command("CLUSTER SLOTS"), address)  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError, ValueError, IndexError) as exc:
+                log.info("broker_slot_map_unavailable", node=f"{address[0]}:{address[1]}", error=type(exc).__name__)
+            self._map_source = None
+            await client.aclose()
+        candidates = list(dict.fromkeys([*self._links, *self._seeds]))
+        random.shuffle(candidates)  # spread the reads of many pods over the nodes
+        for address in candidates:
+            client = self._link_client(address)
+            answered = False
+            try:
+                slots = _slot_map(await client.execute_command("CLUSTER SLOTS"), address)  # type: ignore[no-untyped-call]
+                answered = True
+            except (RedisError, OSError, TimeoutError, ValueError, IndexError) as exc:
+                log.info("broker_slot_map_unavailable", node=f"{address[0]}:{address[1]}", error=type(exc).__name__)
+                continue
+            finally:
+                if not answered:
+                    await client.aclose()
+            # Kept for the next read: one connection per pod for the slot map, not one per read.
+            self._map_source = (address, client)
+            return slots
+        raise BrokerUnavailable("no cluster node answered CLUSTER SLOTS")
+
+
+def _slot_map(reply: list[Any], asked: Address) -> SlotMap:
+    """Slot owners from a CLUSTER SLOTS reply: [[start, end, [host, port, id, ...], replicas...], ...]."""
+    slots: SlotMap = [None] * REDIS_CLUSTER_HASH_SLOTS
+    for entry in reply:
+        start, end, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+        # An empty host means "the node you asked", per the CLUSTER SLOTS documentation.
+        address = (host or asked[0], int(master[1]))
+        for slot in range(start, end + 1):
+            slots[slot] = address
+    return slots
