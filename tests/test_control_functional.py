@@ -159,3 +159,28 @@ async def test_only_admin_tokens_may_send_control_commands(
         for path in ("disconnect", "revoke"):
             status, body = await control(session, pods[0], path, {"userId": "alice"}, token)
             assert (status, body["error"]) == (403, "forbidden")
+
+
+async def test_an_unsubscribe_ends_the_users_matching_subscriptions_on_both_pods(
+    pods: list[ServiceProcess], session: aiohttp.ClientSession
+) -> None:
+    alice = token_for(SETTINGS, sub="alice", customers=["C1", "C2"])
+    sockets = [await session.ws_connect(f"{pod.url}/ws/transactions?token={alice}") for pod in pods]
+    for ws in sockets:
+        for customer in ("C1", "C2"):
+            await ws.send_json({"type": "subscribe", "channel": "transactions", "filters": {"customerId": customer}})
+            assert (await ws.receive_json())["type"] == "subscribed"
+    body = {"userId": "alice", "channel": "transactions", "filters": {"customerId": "C1"}, "reason": "access removed"}
+    status, answer = await control(session, pods[1], "unsubscribe", body)
+    assert (status, answer["unsubscribed"]) == (202, True)
+    for ws in sockets:
+        ended = await ws.receive_json()
+        assert (ended["type"], ended["subscription"], ended["reason"]) == (
+            "unsubscribed",
+            "transactions:C1",
+            "access removed",
+        )
+        # The socket and its other subscription stay.
+        await ws.send_json({"type": "unsubscribe", "channel": "transactions", "filters": {"customerId": "C2"}})
+        assert (await ws.receive_json())["type"] == "unsubscribed"
+        await ws.close()
