@@ -16,6 +16,7 @@ import secrets
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         outcome = asyncio.run(guarded())
     except asyncio.CancelledError:
         print("chaos run interrupted; everything it started is stopped", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001  # the run broke, not the service's guarantee: a different exit code
+        traceback.print_exc()
+        print(f"chaos run failed before the check; logs in {options.directory}", file=sys.stderr)
         return 2
     print(outcome.table)
     keys = "sent" if outcome.idempotency_keys else "not supported by the server, not sent"
