@@ -14,11 +14,13 @@ from service.config import Settings
 from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
 from service.redis_batch import Batcher
-from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import (
+from service.redis_client import (
     CLUSTER_ERRORS,
     SLOT_CALLS_IN_FLIGHT,
     any_command_client,
+    cancel_and_wait,
+    client_name_part,
+    client_options,
     eval_groups,
     slot_group,
 )

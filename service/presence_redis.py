@@ -37,8 +37,16 @@ from service.backend_errors import BackendUnavailable
 from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
-from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_groups, eval_script, slot_group
+from service.redis_client import (
+    CLUSTER_ERRORS,
+    any_command_client,
+    cancel_and_wait,
+    client_name_part,
+    client_options,
+    eval_groups,
+    eval_script,
+    slot_group,
+)
 
 log = structlog.get_logger("eva_ws.presence")
 

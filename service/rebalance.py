@@ -36,8 +36,14 @@ from service.connection import Connection
 from service.keys import Lifecycle
 from service.log import get_logger
 from service.protocol import CloseCode
-from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client, eval_script
+from service.redis_client import (
+    CLUSTER_ERRORS,
+    any_command_client,
+    cancel_and_wait,
+    client_name_part,
+    client_options,
+    eval_script,
+)
 
 log = get_logger("eva_ws.rebalance")
 

@@ -21,8 +21,7 @@ import structlog
 
 from service.backend_errors import BackendUnavailable
 from service.config import Settings
-from service.redis_client import client_name_part, client_options
-from service.redis_cluster_client import CLUSTER_ERRORS, any_command_client
+from service.redis_client import CLUSTER_ERRORS, any_command_client, client_name_part, client_options
 from service.redis_keys import tagged
 from service.revocations import Revocation, RevocationStore
 

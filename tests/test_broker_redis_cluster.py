@@ -24,7 +24,7 @@ from service.broker.canary import CANARY_CHANNEL_PART
 from service.broker.redis import RedisBroker
 from service.broker.redis_shard_link import SHARDED
 from service.config import Settings
-from service.redis_cluster_client import parse_cluster_url
+from service.redis_client import parse_cluster_url
 from tests.broker_contract import (
     BrokerFactory,
     Started,

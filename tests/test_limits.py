@@ -15,8 +15,7 @@ from fleet.waiting import eventually
 from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
 from service.limits_redis import REFRESH_KEYS_PER_CALL, RedisConnectionCounter
-from service.redis_client import command_client
-from service.redis_cluster_client import cluster_client
+from service.redis_client import cluster_client, command_client
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 

@@ -19,7 +19,6 @@ FORBIDDEN = {
     "service.redis_keys": ("service",),
     "service.redis_lua": ("service",),
     "service.redis_client": ("service",),
-    "service.redis_cluster_client": ("service.broker", "service.presence", "service.limits", "service.backends"),
 }
 
 

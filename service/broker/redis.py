@@ -26,11 +26,13 @@ from service.broker.readiness import ReadinessLog
 from service.broker.redis_shard_link import CLASSIC, SHARDED
 from service.broker.redis_subscriber import Subscriber
 from service.config import Settings
-from service.redis_client import cancel_and_wait, client_name_part, client_options
-from service.redis_cluster_client import (
+from service.redis_client import (
     CLUSTER_ERRORS,
     Address,
     any_command_client,
+    cancel_and_wait,
+    client_name_part,
+    client_options,
     eval_script,
     is_cluster_url,
     parse_cluster_url,

@@ -19,8 +19,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.broker import redis_wire as wire
 from service.broker.base import Envelope
-from service.redis_client import cancel_and_wait
-from service.redis_cluster_client import Address
+from service.redis_client import Address, cancel_and_wait
 
 log = structlog.get_logger("eva_ws.broker")
 

@@ -21,8 +21,7 @@ from service.broker import redis_wire as wire
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
 from service.broker.canary import Canary
 from service.broker.redis_shard_link import SHARDED, PubSubKind, ShardLink
-from service.redis_client import cancel_and_wait
-from service.redis_cluster_client import Address
+from service.redis_client import Address, cancel_and_wait
 
 log = structlog.get_logger("eva_ws.broker")
 

@@ -1,7 +1,7 @@
 """Every Lua script eva-ws runs in Redis, one `.lua` file each, named after what it does.
 
 Each file starts with a comment naming its KEYS and ARGV. A script is sent by its SHA1 with
-`redis_cluster_client.eval_script` (EVAL when the node does not know it yet), on either topology.
+`redis_client.eval_script` (EVAL when the node does not know it yet), on either topology.
 """
 
 from __future__ import annotations
