@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -105,7 +106,11 @@ async def unsubscribe(request: web.Request) -> web.Response:
     return await _handle(request, "unsubscribe", command)
 
 
-async def _handle(request: web.Request, name: str, build: Any) -> web.Response:
+Build = Callable[[dict[str, Any]], tuple[Command, dict[str, Any]]]
+"""Turns a request body into the command and the 202 answer; raises _Refused."""
+
+
+async def _handle(request: web.Request, name: str, build: Build) -> web.Response:
     try:
         admin = await _admin(request)
         body = await _body(request)
