@@ -21,7 +21,7 @@ from typing import Final
 from redis.asyncio import Redis
 
 from fleet.redis_server import RedisServer
-from service.broker import redis_wire as wire
+from service import redis_keys
 from service.broker.redis import RedisBroker
 
 PAYLOAD: Final = b'{"type":"transaction_update","data":{"id":"T1","customerId":"C1"}}'
@@ -59,7 +59,7 @@ async def _memory(broker: RedisBroker, redis: Redis, events: int) -> str:
     for n in range(events):
         await broker.publish(channel, PAYLOAD, idempotency_key=f"evt-{n:08d}")
     after = (await redis.info("memory"))["used_memory"]
-    one = await redis.memory_usage(wire.idempotency_key_name("", channel, "evt-00000000"))
+    one = await redis.memory_usage(redis_keys.idempotency_key_name("", channel, "evt-00000000"))
     per_event = (after - before) / events
     return f"memory: MEMORY USAGE of one key {one} B; used_memory grows {per_event:.0f} B per keyed event"
 

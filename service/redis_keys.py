@@ -1,10 +1,11 @@
-"""The names of eva-ws's Redis keys outside the broker's wire format, and the hash-tag rule they follow.
+"""Every Redis key and channel name eva-ws uses, and the hash-tag rule they follow.
 
 Rule: every key a script touches together carries the same hash tag (the part in braces), on
 every topology. Redis Cluster puts keys with one tag in one slot, so each script call stays on
-one master; on one Redis the braces are just part of the name. Keys that are only ever read or
-written alone (heartbeats, the rebalance report) need no tag. The broker's channels and keys
-follow the same rule in `service/broker/redis_wire.py`. `PREFIX` is EVA_WS_REDIS_PREFIX.
+one master; on one Redis the braces are just part of the name. A shard channel that a script
+SPUBLISHes to carries the tag of the script's keys. Keys that are only ever read or written
+alone (heartbeats, the rebalance report) need no tag. `prefix` is EVA_WS_REDIS_PREFIX. The
+broker's names are part of its wire format (docs/redis-wire-format.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,42 @@ from __future__ import annotations
 def tagged(text: str) -> str:
     """`text` as a hash tag: every key that embeds it lives in the slot of `text`."""
     return f"{{{text}}}"
+
+
+# -- the broker (wire format) ----------------------------------------------------------------
+
+
+def pubsub_channel(prefix: str, channel: str) -> str:
+    """The Redis PUB/SUB channel of a broker channel on one Redis."""
+    return prefix + channel
+
+
+def shard_channel(prefix: str, channel: str) -> str:
+    """The sharded PUB/SUB channel of a broker channel on Redis Cluster.
+
+    SPUBLISH inside the publish script may only name a channel of the script's own slot,
+    so the channel carries the same hash tag as the channel's keys.
+    """
+    return f"{prefix}{tagged(channel)}"
+
+
+def meta_key(prefix: str, channel: str) -> str:
+    """Hash with fields `epoch` and `offset` (the newest offset of the epoch)."""
+    return f"{prefix}meta:{tagged(channel)}"
+
+
+def stream_key(prefix: str, channel: str) -> str:
+    """Stream holding the channel's retained events; entry id `<offset>-0`, field `p` = payload."""
+    return f"{prefix}history:{tagged(channel)}"
+
+
+def idempotency_key_name(prefix: str, channel: str, key: str) -> str:
+    """String `<offset>:<epoch>` of the event published with idempotency key `key`, expiring with the window."""
+    # The channel's hash tag comes first, so the key lives in the channel's slot whatever `key` holds.
+    return f"{prefix}idempotency:{tagged(channel)}:{key}"
+
+
+# -- presence, connection caps, rebalance -------------------------------------------------------
 
 
 def presence_entries(prefix: str, customer_id: str) -> str:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from service import metrics
+from service import metrics, redis_keys
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
 from service.broker.canary import CANARY_CHANNEL_PART
@@ -280,7 +280,7 @@ async def test_foreign_publisher_calling_the_script_is_delivered(pods: Callable[
     channel = new_channel()
     await pod.broker.subscribe(channel)
     prefix = prefix_of(pod.broker)
-    keys = [wire.meta_key(prefix, channel), wire.stream_key(prefix, channel)]
+    keys = [redis_keys.meta_key(prefix, channel), redis_keys.stream_key(prefix, channel)]
     offset, epoch, duplicate = await raw.eval(
         wire.PUBLISH_SCRIPT, 2, *keys, "fromgo1", 600, prefix + channel, 1000, b'{"id":"t1"}'
     )

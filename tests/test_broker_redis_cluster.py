@@ -16,7 +16,7 @@ from redis.crc import key_slot
 from fleet.redis_cluster import RedisCluster
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from service import metrics
+from service import metrics, redis_keys
 from service.broker import create_broker
 from service.broker import redis_wire as wire
 from service.broker.base import Broker, BrokerUnavailable, Position
@@ -130,7 +130,7 @@ def broker_shard_channels(node: RedisServer, prefix: str) -> set[str]:
 
 
 def slot_of(broker: Broker, channel: str) -> int:
-    return key_slot(wire.shard_channel(prefix_of(broker), channel).encode())
+    return key_slot(redis_keys.shard_channel(prefix_of(broker), channel).encode())
 
 
 def test_cluster_urls_name_every_seed_node() -> None:
@@ -176,10 +176,10 @@ async def test_history_keys_and_shard_channel_share_the_channel_slot(
     await pod.broker.publish(channel, payload(1))
     prefix = prefix_of(pod.broker)
     slot = slot_of(pod.broker, channel)
-    assert key_slot(wire.meta_key(prefix, channel).encode()) == slot
-    assert key_slot(wire.stream_key(prefix, channel).encode()) == slot
+    assert key_slot(redis_keys.meta_key(prefix, channel).encode()) == slot
+    assert key_slot(redis_keys.stream_key(prefix, channel).encode()) == slot
     owner = shared_cluster.owner_of(slot)
-    assert owner.cli("XLEN", wire.stream_key(prefix, channel)) == "1"
+    assert owner.cli("XLEN", redis_keys.stream_key(prefix, channel)) == "1"
 
 
 async def test_migrating_a_subscribed_channel_slot_moves_the_subscription_and_delivery_continues(
@@ -197,7 +197,7 @@ async def test_migrating_a_subscribed_channel_slot_moves_the_subscription_and_de
     shared_cluster.move_slot(slot, target)
     assert shared_cluster.owner_of(slot) is target
 
-    shard_name = wire.shard_channel(prefix_of(listener.broker), channel)
+    shard_name = redis_keys.shard_channel(prefix_of(listener.broker), channel)
 
     async def moved() -> bool:
         on_target = shard_name in target.cli("PUBSUB", "SHARDCHANNELS", shard_name).split()
@@ -410,7 +410,8 @@ async def test_two_pods_on_the_cluster_deliver_published_events_and_share_presen
         assert event["data"]["id"] == f"T-{customer}"
         assert event["offset"] == 1
     owners = {
-        shared_cluster.owner_of(key_slot(wire.shard_channel(prefix, f"transactions:{c}").encode())) for c in customers
+        shared_cluster.owner_of(key_slot(redis_keys.shard_channel(prefix, f"transactions:{c}").encode()))
+        for c in customers
     }
     assert len(owners) > 1, "the customers' channels should live on several masters"
     auth = {"Authorization": "Bearer " + token_for(settings[1], sub="reader", customers=["C0"])}
@@ -427,11 +428,11 @@ async def test_foreign_publishers_script_is_delivered_and_garbage_is_counted_and
     await pod.broker.subscribe(channel)
     prefix = prefix_of(pod.broker)
     owner = shared_cluster.owner_of(slot_of(pod.broker, channel))
-    shard = wire.shard_channel(prefix, channel)
+    shard = redis_keys.shard_channel(prefix, channel)
     invalid_before = metrics.BROKER_INVALID_MESSAGES._value.get()
     for garbage in ('{"type":"transaction_update"}', "e1:0:abc\n{}", "e1:1:abc\n"):
         assert owner.cli("SPUBLISH", shard, garbage) == "1"
-    keys = [wire.meta_key(prefix, channel), wire.stream_key(prefix, channel)]
+    keys = [redis_keys.meta_key(prefix, channel), redis_keys.stream_key(prefix, channel)]
     reply = owner.cli("EVAL", wire.CLUSTER_PUBLISH_SCRIPT, "2", *keys, "fromgo1", "600", shard, "1000", '{"id":"t1"}')
     assert reply.split() == ["1", "fromgo1", "0"]  # offset, epoch, not a duplicate
     await eventually(lambda: len(pod.recorder.on(channel)) == 1, "the script's event was not delivered")

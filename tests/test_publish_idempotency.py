@@ -12,8 +12,8 @@ from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
 from service import keys
 from service.broker import memory
-from service.broker.redis_wire import idempotency_key_name
 from service.publisher import InvalidEvent, Publisher
+from service.redis_keys import idempotency_key_name
 from tests.conftest import AppClient, connect, make_settings, publish, receive_json, subscribe, token_for, txn
 from tests.drop_proxy import DropProxy
 from tests.test_redis_functional import Client, PodFactory, event_body, has_events, progress, session, start_pods

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from fleet.redis_cluster import RedisCluster
 from service import keys
 from service.broker.base import BrokerUnavailable
-from service.broker.redis_wire import stream_key
 from service.publisher import Publisher
+from service.redis_keys import stream_key
 from tests.conftest import AppClient, connect, receive_json, receive_type, subscribe, token_for, txn
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service import redis_keys
 from service.broker import redis_wire as wire
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "redis-wire-format.md"
@@ -19,10 +20,10 @@ def test_document_quotes_the_publish_script_and_its_sha() -> None:
 
 
 def test_key_names_are_the_documented_ones() -> None:
-    assert wire.pubsub_channel("p:", "transactions:C1") == "p:transactions:C1"
-    assert wire.meta_key("", "transactions:C1") == "meta:{transactions:C1}"
-    assert wire.stream_key("", "transactions:C1") == "history:{transactions:C1}"
-    assert wire.idempotency_key_name("", "transactions:C1", "evt-42") == "idempotency:{transactions:C1}:evt-42"
+    assert redis_keys.pubsub_channel("p:", "transactions:C1") == "p:transactions:C1"
+    assert redis_keys.meta_key("", "transactions:C1") == "meta:{transactions:C1}"
+    assert redis_keys.stream_key("", "transactions:C1") == "history:{transactions:C1}"
+    assert redis_keys.idempotency_key_name("", "transactions:C1", "evt-42") == "idempotency:{transactions:C1}:evt-42"
     assert "`idempotency:{transactions:C1}:evt-42`" in DOC.read_text()
 
 
@@ -71,5 +72,5 @@ def test_document_gives_the_cluster_publish_script_sha_and_its_only_difference()
 
 
 def test_cluster_names_share_the_channel_hash_tag() -> None:
-    assert wire.shard_channel("app1:", "transactions:C1") == "app1:{transactions:C1}"
+    assert redis_keys.shard_channel("app1:", "transactions:C1") == "app1:{transactions:C1}"
     assert "`app1:{transactions:C1}`" in DOC.read_text()

@@ -23,11 +23,6 @@ CanaryPublish = Callable[[bytes], Awaitable[None]]
 """Sends one canary payload on the canary channel; raises BrokerUnavailable on failure."""
 
 
-def canary_channel(prefix: str, instance: str) -> str:
-    """The Redis PUB/SUB channel of one pod process's canary."""
-    return f"{prefix}{CANARY_CHANNEL_PART}{instance}"
-
-
 def new_instance(pod_id: str) -> str:
     """A name for this process: a pod restarted under the same id gets a different canary channel."""
     return f"{pod_id}/{secrets.token_hex(4)}"

@@ -11,7 +11,7 @@ import structlog
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import metrics
+from service import metrics, redis_keys
 from service.broker import redis_wire as wire
 from service.broker.base import (
     Broker,
@@ -101,7 +101,7 @@ class RedisBroker(Broker):
         super().__init__()
         self._sharded = is_cluster_url(url)
         # Sharded PUB/SUB on a cluster: the channel carries the keys' hash tag (see redis_wire).
-        self._channel_name = wire.shard_channel if self._sharded else wire.pubsub_channel
+        self._channel_name = redis_keys.shard_channel if self._sharded else redis_keys.pubsub_channel
         self._publish_script = wire.CLUSTER_PUBLISH_SCRIPT if self._sharded else wire.PUBLISH_SCRIPT
         self._prefix = prefix
         self._history_size = history_size
@@ -345,7 +345,7 @@ class RedisBroker(Broker):
     async def history(self, channel: str, since: Position | None) -> History:
         """See Broker.history. Reading a channel that never had events fixes its epoch, so a
         position handed out now stays resumable once events arrive."""
-        keys = [wire.meta_key(self._prefix, channel), wire.stream_key(self._prefix, channel)]
+        keys = [redis_keys.meta_key(self._prefix, channel), redis_keys.stream_key(self._prefix, channel)]
         asked_epoch = since.epoch if since is not None else ""
         first = str(since.offset + 1) if since is not None else ""
         args: list[Any] = [wire.new_epoch(), self._history_ttl_s, asked_epoch, first, self._history_size]

@@ -16,7 +16,7 @@ from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from service import metrics
+from service import metrics, redis_keys
 from service.broker import redis_wire as wire
 from service.broker.base import Envelope
 from service.redis_client import Address, cancel_and_wait
@@ -90,7 +90,7 @@ class ShardLink:
         self.address = address
         self._client = client
         self._kind = kind
-        self._name = wire.shard_channel if kind.sharded else wire.pubsub_channel
+        self._name = redis_keys.shard_channel if kind.sharded else redis_keys.pubsub_channel
         self._prefix = prefix
         self._pod_id = pod_id
         self._on_envelope = on_envelope

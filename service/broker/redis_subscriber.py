@@ -16,8 +16,7 @@ from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
 
-from service import metrics
-from service.broker import redis_wire as wire
+from service import metrics, redis_keys
 from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
 from service.broker.canary import Canary
 from service.broker.redis_shard_link import SHARDED, PubSubKind, ShardLink
@@ -71,7 +70,7 @@ class Subscriber:
         """`seeds`: the cluster nodes to ask for the slot map, or (with classic `kind`) the one Redis."""
         self._seeds = list(seeds)
         self._kind = kind
-        self._name = wire.shard_channel if kind.sharded else wire.pubsub_channel
+        self._name = redis_keys.shard_channel if kind.sharded else redis_keys.pubsub_channel
         self._canary = canary
         self._canary_channel = canary_channel
         # Channels this pod keeps for itself, beside the hub's wanted set.
