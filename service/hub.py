@@ -38,6 +38,10 @@ _REPLAY_PAUSE_S: Final = 0.01
 # Parsed replayed events, shared by every resume that reads the same event: a burst of
 # resumes from one point decodes and encodes each event once. Bounded: least recently used out.
 _REPLAY_CACHE_SIZE: Final = 4096
+# Resumes reading history at once on this pod. A reply of a whole history is parsed in one
+# go (a few milliseconds from Redis): a flood of resumes waits here instead of making other
+# clients wait behind dozens of such replies in one turn of the event loop.
+_CONCURRENT_RESUME_READS: Final = 4
 
 
 class Recipient(Protocol):
@@ -171,6 +175,7 @@ class Hub:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._channels: dict[str, _ChannelState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._resume_reads = asyncio.Semaphore(_CONCURRENT_RESUME_READS)
         # Keyed by the whole envelope's identity (payload too): an offset reused after a
         # failover to a replica that missed writes cannot serve another event's frame.
         self._replay_cache: OrderedDict[tuple[str, str, int, bytes], _Decoded | None] = OrderedDict()
@@ -372,13 +377,14 @@ class Hub:
             sub.epoch, sub.last_offset, sub.live = state.epoch, state.last_offset, True
             return SubscribeResult(Position(state.last_offset, state.epoch), None, 0)
 
-        history = await self._broker.history(sub.key, since)
+        async with self._resume_reads:
+            history = await self._broker.history(sub.key, since)
+            # Lost or not, the subscription starts where the replay starts: right after `since`,
+            # or before the oldest event history still holds.
+            start = since if history.recovered else _replay_start(history)
+            sub.epoch, sub.last_offset = start.epoch, start.offset
+            replay = await self._replay_frames(sub, history.envelopes)
         metrics.RESUMES.labels("recovered" if history.recovered else "unrecovered").inc()
-        # Lost or not, the subscription starts where the replay starts: right after `since`,
-        # or before the oldest event history still holds.
-        start = since if history.recovered else _replay_start(history)
-        sub.epoch, sub.last_offset = start.epoch, start.offset
-        replay = await self._replay_frames(sub, history.envelopes)
         result = SubscribeResult(start, history.recovered, len(replay), read=len(history.envelopes))
         # The ack must precede the replayed events, so they are queued by `_finish_resume`.
         task = asyncio.ensure_future(self._finish_resume(state, sub, replay))
