@@ -361,7 +361,7 @@ class Subscriber:
             task.add_done_callback(self._retiring.discard)
         for address in masters:
             self._link(address)
-        if changed or moved:
+        if (changed or moved) and self._kind.sharded:
             log.info("broker_slot_map", pod_id=self._pod_id, masters=len(masters), moved_channels=moved)
         if changed and not first:
             self._on_slot_map_changed()
