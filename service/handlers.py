@@ -20,7 +20,7 @@ from service.limits import client_ip
 from service.log import get_logger
 from service.presence import PresenceEntry
 from service.protocol import CloseCode, is_valid_id, iso_utc
-from service.publisher import InvalidEvent, PreparedEvent, prepare_event
+from service.publisher import InvalidEvent, PreparedEvent, prepare_event_object
 from service.session import Session
 from service.websocket import ServerWebSocketResponse
 
@@ -319,27 +319,11 @@ async def publish(request: web.Request) -> web.Response:
     return web.json_response(results[0] if single else {"events": results}, status=202)
 
 
-_PUBLISH_FIELDS: Final = frozenset({"type", "data", "channel", "userId", "correlationId", "idempotencyKey"})
-
-
 def _prepare(item: Any, index: int) -> PreparedEvent:
-    where = "" if index == 0 else f"events[{index}]: "
-    if not isinstance(item, dict):
-        raise InvalidEvent(f"{where}an event must be an object")
-    unknown = set(item) - _PUBLISH_FIELDS
-    if unknown:
-        raise InvalidEvent(f"{where}unknown field {sorted(unknown)[0][:64]!r}")
     try:
-        return prepare_event(
-            item.get("type"),  # type: ignore[arg-type]  # validated by prepare_event
-            item.get("data"),
-            channel=item.get("channel", "transactions"),
-            user_id=item.get("userId"),
-            correlation_id=item.get("correlationId"),
-            idempotency_key=item.get("idempotencyKey"),
-        )
+        return prepare_event_object(item)
     except InvalidEvent as error:
-        raise InvalidEvent(f"{where}{error}") from None
+        raise InvalidEvent(f"{'' if index == 0 else f'events[{index}]: '}{error}") from None
 
 
 async def presence(request: web.Request) -> web.Response:

@@ -109,6 +109,27 @@ def prepare_event(
     return PreparedEvent(subscription_key(chan, routing_id), payload, correlation_id, idempotency_key)
 
 
+# The fields of one event object of POST /api/v1/publish (and of an outbox row's event).
+PUBLISH_FIELDS: Final = frozenset({"type", "data", "channel", "userId", "correlationId", "idempotencyKey"})
+
+
+def prepare_event_object(item: object) -> PreparedEvent:
+    """Validate one event object as POST /api/v1/publish takes it (JSON names); raise InvalidEvent."""
+    if not isinstance(item, dict):
+        raise InvalidEvent("an event must be an object")
+    unknown = set(item) - PUBLISH_FIELDS
+    if unknown:
+        raise InvalidEvent(f"unknown field {sorted(unknown)[0][:64]!r}")
+    return prepare_event(
+        item.get("type"),  # type: ignore[arg-type]  # validated by prepare_event
+        item.get("data"),
+        channel=item.get("channel", "transactions"),
+        user_id=item.get("userId"),
+        correlation_id=item.get("correlationId"),
+        idempotency_key=item.get("idempotencyKey"),
+    )
+
+
 def _check_transaction(data: dict[str, Any]) -> None:
     if not is_valid_id(data.get("id")):
         raise InvalidEvent("data.id is required and must be a valid id")

@@ -18,6 +18,7 @@ from service.app import create_app
 from service.auth import mint_token
 from service.config import Settings, load_settings
 from tests.backends import absent_store, module_cluster, store  # noqa: F401  # fixtures of the contract suites
+from tests.outbox_testing import module_postgres, postgres  # noqa: F401  # fixtures of the outbox tests
 from tests.protocol_schemas import assert_client_message, assert_server_message
 
 SECRET = "test-secret-" + "x" * 60
