@@ -51,6 +51,9 @@ class Settings:
     # A publish that repeats an event's idempotency key within this many seconds is answered
     # with the original event's position and not delivered again.
     idempotency_window_s: int = 300
+    # Transactions kept per channel in its state (what `"snapshot": true` sends); the least
+    # recently changed are dropped beyond it.
+    state_max_items: int = 10_000
     # Upper bound of the jittered backoff between attempts to reach Redis again.
     redis_reconnect_max_s: float = 5.0
     # Each pod publishes a canary through Redis to itself this often...
@@ -342,6 +345,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         history_size=_int(env, "history_size", 1000, minimum=1, maximum=1_000_000),
         history_ttl_s=_int(env, "history_ttl_s", 86_400, minimum=1, maximum=30 * 86_400),
         idempotency_window_s=_int(env, "idempotency_window_s", 300, minimum=1, maximum=86_400),
+        state_max_items=_int(env, "state_max_items", 10_000, minimum=1, maximum=1_000_000),
         redis_reconnect_max_s=_float(env, "redis_reconnect_max_s", 5.0, minimum=0.1, maximum=300.0),
         broker_canary_interval_s=canary_interval_s,
         broker_canary_max_lag_s=canary_max_lag_s,

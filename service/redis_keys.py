@@ -49,6 +49,16 @@ def idempotency_key_name(prefix: str, channel: str, key: str) -> str:
     return f"{prefix}idempotency:{tagged(channel)}:{key}"
 
 
+def state_key(prefix: str, channel: str) -> str:
+    """Hash transaction id -> `<version>\\n<payload>` of the event that set the transaction's state."""
+    return f"{prefix}state:{tagged(channel)}"
+
+
+def state_order_key(prefix: str, channel: str) -> str:
+    """Sorted set of the state's transaction ids, scored by the offset that last changed each (oldest dropped first)."""
+    return f"{prefix}state_order:{tagged(channel)}"
+
+
 # -- presence, connection caps, rebalance -------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from service.broker.redis import RedisBroker
 from tests.backends import Store
 
 BrokerFactory = Callable[..., Broker]
-"""Builds an unstarted broker; accepts the keywords `history_size` and `idempotency_window_s`."""
+"""Builds an unstarted broker; accepts the keywords `history_size`, `idempotency_window_s` and `state_max_items`."""
 
 # Short watchdog, backoff and topology refresh so faults are noticed quickly; correctness never depends on them.
 FAST: Final[dict[str, Any]] = {
@@ -107,6 +107,7 @@ def broker_factory(store: Store, **defaults: Any) -> BrokerFactory:
             return MemoryBroker(
                 history_size=options.get("history_size", 1000),
                 idempotency_window_s=options.get("idempotency_window_s", 300),
+                state_max_items=options.get("state_max_items", 10_000),
             )
         settings: dict[str, Any] = {
             "url": store.url,

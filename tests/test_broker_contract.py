@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from fleet.waiting import eventually
+from service import redis_keys
+from service.broker import redis_wire as wire
 from service.broker.base import Envelope, Position
+from service.broker.state import Snapshot
 from tests.backends import Store
 from tests.broker_contract import (
     TRIM_OVERFLOW,
@@ -342,3 +347,166 @@ async def test_an_invalid_idempotency_key_is_refused_before_anything_is_publishe
     with pytest.raises(ValueError, match="idempotency key"):
         await started.broker.publish_many([(channel, payload(1))], idempotency_keys=[key])
     assert (await started.broker.history(channel, None)).position.offset == 0
+
+
+# -- the state store and snapshots ------------------------------------------------------
+
+
+def txn(kind: str, txn_id: str, **data: object) -> bytes:
+    event = {
+        "type": kind,
+        "data": {"id": txn_id, **data},
+        "timestamp": "2026-12-01T00:00:00.000Z",
+        "correlationId": "c",
+    }
+    return orjson.dumps(event)
+
+
+def state_of(snapshot: Snapshot) -> dict[str, dict[str, object]]:
+    return {event["data"]["id"]: event["data"] for event in map(orjson.loads, snapshot.payloads)}
+
+
+async def test_a_snapshot_holds_the_newest_state_of_each_live_transaction_at_its_position(started: Started) -> None:
+    channel = new_channel()
+    broker = started.broker
+    await broker.publish(channel, txn("transaction_new", "t1", status="new", version=1))
+    await broker.publish(channel, txn("transaction_new", "t2", status="new", version=1))
+    await broker.publish(channel, txn("transaction_new", "t3", status="new", version=1))
+    await broker.publish(channel, txn("transaction_update", "t1", status="open", version=2))
+    await broker.publish(channel, txn("stage_change", "t1", status="won", version=3))
+    last = await broker.publish(channel, txn("transaction_delete", "t2", version=2))
+    snapshot = await broker.snapshot(channel)
+    assert snapshot.position == Position(6, last.epoch)
+    assert state_of(snapshot) == {
+        "t1": {"id": "t1", "status": "won", "version": 3},
+        "t3": {"id": "t3", "status": "new", "version": 1},
+    }
+    following = await broker.publish(channel, txn("transaction_update", "t3", status="open", version=2))
+    assert following == Position(7, last.epoch)
+    history = await broker.history(channel, snapshot.position)
+    assert [e.offset for e in history.envelopes] == [7]
+
+
+async def test_an_older_version_published_after_a_newer_one_never_replaces_it(started: Started) -> None:
+    channel = new_channel()
+    broker = started.broker
+    await broker.publish(channel, txn("transaction_update", "t1", status="newer", version=10))
+    await broker.publish(channel, txn("transaction_update", "t1", status="older", version=9))
+    await broker.publish(channel, txn("transaction_update", "t2", status="newer", updatedAt="2026-12-01T10:00:00Z"))
+    await broker.publish(channel, txn("transaction_update", "t2", status="older", updatedAt="2026-12-01T09:00:00Z"))
+    await broker.publish(channel, txn("transaction_delete", "t2", updatedAt="2026-12-01T08:00:00Z"))
+    snapshot = await broker.snapshot(channel)
+    assert snapshot.position.offset == 5  # published and delivered all the same, only the state stays
+    assert {k: v["status"] for k, v in state_of(snapshot).items()} == {"t1": "newer", "t2": "newer"}
+
+
+async def test_the_state_keeps_the_most_recently_changed_transactions_up_to_its_bound(
+    make_broker: BrokerFactory,
+) -> None:
+    started = await start_broker(make_broker, state_max_items=3)
+    try:
+        channel = new_channel()
+        for number in range(1, 6):
+            await started.broker.publish(channel, txn("transaction_new", f"t{number}"))
+        await started.broker.publish(channel, txn("transaction_update", "t3", status="touched"))
+        await started.broker.publish(channel, txn("transaction_new", "t6"))
+        assert sorted(state_of(await started.broker.snapshot(channel))) == ["t3", "t5", "t6"]
+    finally:
+        await started.broker.close()
+
+
+async def test_the_snapshot_of_a_channel_without_events_is_empty_and_its_position_resumable(started: Started) -> None:
+    channel = new_channel()
+    snapshot = await started.broker.snapshot(channel)
+    assert (snapshot.position.offset, snapshot.payloads) == (0, [])
+    first = await started.broker.publish(channel, txn("transaction_new", "t1"))
+    assert first == Position(1, snapshot.position.epoch)
+    history = await started.broker.history(channel, snapshot.position)
+    assert history.recovered
+    assert [e.offset for e in history.envelopes] == [1]
+
+
+async def test_events_that_are_not_about_a_transaction_leave_the_state_alone(started: Started) -> None:
+    channel = new_channel("user_updates")
+    await started.broker.publish(channel, txn("transaction_new", "t1"))
+    await started.broker.publish(channel, orjson.dumps({"type": "user_update", "data": {"id": "u1"}}))
+    await started.broker.publish(channel, payload(3))
+    snapshot = await started.broker.snapshot(channel)
+    assert (snapshot.position.offset, sorted(state_of(snapshot))) == (3, ["t1"])
+
+
+async def test_a_snapshot_taken_while_publishes_run_is_followed_by_exactly_the_missing_changes(
+    started: Started,
+) -> None:
+    """Replaying history after a snapshot's position onto it gives the final state: no gap, no duplicate."""
+    channel = new_channel()
+    broker = started.broker
+    rng = random.Random(16)
+    ids = [f"t{n}" for n in range(8)]
+
+    async def publish_all() -> None:
+        for version in range(1, 121):
+            kind = rng.choice(["transaction_update", "transaction_update", "transaction_new", "transaction_delete"])
+            await broker.publish(channel, txn(kind, rng.choice(ids), version=version))
+
+    async def snapshots_meanwhile() -> list[Snapshot]:
+        taken = []
+        for _ in range(15):
+            taken.append(await broker.snapshot(channel))
+            await asyncio.sleep(0)
+        return taken
+
+    _, taken = await asyncio.gather(publish_all(), snapshots_meanwhile())
+    final = state_of(await broker.snapshot(channel))
+    for snapshot in taken:
+        state = state_of(snapshot)
+        history = await broker.history(channel, snapshot.position)
+        assert history.recovered
+        assert [e.offset for e in history.envelopes] == list(range(snapshot.position.offset + 1, 121))
+        for envelope in history.envelopes:
+            event = orjson.loads(envelope.payload)
+            if event["type"] == "transaction_delete":
+                state.pop(event["data"]["id"], None)
+            else:
+                state[event["data"]["id"]] = event["data"]
+        assert state == final
+
+
+async def test_a_store_that_lost_its_data_gives_an_empty_snapshot_in_a_new_epoch(
+    started: Started, store: Store
+) -> None:
+    if not store.shared:
+        pytest.skip("an in-process broker loses its state only with its process")
+    channel = new_channel()
+    before = await started.broker.publish(channel, txn("transaction_new", "t1"))
+    store.cli("FLUSHALL")
+    snapshot = await started.broker.snapshot(channel)
+    assert snapshot.position.epoch != before.epoch
+    assert (snapshot.position.offset, snapshot.payloads) == (0, [])
+    after = await started.broker.publish(channel, txn("transaction_new", "t2"))
+    assert after == Position(1, snapshot.position.epoch)
+    assert sorted(state_of(await started.broker.snapshot(channel))) == ["t2"]
+
+
+async def test_a_publisher_that_passes_no_state_arguments_publishes_and_leaves_the_state_alone(
+    started: Started, store: Store
+) -> None:
+    if store.topology != "redis":
+        pytest.skip("the script's arguments are the same on a cluster; redis-cli talks to one node here")
+    channel = new_channel()
+    await started.broker.publish(channel, txn("transaction_new", "t1", status="new"))
+    store.cli(
+        "EVAL",
+        wire.PUBLISH_SCRIPT,
+        "2",
+        redis_keys.meta_key(store.prefix, channel),
+        redis_keys.stream_key(store.prefix, channel),
+        wire.new_epoch(),
+        "600",
+        redis_keys.pubsub_channel(store.prefix, channel),
+        "1000",
+        txn("transaction_update", "t1", status="unseen").decode(),
+    )
+    snapshot = await started.broker.snapshot(channel)
+    assert snapshot.position.offset == 2
+    assert state_of(snapshot) == {"t1": {"id": "t1", "status": "new"}}

@@ -25,6 +25,9 @@ def test_key_names_are_the_documented_ones() -> None:
     assert redis_keys.stream_key("", "transactions:C1") == "history:{transactions:C1}"
     assert redis_keys.idempotency_key_name("", "transactions:C1", "evt-42") == "idempotency:{transactions:C1}:evt-42"
     assert "`idempotency:{transactions:C1}:evt-42`" in DOC.read_text()
+    assert redis_keys.state_key("", "transactions:C1") == "state:{transactions:C1}"
+    assert redis_keys.state_order_key("", "transactions:C1") == "state_order:{transactions:C1}"
+    assert "`state:{transactions:C1}`, `state_order:{transactions:C1}`" in DOC.read_text()
 
 
 def test_envelope_round_trips() -> None:
@@ -64,7 +67,7 @@ def test_document_gives_the_cluster_publish_script_sha_and_its_only_difference()
     assert hashlib.sha1(wire.CLUSTER_PUBLISH_SCRIPT.encode()).hexdigest() in text
     different = set(wire.CLUSTER_PUBLISH_SCRIPT.splitlines()) - set(wire.PUBLISH_SCRIPT.splitlines())
     assert different == {
-        "-- eva-ws cluster publish v2",
+        "-- eva-ws cluster publish v3",
         "redis.call('SPUBLISH', ARGV[3], 'e1:' .. id .. ':' .. epoch .. '\\n' .. ARGV[5])",
     }
     for line in different:

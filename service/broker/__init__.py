@@ -14,6 +14,7 @@ def create_broker(settings: Settings) -> Broker:
             history_size=settings.history_size,
             history_ttl_s=settings.history_ttl_s,
             idempotency_window_s=settings.idempotency_window_s,
+            state_max_items=settings.state_max_items,
         )
     from service.broker.redis import RedisBroker
 

@@ -6,9 +6,12 @@ import abc
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from service.backend_errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from service.broker.state import Snapshot
 
 # What an idempotency key may be: visible ASCII, so it can be part of a Redis key name as it is.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
@@ -96,6 +99,14 @@ class Broker(abc.ABC):
     - `publish` assigns the next offset of the channel, appends the event to the
       channel's bounded history and delivers it to every pod subscribed to the channel,
       atomically: an event is in history if and only if it got an offset.
+    - The same atomic step keeps the channel's state (service/broker/state.py): the payload
+      of the newest event of each live transaction by `data.id` (`transaction_delete`
+      removes it), at most `state_max_items` transactions (the least recently changed are
+      dropped first), kept as long as the history. An event whose version is older than
+      the stored one's (see state.is_older) is published but leaves the state alone, so
+      versions in the state never go backwards. `snapshot` reads the state and the
+      position it corresponds to in one atomic read: the events after that position are
+      exactly the changes not in it.
     - An event published with an idempotency key is published once per channel and key
       within the idempotency window, whichever pod publishes it: a repeat returns the
       original position with `duplicate` set and appends and delivers nothing. The check
@@ -148,6 +159,11 @@ class Broker(abc.ABC):
             await self.publish(channel, payload, idempotency_key=key)
             for (channel, payload), key in zip(batch, keys, strict=True)
         ]
+
+    @abc.abstractmethod
+    async def snapshot(self, channel: str) -> Snapshot:
+        """The channel's state and the position it corresponds to (see the contract above).
+        Like `history(channel, None)`, reading a channel that never had events fixes its epoch."""
 
     @abc.abstractmethod
     async def subscribe(self, channel: str) -> None:

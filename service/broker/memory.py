@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Final
 
 from service.broker.base import Broker, Envelope, History, Position, check_idempotency_key
+from service.broker.state import Snapshot, StateChange, is_older, state_change
 
 # Idempotency keys remembered at most, across channels: a publisher flooding keys cannot grow
 # the process without bound. Beyond it the oldest are forgotten before their window ends, and
@@ -23,6 +24,8 @@ class _Stream:
     # Bounded: the oldest events fall out, and a resume from before them is unrecovered.
     events: deque[Envelope] = field(default_factory=deque)
     touched_at: float = field(default_factory=time.monotonic)
+    # Transaction id -> (version, payload), least recently changed first; see Broker's contract.
+    state: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
 
 
 class MemoryBroker(Broker):
@@ -31,13 +34,20 @@ class MemoryBroker(Broker):
     Streams idle for longer than `history_ttl_s` are forgotten on the next publish, so
     memory is bounded by the channels active within the TTL times `history_size`.
     Idempotency keys are remembered for `idempotency_window_s`, at most MAX_IDEMPOTENCY_KEYS.
+    A channel's state holds at most `state_max_items` transactions.
     """
 
     def __init__(
-        self, *, history_size: int = 1000, history_ttl_s: float = 86_400, idempotency_window_s: float = 300
+        self,
+        *,
+        history_size: int = 1000,
+        history_ttl_s: float = 86_400,
+        idempotency_window_s: float = 300,
+        state_max_items: int = 10_000,
     ) -> None:
         super().__init__()
         self._history_size = history_size
+        self._state_max_items = state_max_items
         self._history_ttl_s = history_ttl_s
         self._idempotency_window_s = idempotency_window_s
         # (channel, key) -> (when it expires, the original position), oldest first: with one
@@ -72,8 +82,11 @@ class MemoryBroker(Broker):
         stream.offset += 1
         stream.touched_at = now
         envelope = Envelope(channel=channel, offset=stream.offset, epoch=self._epoch, payload=payload)
-        # Into history before delivery: anything a subscriber saw can be replayed.
+        # Into history and state before delivery: anything a subscriber saw can be replayed.
         stream.events.append(envelope)
+        change = state_change(payload)
+        if change is not None:
+            self._apply(stream.state, change, payload)
         if channel in self._subscribed:
             self._on_message(envelope)
         position = Position(stream.offset, self._epoch)
@@ -100,6 +113,27 @@ class MemoryBroker(Broker):
             first = oldest  # see Broker.history: everything still held
         # Offsets are contiguous, so the wanted events are found by position, not by a scan.
         return History(envelopes=list(islice(events, first - oldest, None)), position=top, recovered=recovered)
+
+    async def snapshot(self, channel: str) -> Snapshot:
+        """See Broker.snapshot."""
+        stream = self._streams.get(channel)
+        if stream is None:
+            return Snapshot(position=Position(0, self._epoch), payloads=[])
+        return Snapshot(
+            position=Position(stream.offset, self._epoch), payloads=[payload for _, payload in stream.state.values()]
+        )
+
+    def _apply(self, state: OrderedDict[str, tuple[str, bytes]], change: StateChange, payload: bytes) -> None:
+        stored = state.get(change.id)
+        if stored is not None and is_older(change.version, stored[0]):
+            return
+        if change.delete:
+            state.pop(change.id, None)
+            return
+        state[change.id] = (change.version, payload)
+        state.move_to_end(change.id)
+        while len(state) > self._state_max_items:
+            state.popitem(last=False)
 
     @property
     def ready(self) -> bool:

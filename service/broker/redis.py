@@ -25,6 +25,7 @@ from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
 from service.broker.readiness import ReadinessLog
 from service.broker.redis_shard_link import CLASSIC, SHARDED
 from service.broker.redis_subscriber import Subscriber
+from service.broker.state import Snapshot, state_change
 from service.config import Settings
 from service.redis_client import (
     CLUSTER_ERRORS,
@@ -62,6 +63,7 @@ class RedisBroker(Broker):
         history_ttl_s: int,
         pod_id: str,
         idempotency_window_s: int = 300,
+        state_max_items: int = 10_000,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 1.0,
         keepalive_idle_s: int = 10,
@@ -77,8 +79,8 @@ class RedisBroker(Broker):
         canary_max_lag_s: float = 5.0,
         topology_refresh_s: float = 5.0,
     ) -> None:
-        """`url`, `prefix`, `history_size`, `history_ttl_s`, `pod_id` and `idempotency_window_s`
-        are the EVA_WS_* settings.
+        """`url`, `prefix`, `history_size`, `history_ttl_s`, `pod_id`, `idempotency_window_s` and
+        `state_max_items` are the EVA_WS_* settings.
 
         Tunables:
         - `connect_timeout_s`, `command_timeout_s`: bound every TCP connect and every command;
@@ -107,6 +109,7 @@ class RedisBroker(Broker):
         self._history_size = history_size
         self._history_ttl_s = history_ttl_s
         self._idempotency_window_s = idempotency_window_s
+        self._state_max_items = state_max_items
         self._timeout_s = connect_timeout_s + command_timeout_s
         options = client_options(
             url,
@@ -185,6 +188,7 @@ class RedisBroker(Broker):
             history_ttl_s=settings.history_ttl_s,
             pod_id=settings.pod_id,
             idempotency_window_s=settings.idempotency_window_s,
+            state_max_items=settings.state_max_items,
             **options,
         )
 
@@ -274,6 +278,9 @@ class RedisBroker(Broker):
             history_ttl_s=self._history_ttl_s,
             idempotency_key=idempotency_key,
             idempotency_window_s=self._idempotency_window_s,
+            # Parsed here, not in the script: the script stays cheap and payload-agnostic.
+            state=state_change(payload),
+            state_max_items=self._state_max_items,
         )
 
     async def publish(self, channel: str, payload: bytes, *, idempotency_key: str | None = None) -> Position:
@@ -361,6 +368,20 @@ class RedisBroker(Broker):
         except CLUSTER_ERRORS as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
         return wire.decode_history(channel, since, reply)
+
+    async def snapshot(self, channel: str) -> Snapshot:
+        """See Broker.snapshot: one script reads the position and the state together."""
+        keys, args = wire.snapshot_keys_and_args(self._prefix, channel, history_ttl_s=self._history_ttl_s)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                try:
+                    reply = await eval_script(self._client, wire.SNAPSHOT_SCRIPT, keys, args)
+                except RedisConnectionError:
+                    # Safe to repeat, like a history read (see history).
+                    reply = await eval_script(self._client, wire.SNAPSHOT_SCRIPT, keys, args)
+        except CLUSTER_ERRORS as exc:
+            raise BrokerUnavailable(f"snapshot failed: {type(exc).__name__}") from exc
+        return wire.decode_snapshot(reply)
 
     # -- subscriptions: see Subscriber ------------------------------------------------------
 

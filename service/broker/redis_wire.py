@@ -13,7 +13,8 @@ from typing import Any, Final
 
 from service import redis_lua
 from service.broker.base import Envelope, History, Position
-from service.redis_keys import idempotency_key_name, meta_key, stream_key
+from service.broker.state import Snapshot, StateChange
+from service.redis_keys import idempotency_key_name, meta_key, state_key, state_order_key, stream_key
 
 # Bumped only with an incompatible envelope change; subscribers drop other versions.
 ENVELOPE_VERSION: Final = b"e1"
@@ -69,6 +70,7 @@ def decode_envelope(data: bytes) -> WireEvent:
 PUBLISH_SCRIPT: Final = redis_lua.PUBLISH
 CLUSTER_PUBLISH_SCRIPT: Final = redis_lua.PUBLISH_SHARDED
 HISTORY_SCRIPT: Final = redis_lua.HISTORY
+SNAPSHOT_SCRIPT: Final = redis_lua.SNAPSHOT
 
 
 def publish_keys_and_args(
@@ -81,14 +83,43 @@ def publish_keys_and_args(
     history_ttl_s: int,
     idempotency_key: str | None,
     idempotency_window_s: int,
+    state: StateChange | None = None,
+    state_max_items: int = 0,
 ) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of PUBLISH_SCRIPT (or CLUSTER_PUBLISH_SCRIPT, with the shard channel as `pubsub`)."""
+    """KEYS and ARGV of PUBLISH_SCRIPT (or CLUSTER_PUBLISH_SCRIPT, with the shard channel as `pubsub`).
+
+    `state` (service/broker/state.py, computed from the payload by the publisher) makes the
+    script update the channel's state too; without it the state is left alone."""
     keys = [meta_key(prefix, channel), stream_key(prefix, channel)]
     args: list[Any] = [new_epoch(), history_ttl_s, pubsub, history_size, payload]
     if idempotency_key is not None:
         keys.append(idempotency_key_name(prefix, channel, idempotency_key))
         args.append(idempotency_window_s)
+    if state is not None:
+        keys += [state_key(prefix, channel), state_order_key(prefix, channel)]
+        if idempotency_key is None:
+            args.append("")
+        args += ["del" if state.delete else "set", state.id, state.version, state_max_items]
     return keys, args
+
+
+def snapshot_keys_and_args(prefix: str, channel: str, *, history_ttl_s: int) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of SNAPSHOT_SCRIPT."""
+    keys = [
+        meta_key(prefix, channel),
+        stream_key(prefix, channel),
+        state_key(prefix, channel),
+        state_order_key(prefix, channel),
+    ]
+    return keys, [new_epoch(), history_ttl_s]
+
+
+def decode_snapshot(reply: Any) -> Snapshot:
+    """What SNAPSHOT_SCRIPT returned ([epoch, offset, state values]) as a Snapshot."""
+    raw_epoch, offset, values = reply
+    # Each value is `<version>\n<payload>`; the version may not hold a newline, the payload may.
+    payloads = [value.partition(b"\n")[2] for value in values]
+    return Snapshot(position=Position(offset=int(offset), epoch=raw_epoch.decode()), payloads=payloads)
 
 
 def decode_published(reply: Any) -> Position:

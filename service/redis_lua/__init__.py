@@ -19,6 +19,7 @@ def _load(name: str) -> str:
 PUBLISH: Final = _load("publish")
 PUBLISH_SHARDED: Final = _load("publish_sharded")
 HISTORY: Final = _load("history")
+SNAPSHOT: Final = _load("snapshot")
 PRESENCE_APPLY: Final = _load("presence_apply")
 PRESENCE_READ: Final = _load("presence_read")
 LEASES_APPLY: Final = _load("leases_apply")
