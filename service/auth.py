@@ -53,6 +53,11 @@ class AuthError(Exception):
         self.reason = reason
         self.message = message
 
+    @property
+    def error(self) -> str:
+        """The `error` word of the 401: `token_revoked` for a revoked token (do not retry it), else `unauthorized`."""
+        return "token_revoked" if self.reason == "revoked" else "unauthorized"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

@@ -20,7 +20,6 @@ from service import keys, metrics
 from service.auth import MAX_JTI_LENGTH, AuthError, Principal, token_from_request
 from service.backend_errors import BackendUnavailable
 from service.control_commands import Command, Disconnect, Revoke, Unsubscribe, check_reason, command_name, target
-from service.handlers import unauthorized_error
 from service.http_errors import json_error
 from service.log import get_logger
 from service.protocol import ProtocolError, is_valid_id, parse_client_message
@@ -136,7 +135,7 @@ async def _admin(request: web.Request) -> Principal:
     try:
         principal = await request.app[keys.VERIFIER].verify(token)
     except AuthError as error:
-        raise _Refused(401, unauthorized_error(error), error.message) from None
+        raise _Refused(401, error.error, error.message) from None
     if not principal.is_admin:
         raise _Refused(403, "forbidden", "the token needs the admin role")
     return principal

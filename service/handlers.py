@@ -56,11 +56,6 @@ async def _authenticate(request: web.Request) -> Principal:
     return await request.app[keys.VERIFIER].verify(token)
 
 
-def unauthorized_error(error: AuthError) -> str:
-    """The `error` word of a 401: `token_revoked` for a revoked token, so clients stop retrying it."""
-    return "token_revoked" if error.reason == "revoked" else "unauthorized"
-
-
 def _reject(reason: str, status: int, error: str, message: str) -> web.Response:
     metrics.HANDSHAKES_REJECTED.labels(reason).inc()
     log.info("handshake_rejected", reason=reason, status=status)
@@ -190,7 +185,7 @@ async def _admit(request: web.Request, conn_id: str, ip: str) -> Principal | web
         try:
             principal = await _authenticate(request)
         except AuthError as error:
-            return _reject(f"token_{error.reason}", 401, unauthorized_error(error), error.message)
+            return _reject(f"token_{error.reason}", 401, error.error, error.message)
         if not await limits.acquire_user(conn_id, principal.user_id):
             return _too_many("user_connection_limit", "user")
         admitted = True
@@ -279,7 +274,7 @@ async def publish(request: web.Request) -> web.Response:
     try:
         principal = await _authenticate(request)
     except AuthError as error:
-        return _json_error(401, unauthorized_error(error), error.message)
+        return _json_error(401, error.error, error.message)
     if not principal.is_publisher:
         return _json_error(403, "forbidden", "the token needs the publisher role")
     try:
@@ -331,7 +326,7 @@ async def presence(request: web.Request) -> web.Response:
     try:
         principal = await _authenticate(request)
     except AuthError as error:
-        return _json_error(401, "unauthorized", error.message)
+        return _json_error(401, error.error, error.message)
     customer_id = request.match_info["customer_id"]
     if not is_valid_id(customer_id):
         return _json_error(400, "invalid_customer", "not a valid customer id")

@@ -60,7 +60,7 @@ async def _admin(request: web.Request) -> Principal | web.Response:
     try:
         principal = await request.app[keys.VERIFIER].verify(token)
     except AuthError as error:
-        return json_error(401, "unauthorized", error.message)
+        return json_error(401, error.error, error.message)
     if not principal.is_admin:
         return json_error(403, "forbidden", "the token needs the admin role")
     return principal

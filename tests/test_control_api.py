@@ -180,3 +180,15 @@ async def test_a_token_living_longer_than_the_maximum_lifetime_is_refused(app_cl
 def _token(*, sub: str, iat: int, exp: int | None = None) -> str:
     claims = {"sub": sub, "customerId": "C1", "iat": iat, "exp": exp or iat + 600, "roles": []}
     return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/presence/C1", "/api/v1/connections?userId=ops-1", "/api/v1/channels"])
+async def test_the_read_endpoints_refuse_a_revoked_token_as_token_revoked(app_client: AppClient, path: str) -> None:
+    client = await app_client()
+    settings = _settings(client)
+    revoked = token_for(settings, sub="ops-1", customers=["C1"], roles=["admin"])
+    body = {"userId": "ops-1", "issuedBefore": int(time.time()) + 1}
+    assert (await control(client, "revoke", body, admin_token(client)))[0] == 202
+    async with client.get(path, headers={"Authorization": f"Bearer {revoked}"}) as response:
+        assert response.status == 401
+        assert (await response.json())["error"] == "token_revoked"
