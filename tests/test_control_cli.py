@@ -17,7 +17,7 @@ import pytest
 from fleet.process import ServiceProcess
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from service.config import ENV_PREFIX
+from service.config import ENV_PREFIX, load_settings
 from service.protocol import CloseCode
 from service.publisher import Publisher
 from tests.conftest import SECRET, make_settings, token_for
@@ -145,3 +145,9 @@ async def test_a_publisher_disconnects_and_revokes_through_the_redis_the_pods_sh
     pod.stop()
     pod.start()
     assert await handshake_error(session, pod, alice) == "token_revoked"
+
+
+def test_the_control_commands_variables_are_not_refused_as_unknown_settings() -> None:
+    # A shell that exports them for `eva-ws revoke` can still run `eva-ws serve`.
+    env = {f"{ENV_PREFIX}URL": "https://ws.example.com", f"{ENV_PREFIX}ADMIN_TOKEN": ADMIN}
+    assert load_settings({f"{ENV_PREFIX}JWT_SECRET": SECRET, **env}).jwt_secret == SECRET
