@@ -119,6 +119,8 @@ class RedisBroker(Broker):
             client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
         self._client = any_command_client(url, max_connections=max_connections, wait_s=self._timeout_s, options=options)
+        # One Redis pipelines a batch of publishes; redis-py's Script loads the script first if needed.
+        self._pipelined_publish = self._client.register_script(self._publish_script)
         # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
         canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
         self._canary_channel = self._channel_name(prefix, canary_part)
@@ -313,7 +315,7 @@ class RedisBroker(Broker):
             return [await self.publish(channel, payload, idempotency_key=keys_of_events[0])]
         if isinstance(self._client, RedisCluster):
             return await self._publish_per_channel(batch, keys_of_events)
-        script = self._client.register_script(self._publish_script)
+        script = self._pipelined_publish
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
