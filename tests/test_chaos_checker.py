@@ -235,6 +235,12 @@ def test_a_conflated_update_is_not_lost_but_a_skipped_stage_change_is():
     run.deliver(run.publish(2))
     assert Violation.LOST in kinds(run.check())
 
+    run = Run()
+    run.subscribed(0)
+    run.publish(1)
+    run.deliver(run.publish(2, event_type="stage_change"))  # a stage change replaces no update
+    assert Violation.LOST in kinds(run.check())
+
 
 def test_a_resumed_subscription_owes_what_was_published_while_away():
     run = Run()

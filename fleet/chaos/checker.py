@@ -8,7 +8,7 @@ subscription:
 
 - From the position a subscription starts at, every event accepted with 2xx in that epoch is
   delivered, once, in offset order. A `transaction_update` may be skipped only when a later
-  event of the same transaction was delivered instead (conflation, docs/protocol.md).
+  update of the same transaction was delivered instead (conflation, docs/protocol.md).
 - A `resync` (or an acknowledgement with `recovered: false`) moves the position: what the old
   position missed is "told", not lost. The events of the new position's epoch that the history
   still held (the last `history_size` offsets up to the position) are not told: skipping them
@@ -335,8 +335,13 @@ def _head(owed: list[PublishedEvent], epoch: str, at_s: float, position: int) ->
 def _superseded(stream: _Stream, event: PublishedEvent, epoch: str, offset: int) -> bool:
     if event.event_type != CONFLATABLE:
         return False
+    # Only a newer update of the same transaction replaces an update in a send queue (service/outbox.py).
     return any(
-        e == epoch and o > offset and r.data is not None and r.data.get("id") == event.transaction_id
+        e == epoch
+        and o > offset
+        and r.event_type == CONFLATABLE
+        and r.data is not None
+        and r.data.get("id") == event.transaction_id
         for (e, o), r in stream.delivered.items()
     )
 
