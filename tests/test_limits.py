@@ -15,7 +15,8 @@ from fleet.waiting import eventually
 from service import metrics
 from service.limits import ConnectionCounter, ConnectionLimits, LocalConnectionCounter, client_ip
 from service.limits_redis import REFRESH_KEYS_PER_CALL, RedisConnectionCounter
-from service.redis_client import cluster_client, command_client
+from service.redis_client import any_command_client, cluster_client, command_client
+from tests.backends import Store
 
 CounterFactory = Callable[[], Awaitable[ConnectionCounter]]
 
@@ -45,6 +46,38 @@ async def counter(request) -> AsyncIterator[ConnectionCounter]:
         made = _cluster_counter(request.getfixturevalue("module_cluster"))
     yield made
     await made.close()
+
+
+def _counter_on(store: Store, pod_id: str, lease_ttl_s: float = 30.0) -> ConnectionCounter:
+    """A pod's counter on a store of any topology (tests/backends.py)."""
+    if store.url is None:
+        return LocalConnectionCounter()
+    client = any_command_client(store.url, max_connections=16, wait_s=2.0, options={})
+    return RedisConnectionCounter(client, prefix=store.prefix, pod_id=pod_id, lease_ttl_s=lease_ttl_s)
+
+
+async def test_leases_taken_while_the_store_was_down_count_once_it_is_up(absent_store: Store) -> None:
+    if not absent_store.shared:
+        pytest.skip("an in-process counter is never down")
+    early = _counter_on(absent_store, "pod-a", lease_ttl_s=1.5)
+    later = _counter_on(absent_store, "pod-b")
+    try:
+        # Nobody is locked out while the shared store cannot answer.
+        assert await early.acquire("user:a", "c1", 2)
+        assert await early.acquire("user:a", "c2", 2)
+        absent_store.up()
+
+        async def counted() -> bool:
+            try:
+                return not await later.acquire("user:a", "c3", 2)
+            finally:
+                await later.release("user:a", "c3")
+
+        # The refresh writes the leases the store missed, so the cap holds across pods again.
+        await eventually(counted, "the leases taken while the store was down never counted")
+    finally:
+        await early.close()
+        await later.close()
 
 
 async def test_the_cap_holds_across_pods_sharing_redis(redis_server):
