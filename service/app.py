@@ -23,6 +23,7 @@ from service.hub import Hub
 from service.jwks import JwksClient
 from service.limits import ConnectionCounter, ConnectionLimits
 from service.log import get_logger
+from service.outbox_relay import OutboxRelay
 from service.presence import Presence
 from service.presence_events import AnnouncingPresence
 from service.protocol import CloseCode
@@ -111,6 +112,7 @@ def create_app(
     app.cleanup_ctx.append(_deadlines_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_control_ctx)
+    app.cleanup_ctx.append(_outbox_relay_ctx)
     app.cleanup_ctx.append(inspect_api.connections_query_ctx)
     app.cleanup_ctx.append(demo_publisher_ctx)
     app.cleanup_ctx.append(rebalance_ctx)
@@ -163,6 +165,18 @@ async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
     await control.start()
     yield
     await control.close()
+
+
+async def _outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    # With EVA_WS_OUTBOX_DSN, every pod relays the outbox's committed rows through its broker.
+    settings = app[keys.SETTINGS]
+    if settings.outbox_dsn is None:
+        yield
+        return
+    relay = app[keys.OUTBOX_RELAY] = OutboxRelay.from_settings(settings, app[keys.PUBLISHER])
+    relay.start()
+    yield
+    await relay.close()
 
 
 async def _close_remaining_sockets(app: web.Application) -> None:

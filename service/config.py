@@ -132,6 +132,13 @@ class Settings:
     log_level: str = "info"
 
     # None: on in development, off in production.
+    # The transactional outbox's PostgreSQL (docs/outbox.md); None: this pod relays no outbox.
+    # Not in repr: it may hold a password.
+    outbox_dsn: str | None = field(default=None, repr=False)
+    # Rows one relay transaction claims, publishes and deletes at most.
+    outbox_batch_size: int = 500
+    # How often a relay looks at the outbox without a commit's NOTIFY (one may be missed on a reconnect).
+    outbox_poll_interval_s: float = 1.0
     demo_publisher: bool | None = None
     demo_interval_s: float = 1.0
 
@@ -314,6 +321,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if redis_url is not None and not redis_url.startswith(REDIS_URL_SCHEMES):
         raise ConfigError(f"{ENV_PREFIX}REDIS_URL must start with {', '.join(REDIS_URL_SCHEMES)}")
 
+    outbox_dsn = _get(env, "outbox_dsn")
+    if outbox_dsn is not None and not outbox_dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{ENV_PREFIX}OUTBOX_DSN must be a postgresql:// URL")
+
     log_level = (_get(env, "log_level") or "info").lower()
     if log_level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={log_level!r} must be debug, info, warning or error")
@@ -385,6 +396,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tls_cert=tls_cert,
         tls_key=tls_key,
         log_level=log_level,
+        outbox_dsn=outbox_dsn,
+        outbox_batch_size=_int(env, "outbox_batch_size", 500, minimum=1, maximum=10_000),
+        outbox_poll_interval_s=_float(env, "outbox_poll_interval_s", 1.0, minimum=0.05, maximum=3600.0),
         demo_publisher=_bool(env, "demo_publisher"),
         demo_interval_s=_float(env, "demo_interval_s", 1.0, minimum=0.01, maximum=3600.0),
     )

@@ -17,6 +17,7 @@ from service.deadlines import Deadlines
 from service.hub import Hub
 from service.jwks import JwksClient
 from service.limits import ConnectionLimits
+from service.outbox_relay import OutboxRelay
 from service.presence import Presence
 from service.publisher import Publisher
 
@@ -43,3 +44,5 @@ CONNECTION_LIMITS: Final = web.AppKey("connection_limits", ConnectionLimits)
 CONNECTIONS_QUERY: Final = web.AppKey("connections_query", ConnectionsQuery)
 # Present only when EVA_WS_JWKS_URL is set.
 JWKS: Final = web.AppKey("jwks", JwksClient)
+# Present only when EVA_WS_OUTBOX_DSN is set.
+OUTBOX_RELAY: Final = web.AppKey("outbox_relay", OutboxRelay)

@@ -197,3 +197,35 @@ CONTROL_SOCKETS_AFFECTED: Final = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+OUTBOX_READY: Final = Gauge(
+    "outbox_ready",
+    "1 while this pod's outbox relay is connected to PostgreSQL and listening (EVA_WS_OUTBOX_DSN), else 0.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+OUTBOX_DEPTH: Final = Gauge(
+    "outbox_depth_rows",
+    "Rows in eva_ws_outbox (committed, not yet relayed), read by this pod's relay at most once per poll interval.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_AGE: Final = Gauge(
+    "outbox_oldest_age_seconds",
+    "Age of the oldest row in eva_ws_outbox (0 when empty), read with outbox_depth_rows.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+OUTBOX_RELAY_LAG: Final = Histogram(
+    "outbox_relay_lag_seconds",
+    "From a row's insert (PostgreSQL's clock) to its publish into the broker by this pod.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+OUTBOX_RELAYED: Final = Counter(
+    "outbox_relayed_total",
+    "Outbox rows this pod relayed, by outcome: published (into the broker), rejected (to eva_ws_outbox_rejected).",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

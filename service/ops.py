@@ -31,7 +31,12 @@ async def readyz(request: web.Request) -> web.Response:
     metrics.BROKER_READY.set(0 if broker_reasons else 1)
     if reasons:
         return web.json_response({"status": "not_ready", "reasons": reasons}, status=503)
-    return web.json_response({"status": "ready", "pod": app[keys.SETTINGS].pod_id})
+    body = {"status": "ready", "pod": app[keys.SETTINGS].pod_id}
+    relay = app.get(keys.OUTBOX_RELAY)
+    if relay is not None:
+        # Reported, not gating: sockets are served while PostgreSQL is down, and rows wait in the outbox.
+        body["outbox"] = "relaying" if relay.ready else "unavailable"
+    return web.json_response(body)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

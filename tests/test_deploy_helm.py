@@ -41,6 +41,9 @@ NOT_RENDERED: Final = {
     "EVA_WS_JWT_PUBLIC_KEY_FILE": "the key comes from the Secret as an env var (secretKeyRef)",
     "EVA_WS_JWT_KEYS_FILE": "the keys come from the Secret as an env var (secretKeyRef)",
     "EVA_WS_DEMO_INTERVAL_S": "the demo publisher is always off (EVA_WS_DEMO_PUBLISHER=false)",
+    "EVA_WS_OUTBOX_DSN": "the image has no outbox extra (psycopg); docs/outbox.md",
+    "EVA_WS_OUTBOX_BATCH_SIZE": "the image has no outbox extra (psycopg); docs/outbox.md",
+    "EVA_WS_OUTBOX_POLL_INTERVAL_S": "the image has no outbox extra (psycopg); docs/outbox.md",
 }
 ALERTS: Final = frozenset(
     {
