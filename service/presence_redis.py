@@ -30,7 +30,6 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.asyncio import RedisCluster
 
 from service import redis_keys, redis_lua
 from service.backend_errors import BackendUnavailable
@@ -39,7 +38,7 @@ from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
 from service.redis_client import (
     CLUSTER_ERRORS,
-    any_command_client,
+    Topology,
     cancel_and_wait,
     client_name_part,
     client_options,
@@ -81,8 +80,8 @@ class RedisPresence(Presence):
         self._instance = f"{pod_id}/{secrets.token_hex(4)}"
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
         self._timeout_s = connect_timeout_s + command_timeout_s
-        self._client = any_command_client(
-            url,
+        topology = Topology.from_url(url)
+        self._client = topology.command_client(
             max_connections=max_connections,
             wait_s=self._timeout_s,
             options=client_options(
@@ -94,7 +93,7 @@ class RedisPresence(Presence):
             ),
         )
         # One Redis checks heartbeats inside the read script; a cluster cannot (other slots).
-        self._sharded = isinstance(self._client, RedisCluster)
+        self._sharded = topology.sharded
         # This pod's own entries, re-added if its heartbeat ever lapsed (e.g. a long stall).
         self._local: dict[str, tuple[tuple[str, ...], PresenceEntry]] = {}
         # An `add` failed (Redis down): the next heartbeat writes every local entry again.

@@ -9,11 +9,12 @@ import hashlib
 import re
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from redis._parsers import _AsyncHiredisParser
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -141,14 +142,49 @@ def cluster_client(url: str, *, max_connections: int, options: dict[str, Any]) -
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """One Redis or a Redis Cluster, as EVA_WS_REDIS_URL names it: the one place that tells them apart.
+
+    A single Redis is a cluster of one node that owns every slot. What differs is how the
+    nodes are found (the URL's server, or the slot map asked from the cluster's seeds), how
+    commands reach them (one pool, or redis-py's RedisCluster), and whether PUB/SUB is
+    sharded.
+    """
+
+    url: str
+    sharded: bool
+    # The cluster's seed nodes, or the one server.
+    seeds: tuple[Address, ...]
+    credentials: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_url(cls, url: str) -> Topology:
+        if is_cluster_url(url):
+            seeds, credentials = parse_cluster_url(url)
+            return cls(url, True, tuple(seeds), tuple(credentials.items()))
+        return cls(url, False, (server_address(url),))
+
+    def command_client(self, *, max_connections: int, wait_s: float, options: dict[str, Any]) -> Redis | RedisCluster:
+        """`cluster_client` on a cluster (`max_connections` per master), else a pool of
+        `max_connections` whose commands wait up to `wait_s` for a free connection."""
+        if self.sharded:
+            return cluster_client(self.url, max_connections=max_connections, options=options)
+        return command_client(self.url, max_connections=max_connections, wait_s=wait_s, **options)
+
+    def node_client(self, address: Address, options: dict[str, Any]) -> Redis:
+        """A client of one node only (a PUB/SUB link's), never redirected to another."""
+        if self.sharded:
+            pool_options: dict[str, Any] = {**options, **dict(self.credentials)}
+            return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **pool_options))
+        return Redis.from_url(self.url, **options)
+
+
 def any_command_client(
     url: str, *, max_connections: int, wait_s: float, options: dict[str, Any]
 ) -> Redis | RedisCluster:
-    """A command client for either topology: `cluster_client` for redis+cluster://, else a pool of
-    `max_connections` whose commands wait up to `wait_s` for a free connection."""
-    if is_cluster_url(url):
-        return cluster_client(url, max_connections=max_connections, options=options)
-    return command_client(url, max_connections=max_connections, wait_s=wait_s, **options)
+    """`Topology.command_client` of the topology `url` names."""
+    return Topology.from_url(url).command_client(max_connections=max_connections, wait_s=wait_s, options=options)
 
 
 async def eval_script(client: Redis | RedisCluster, script: str, keys: list[str], args: list[Any]) -> Any:

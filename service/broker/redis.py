@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
-from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import metrics, redis_keys
@@ -29,15 +29,11 @@ from service.broker.state import Snapshot, state_change
 from service.config import Settings
 from service.redis_client import (
     CLUSTER_ERRORS,
-    Address,
-    any_command_client,
+    Topology,
     cancel_and_wait,
     client_name_part,
     client_options,
     eval_script,
-    is_cluster_url,
-    parse_cluster_url,
-    server_address,
 )
 
 log = structlog.get_logger("eva_ws.broker")
@@ -101,7 +97,8 @@ class RedisBroker(Broker):
           suggests it changed (a lost connection or a moved slot re-reads it at once).
         """
         super().__init__()
-        self._sharded = is_cluster_url(url)
+        topology = Topology.from_url(url)
+        self._sharded = topology.sharded
         # Sharded PUB/SUB on a cluster: the channel carries the keys' hash tag (see redis_wire).
         self._channel_name = redis_keys.shard_channel if self._sharded else redis_keys.pubsub_channel
         self._publish_script = wire.CLUSTER_PUBLISH_SCRIPT if self._sharded else wire.PUBLISH_SCRIPT
@@ -118,7 +115,7 @@ class RedisBroker(Broker):
             keepalive_idle_s=keepalive_idle_s,
             client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
-        self._client = any_command_client(url, max_connections=max_connections, wait_s=self._timeout_s, options=options)
+        self._client = topology.command_client(max_connections=max_connections, wait_s=self._timeout_s, options=options)
         # One Redis pipelines a batch of publishes; redis-py's Script loads the script first if needed.
         self._pipelined_publish = self._client.register_script(self._publish_script)
         # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
@@ -140,22 +137,9 @@ class RedisBroker(Broker):
             "reconnect_max_s": reconnect_max_s,
             "canary": self._canary,
         }
-        if self._sharded:
-            seeds, credentials = parse_cluster_url(url)
-            link_options: dict[str, Any] = {**sub_options, **credentials}
-
-            def link_client(address: Address) -> Redis:
-                return Redis.from_pool(ConnectionPool(host=address[0], port=address[1], **link_options))
-
-        else:
-            seeds = [server_address(url)]
-
-            def link_client(address: Address) -> Redis:
-                return Redis.from_url(url, **sub_options)
-
         self._subscriber = Subscriber(
-            seeds=seeds,
-            link_client=link_client,
+            seeds=list(topology.seeds),
+            link_client=lambda address: topology.node_client(address, sub_options),
             kind=SHARDED if self._sharded else CLASSIC,
             topology_refresh_s=topology_refresh_s,
             on_slot_map_changed=self._slot_map_changed,
