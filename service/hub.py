@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from service import metrics
+from service import metrics, snapshots
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.frames import text_frame
 from service.log import get_logger
@@ -62,8 +62,11 @@ class SubscribeResult:
     recovered: bool | None
     replayed: int
     # Events read from history for this subscribe, those the filters dropped included:
-    # what the resume cost, charged to the client's rate budget.
+    # what the resume cost, charged to the client's rate budget. With a snapshot, also every
+    # transaction of the channel's state.
     read: int = 0
+    # The `snapshot` messages to send right after the ack, when the subscribe asked for one.
+    snapshot: list[bytes] | None = None
 
 
 class Subscription:
@@ -79,6 +82,7 @@ class Subscription:
         "live",
         "presence",
         "recipient",
+        "snapshot",
         "transaction_ids",
         "user_id",
     )
@@ -98,6 +102,8 @@ class Subscription:
         self.closed = False
         # Whether it also gets presence_join / presence_leave of its customer (set once watching).
         self.presence = False
+        # Whether it starts from a snapshot, and gets a fresh one with every resync.
+        self.snapshot = False
 
     def matches(self, data: dict[str, Any]) -> bool:
         if self.transaction_ids is not None and data.get("id") not in self.transaction_ids:
@@ -176,6 +182,8 @@ class Hub:
         self._channels: dict[str, _ChannelState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resume_reads = asyncio.Semaphore(_CONCURRENT_RESUME_READS)
+        # The snapshot read in flight per channel: everyone who asks meanwhile shares it.
+        self._snapshot_reads: dict[str, asyncio.Future[snapshots.DecodedSnapshot]] = {}
         # Keyed by the whole envelope's identity (payload too): an offset reused after a
         # failover to a replica that missed writes cannot serve another event's frame.
         self._replay_cache: OrderedDict[tuple[str, str, int, bytes], _Decoded | None] = OrderedDict()
@@ -259,11 +267,14 @@ class Hub:
         since: Position | None,
         on_ready: Callable[[Subscription, SubscribeResult], None],
         presence: bool = False,
+        snapshot: bool = False,
     ) -> Subscription:
         """Join a channel; `on_ready` runs (to send the ack) before any replayed event is queued.
 
         `presence` (a customer's transactions only): also deliver presence_join / presence_leave
-        (service/presence_events.py), from the ack on.
+        (service/presence_events.py), from the ack on. `snapshot`: start from the channel's
+        state (SubscribeResult.snapshot) instead of the current position, or of `since` when
+        that cannot be resumed; the events after the snapshot's position follow.
         """
         state = self._channels.get(key)
         if state is None:
@@ -272,6 +283,7 @@ class Hub:
         # The channel's own key: the subscribers of a channel share one string.
         key = state.key
         sub = Subscription(recipient, key, filters, filter_in_pod=key.startswith("transactions:"))
+        sub.snapshot = snapshot
         state.subs.append(sub)
         metrics.HUB_SUBSCRIPTIONS.inc()
         try:
@@ -373,12 +385,17 @@ class Hub:
             self._start_repair(key, state)
 
     async def _join(self, state: _ChannelState, sub: Subscription, since: Position | None) -> SubscribeResult:
+        if since is None and sub.snapshot:
+            return await self._join_from_snapshot(state, sub, recovered=None, read=0)
         if since is None:
             sub.epoch, sub.last_offset, sub.live = state.epoch, state.last_offset, True
             return SubscribeResult(Position(state.last_offset, state.epoch), None, 0)
 
         async with self._resume_reads:
             history = await self._broker.history(sub.key, since)
+            if sub.snapshot and not history.recovered:
+                metrics.RESUMES.labels("unrecovered").inc()
+                return await self._join_from_snapshot(state, sub, recovered=False, read=len(history.envelopes))
             # Lost or not, the subscription starts where the replay starts: right after `since`,
             # or before the oldest event history still holds.
             start = since if history.recovered else _replay_start(history)
@@ -391,6 +408,58 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return result
+
+    async def read_snapshot(self, key: str) -> snapshots.DecodedSnapshot:
+        """The channel's state and its position; one broker read serves everyone who asks meanwhile.
+
+        Raises BrokerUnavailable."""
+        reading = self._snapshot_reads.get(key)
+        if reading is None:
+            reading = self._snapshot_reads[key] = asyncio.ensure_future(self._read_snapshot(key))
+            reading.add_done_callback(lambda _: self._snapshot_reads.pop(key, None))
+        # Shielded: one asker giving up (a closed socket) must not cancel the read for the others.
+        return await asyncio.shield(reading)
+
+    async def _read_snapshot(self, key: str) -> snapshots.DecodedSnapshot:
+        return snapshots.decode(await self._broker.snapshot(key))
+
+    async def _join_from_snapshot(
+        self, state: _ChannelState, sub: Subscription, *, recovered: bool | None, read: int
+    ) -> SubscribeResult:
+        snapshot = await self.read_snapshot(sub.key)
+        sub.epoch, sub.last_offset = snapshot.position.epoch, snapshot.position.offset
+        messages = snapshots.messages(sub.key, snapshot.position, snapshots.matching(snapshot, sub.matches))
+        # The ack and these messages come first: the catch-up after the snapshot's position is queued after them.
+        self._spawn(self._finish_resume(state, sub, []))
+        read += len(snapshot.transactions)
+        return SubscribeResult(snapshot.position, recovered, 0, read=read, snapshot=messages)
+
+    async def _resnapshot(self, sub: Subscription) -> None:
+        """A snapshot subscriber lost its position: a resync at a fresh snapshot, the snapshot, then what follows."""
+        delay_s = 0.1
+        while not sub.closed:
+            try:
+                snapshot = await self.read_snapshot(sub.key)
+                break
+            except BrokerUnavailable:
+                await asyncio.sleep(random.uniform(0, delay_s))
+                delay_s = min(delay_s * 2, _REPAIR_RETRY_MAX_S)
+        else:
+            return
+        state = self._channels.get(sub.key)
+        if state is None or sub.closed:
+            return
+        self._send_resync(sub, snapshot.position)
+        messages = snapshots.messages(sub.key, snapshot.position, snapshots.matching(snapshot, sub.matches))
+        for message in messages:
+            sub.recipient.enqueue(text_frame(message))
+        metrics.MESSAGES_SENT.labels("snapshot").inc(len(messages))
+        await self._finish_resume(state, sub, [])
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _finish_resume(self, state: _ChannelState, sub: Subscription, replay: list[_Decoded]) -> None:
         await asyncio.sleep(0)  # let the caller queue the ack first
@@ -408,6 +477,8 @@ class Hub:
                 continue
             if not history.recovered:
                 self._resync(sub, _replay_start(history))
+                if sub.snapshot:
+                    return  # a fresh snapshot follows; see _resync
             await self._enqueue_replay(sub, await self._replay_frames(sub, history.envelopes))
             if history.position.epoch != state.epoch and not sub.closed:
                 # The channel has not seen the new epoch yet: its repair moves it there and
@@ -418,7 +489,7 @@ class Hub:
                 return
         if not sub.closed:
             self._resync(sub, Position(state.last_offset, state.epoch))
-            sub.live = True
+            sub.live = not sub.snapshot
 
     async def _replay_frames(self, sub: Subscription, envelopes: list[Envelope]) -> list[_Decoded]:
         """The events after the subscription's position that its filters let through, not yet encoded."""
@@ -536,8 +607,17 @@ class Hub:
             state.repair = None
 
     def _resync(self, sub: Subscription, position: Position) -> None:
-        sub.epoch, sub.last_offset = position.epoch, position.offset
+        """Tell a subscriber its position is lost; it restarts at `position`, or, if it asked for
+        snapshots, at a fresh snapshot (sent with the resync, the events after it follow)."""
         metrics.RESUMES.labels("unrecovered").inc()
+        if sub.snapshot:
+            sub.live = False  # until the snapshot is sent and caught up with
+            self._spawn(self._resnapshot(sub))
+            return
+        self._send_resync(sub, position)
+
+    def _send_resync(self, sub: Subscription, position: Position) -> None:
+        sub.epoch, sub.last_offset = position.epoch, position.offset
         sub.recipient.enqueue(
             text_frame(
                 encode(

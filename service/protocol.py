@@ -96,7 +96,7 @@ MAX_CORRELATION_ID_LENGTH: Final = 128
 # so a token the service accepts always fits in `?token=`.
 MAX_TOKEN_LENGTH: Final = 6144
 _MESSAGE_FIELDS: Final = frozenset(
-    {"type", "channel", "filters", "timestamp", "correlationId", "since", "token", "presence"}
+    {"type", "channel", "filters", "timestamp", "correlationId", "since", "token", "presence", "snapshot"}
 )
 _FILTER_FIELDS: Final = frozenset({"customerId", "userId", "transactionIds"})
 
@@ -142,6 +142,8 @@ class ClientMessage:
     token: str | None = None
     # subscribe to transactions only: also presence_join / presence_leave of the customer.
     presence: bool = False
+    # subscribe only: start from the channel's state (`snapshot` messages), not just a position.
+    snapshot: bool = False
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -198,6 +200,11 @@ def parse_client_message(text: str) -> ClientMessage:
         raise fail(ErrorCode.INVALID_MESSAGE, "presence must be true or false")
     if presence and (kind != "subscribe" or channel is not Channel.TRANSACTIONS):
         raise fail(ErrorCode.INVALID_MESSAGE, "presence is for a subscribe to transactions")
+    snapshot = raw.get("snapshot", False)
+    if not isinstance(snapshot, bool):
+        raise fail(ErrorCode.INVALID_MESSAGE, "snapshot must be true or false")
+    if snapshot and kind != "subscribe":
+        raise fail(ErrorCode.INVALID_MESSAGE, "snapshot is for a subscribe")
     return ClientMessage(
         type=kind,
         channel=channel,
@@ -205,6 +212,7 @@ def parse_client_message(text: str) -> ClientMessage:
         correlation_id=correlation_id,
         since=since,
         presence=presence,
+        snapshot=snapshot,
     )
 
 

@@ -168,17 +168,28 @@ class Session:
             }
             if message.presence:
                 ack["presence"] = True
+            if message.snapshot:
+                ack["snapshot"] = True
             if result.recovered is not None:
                 ack["recovered"] = result.recovered
                 ack["replayed"] = result.replayed
             if result.read:
-                # The events read for a resume count against the rate limit, filtered out or not.
+                # The events read for a resume and the transactions of a snapshot count against
+                # the rate limit, filtered out or not.
                 self._bucket.charge(result.read / REPLAYED_EVENTS_PER_MESSAGE)
             self._conn.send(encode(ack), "subscribed")
+            for snapshot_message in result.snapshot or ():
+                self._conn.send(snapshot_message, "snapshot")
 
         try:
             await self._hub.subscribe(
-                self._conn, key, filters, since=message.since, on_ready=acknowledge, presence=message.presence
+                self._conn,
+                key,
+                filters,
+                since=message.since,
+                on_ready=acknowledge,
+                presence=message.presence,
+                snapshot=message.snapshot,
             )
         except HubUnavailable:
             log.warning(

@@ -16,7 +16,17 @@ EVENT_TYPES: Final = frozenset(
     {"transaction_update", "transaction_new", "transaction_delete", "stage_change", "user_update", "notification"}
 )
 SERVER_TYPES: Final = frozenset(
-    {"subscribed", "unsubscribed", "pong", "error", "resync", "refreshed", "presence_join", "presence_leave"}
+    {
+        "subscribed",
+        "unsubscribed",
+        "pong",
+        "error",
+        "resync",
+        "refreshed",
+        "presence_join",
+        "presence_leave",
+        "snapshot",
+    }
 )
 CLIENT_TYPES: Final = frozenset({"subscribe", "unsubscribe", "ping", "refresh"})
 

@@ -59,6 +59,7 @@ def test_schema_enums_match_the_service() -> None:
         {"type": "subscribe", "channel": "transactions", "colour": "red"},
         {"type": "subscribe", "channel": "transactions", "filters": {"customerId": "C*"}},
         {"type": "subscribe", "channel": "transactions", "since": {"offset": -1, "epoch": "e"}},
+        {"type": "subscribe", "channel": "transactions", "snapshot": "yes"},
         {"type": "ping", "correlationId": ""},
         {"type": "refresh"},
         {"type": "unsubscribe", "channel": "secrets"},
@@ -98,6 +99,14 @@ async def test_every_message_type_of_a_real_connection_matches_its_schema(aiohtt
         client, settings, {"type": "notification", "channel": "notifications", "userId": "alice", "data": {"n": 1}}
     )
     assert (await next_message(ws))["type"] == "notification"
+
+    # A subscribe with a snapshot gets the current state right after its ack (another customer:
+    # the offsets of C1 stay as the resumes below expect).
+    await publish(client, settings, {"type": "transaction_new", "data": txn("T2", customer="C2")})
+    viewer = await connect(client, token_for(settings, sub="viewer", customers=["C2"]))
+    assert (await subscribe(viewer, filters={"customerId": "C2"}, snapshot=True))["snapshot"] is True
+    state = await next_message(viewer)
+    assert ([t["id"] for t in state["data"]["transactions"]], state["data"]["last"]) == (["T2"], True)
 
     # A subscription with presence sees another socket of its customer open and close.
     watcher = await connect(client, token_for(settings, sub="watcher", customers=["C1"]))
