@@ -10,7 +10,7 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from service import control_api, handlers, http_errors, inspect_api, keys, loop_health, ops
+from service import control_api, handlers, http_errors, inspect_api, keys, loop_health, ops, transactions_api
 from service.auth import TokenVerifier
 from service.backends import create_broker, create_connection_counter, create_presence, create_revocation_store
 from service.broker.base import Broker
@@ -79,6 +79,7 @@ def create_app(
     api = [
         app.router.add_post("/api/v1/publish", handlers.publish),
         app.router.add_get("/api/v1/presence/{customer_id}", handlers.presence),
+        app.router.add_get("/api/v1/transactions/{customer_id}", transactions_api.transactions),
         app.router.add_post("/api/v1/disconnect", control_api.disconnect),
         app.router.add_post("/api/v1/revoke", control_api.revoke),
         app.router.add_post("/api/v1/unsubscribe", control_api.unsubscribe),

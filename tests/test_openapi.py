@@ -117,6 +117,13 @@ async def test_every_documented_endpoint_answers_as_documented(aiohttp_client: A
     assert (await api.call("GET", presence, "/api/v1/presence/C1"))[0] == 401
     assert (await api.call("GET", presence, "/api/v1/presence/C2", token=alice))[0] == 403
 
+    snapshot = "/api/v1/transactions/{customerId}"
+    status, body = await api.call("GET", snapshot, "/api/v1/transactions/C1", token=alice)
+    assert (status, [t["id"] for t in body["transactions"]], body["position"]["offset"]) == (200, ["T1"], 3)
+    assert (await api.call("GET", snapshot, "/api/v1/transactions/C%2A", token=alice))[0] == 400
+    assert (await api.call("GET", snapshot, "/api/v1/transactions/C1"))[0] == 401
+    assert (await api.call("GET", snapshot, "/api/v1/transactions/C2", token=alice))[0] == 403
+
     channels = "/api/v1/channels"
     status, body = await api.call("GET", channels, token=admin)
     assert (status, body["channels"]) == (

@@ -204,3 +204,28 @@ async def test_a_snapshot_costs_its_size_in_rate_budget(aiohttp_client: Any, sto
     await ws.send_json({"type": "ping"})
     reply = await receive_json(ws)
     assert (reply["type"], reply["code"]) == ("error", ErrorCode.RATE_LIMITED.value)
+
+
+async def test_the_http_snapshot_is_the_websocket_one_and_a_subscribe_since_its_position_continues_it(
+    client: Client, settings: Settings
+) -> None:
+    await send_event(client, settings, "transaction_new", txn("T1", version=1))
+    await send_event(client, settings, "transaction_update", txn("T1", status="approved", version=2))
+    await send_event(client, settings, "transaction_new", txn("T2", version=1))
+    token = token_for(settings, customers=["C1"])
+    async with client.get("/api/v1/transactions/C1", headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 200
+        page = await response.json()
+    ws = await connect(client, token)
+    await subscribe(ws, filters={"customerId": "C1"}, snapshot=True)
+    position, transactions = await read_snapshot(ws)
+    assert page["position"] == position
+    assert sorted(page["transactions"], key=lambda t: t["id"]) == sorted(transactions, key=lambda t: t["id"])
+    assert page["subscription"] == "transactions:C1"
+
+    rendered = await connect(client, token)
+    ack = await subscribe(rendered, filters={"customerId": "C1"}, since=page["position"])
+    assert (ack["recovered"], ack["replayed"]) == (True, 0)
+    await send_event(client, settings, "transaction_delete", txn("T2", version=2))
+    event = await receive_json(rendered)
+    assert (event["type"], event["offset"]) == ("transaction_delete", page["position"]["offset"] + 1)
