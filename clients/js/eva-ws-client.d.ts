@@ -43,9 +43,22 @@ export interface SubscribedAck {
   /** Present only when the subscribe carried `since`. */
   recovered?: boolean;
   replayed?: number;
+  /** Present when the subscribe asked for a snapshot. */
+  snapshot?: true;
   correlationId: string | null;
   timestamp: string;
 }
+
+/** What `ready` of a `{snapshot: true}` subscription resolves with: the ack and the state it starts from. */
+export interface SnapshotAck extends SubscribedAck {
+  /** The newest data of every live transaction the subscription may see, in no particular order. */
+  transactions: Array<Record<string, unknown> & { id: string }>;
+}
+
+/** The order of a transaction's versions: an integer `data.version`, else `data.updatedAt`. */
+export type Version = { kind: 'n'; value: number } | { kind: 's'; value: string } | null;
+export declare function versionOf(data: Record<string, unknown>): Version;
+export declare function isOlder(version: Version, than: Version): boolean;
 
 /** Why a token is asked for: the provider may cache for 'connect' and must renew otherwise. */
 export type TokenReason = 'connect' | 'reconnect' | 'expired' | 'expiring';
@@ -79,6 +92,10 @@ export interface EvaWsClientOptions {
 export type ClientState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 export interface SubscriptionHandlers {
+  /** Start from the current state: `ready` resolves with it (SnapshotAck), `state` keeps it, events follow. */
+  snapshot?: boolean;
+  /** Every snapshot: the first, and the fresh one after a resync (replace what is shown). */
+  onSnapshot?(transactions: Array<Record<string, unknown> & { id: string }>, position: StreamPosition): void;
   onEvent?(message: ServerEvent): void;
   onResync?(position: StreamPosition, reason: ResyncReason): void;
   onResumed?(replayed: number): void;
@@ -105,8 +122,11 @@ export declare class Subscription {
   readonly position: Position;
   readonly active: boolean;
   readonly closed: boolean;
-  /** Resolves with the first acknowledgement; rejects on a final error or unsubscribe. */
-  readonly ready: Promise<SubscribedAck>;
+  /** Resolves with the first acknowledgement (with `snapshot: true`, once the snapshot arrived:
+   *  a SnapshotAck); rejects on a final error or unsubscribe. */
+  readonly ready: Promise<SubscribedAck | SnapshotAck>;
+  /** With `snapshot: true`: the current transactions by id, updated by every event; else null. */
+  readonly state: Map<string, Record<string, unknown>> | null;
   unsubscribe(): void;
   /** What JSON.stringify writes; never the client or its token. */
   toJSON(): SubscriptionJson;
@@ -128,6 +148,7 @@ export interface ClientEventMap {
   subscribed: { subscription: Subscription; ack: SubscribedAck };
   resumed: { subscription: Subscription; replayed: number };
   resync: { subscription: Subscription; position: StreamPosition; reason: ResyncReason };
+  snapshot: { subscription: Subscription; transactions: Array<Record<string, unknown> & { id: string }>; position: StreamPosition };
   reconnected: { missed: number; resynced: number };
   /** `reason` is set when the server ended the subscription: `forbidden` (a refreshed token no longer
    * allows it) or the reason an operator gave; the subscription is not asked for again. */

@@ -89,6 +89,24 @@ export class Position {
   }
 }
 
+/**
+ * The order key of a transaction's data, as the server's state store orders it: an integer
+ * `version`, else an `updatedAt` string, else none (no order: the newest message wins).
+ */
+export function versionOf(data) {
+  if (data && Number.isInteger(data.version)) return { kind: 'n', value: data.version };
+  if (data && typeof data.updatedAt === 'string') return { kind: 's', value: data.updatedAt };
+  return null;
+}
+
+/** Whether `version` is older than `than`: both of one kind, and smaller. */
+export function isOlder(version, than) {
+  if (!version || !than || version.kind !== than.kind) return false;
+  return version.value < than.value;
+}
+
+const TRANSACTION_EVENTS = new Set(['transaction_new', 'transaction_update', 'stage_change', 'transaction_delete']);
+
 /** One wanted subscription. It lives across reconnects until unsubscribe() is called. */
 export class Subscription {
   // Private: events carry the subscription, and the client holds the token. Nothing that
@@ -108,6 +126,10 @@ export class Subscription {
     this.active = false;
     this.closed = false;
     this.retryTimer = null;
+    /** Asked with `{snapshot: true}`: the current transactions by id, kept up to date by events. */
+    this.state = handlers.snapshot ? new Map() : null;
+    this.snapshotParts = null; // transactions of a snapshot whose last message has not arrived
+    this.ack = null;
     this.ready = new Promise((resolve, reject) => {
       this.resolveReady = resolve;
       this.rejectReady = reject;
@@ -134,7 +156,9 @@ export class Subscription {
  *   event       {message, subscription}             one server event, exactly once
  *   subscribed  {subscription, ack}
  *   resumed     {subscription, replayed}            resume succeeded; `replayed` missed events follow
- *   resync      {subscription, position, reason}    events were lost: refetch the state
+ *   resync      {subscription, position, reason}    events were lost: refetch the state (a snapshot follows
+ *                                                   for a subscription made with {snapshot: true})
+ *   snapshot    {subscription, transactions, position} the current state of a {snapshot: true} subscription
  *   reconnected {missed, resynced}                  every subscription is back after a reconnect
  *   unsubscribed {subscription}
  *   tokenrefreshed {expiresAt}
@@ -171,6 +195,9 @@ export class EvaWsClient extends EventTarget {
     this.generation = 0; // bumped by every open() and close(): a stale open() gives up
     this.pendingAcks = null; // {missed, resynced, waiting:Set} while re-subscribing after a reconnect
     this.lastInboundAt = 0;
+    // The newest version shown per transaction id, across subscriptions and channels: an
+    // update older than it is not delivered (a transaction may arrive on several channels).
+    this.versions = new Map();
     if (options.autoConnect !== false) queueMicrotask(() => this.state === State.IDLE && this.connect());
   }
 
@@ -208,6 +235,9 @@ export class EvaWsClient extends EventTarget {
    * Subscribe to a channel with filters. Works in any state: the subscription is part of
    * the wanted set and is (re)sent whenever a connection opens, with `since` once the
    * server has acknowledged it. Returns a Subscription; `await sub.ready` for the first ack.
+   * With `handlers.snapshot: true` the server sends the current state first: `sub.ready`
+   * resolves once it arrived, with the ack and `transactions` (also in `sub.state`), and
+   * the events that follow are the changes after it.
    */
   subscribe(channel, filters = {}, handlers = {}) {
     const sub = new Subscription(this, ++this.seq, channel, filters, handlers);
@@ -409,6 +439,7 @@ export class EvaWsClient extends EventTarget {
       case 'subscribed': return this.onSubscribed(message);
       case 'unsubscribed': return this.onUnsubscribed(message);
       case 'resync': return this.onResync(message);
+      case 'snapshot': return this.onSnapshot(message);
       case 'error': return this.onError(message);
       case 'refreshed': return this.emit('tokenrefreshed', { expiresAt: message.expiresAt });
       case 'pong': return undefined;
@@ -437,7 +468,38 @@ export class EvaWsClient extends EventTarget {
     if (ack.recovered === false) this.resync(sub, ack.position, 'not_recovered');
     this.settleReconnect(sub, resumed ? ack.replayed : 0, ack.recovered === false ? 1 : 0);
     this.emit('subscribed', { subscription: sub, ack });
-    sub.resolveReady(ack);
+    sub.ack = ack;
+    // A snapshot subscription is ready once its snapshot arrived (see onSnapshot).
+    if (!ack.snapshot || resumed) sub.resolveReady(ack);
+  }
+
+  onSnapshot(message) {
+    const sub = this.byKey(message.subscription);
+    if (!sub || !sub.state) return;
+    sub.snapshotParts = (sub.snapshotParts || []).concat(message.data.transactions);
+    if (!message.data.last) return;
+    const transactions = sub.snapshotParts;
+    sub.snapshotParts = null;
+    sub.position.reset(message.position);
+    sub.state.clear();
+    for (const data of transactions) {
+      // The snapshot is what the server holds now: it is what this client shows from here on.
+      sub.state.set(data.id, data);
+      this.versions.set(data.id, versionOf(data));
+    }
+    sub.handlers.onSnapshot?.(transactions, message.position);
+    this.emit('snapshot', { subscription: sub, transactions, position: message.position });
+    sub.resolveReady({ ...sub.ack, transactions });
+  }
+
+  /** False for a transaction event older than the version this client shows; records the newer. */
+  isCurrent(message) {
+    const data = message.data;
+    if (!TRANSACTION_EVENTS.has(message.type) || !data || data.id === undefined) return true;
+    const version = versionOf(data);
+    if (isOlder(version, this.versions.get(data.id))) return false;
+    if (version) this.versions.set(data.id, version);
+    return true;
   }
 
   onResync(message) {
@@ -460,6 +522,11 @@ export class EvaWsClient extends EventTarget {
     if (previousEpoch !== null && message.epoch !== previousEpoch) {
       // Offsets of another epoch say nothing about what was missed in between.
       this.resync(sub, { offset: message.offset, epoch: message.epoch }, 'epoch_changed');
+    }
+    if (!this.isCurrent(message)) return; // an older version than the one shown: superseded
+    if (sub.state && message.data && message.data.id !== undefined && TRANSACTION_EVENTS.has(message.type)) {
+      if (message.type === 'transaction_delete') sub.state.delete(message.data.id);
+      else sub.state.set(message.data.id, message.data);
     }
     sub.handlers.onEvent?.(message);
     this.emit('event', { message, subscription: sub });
@@ -510,6 +577,7 @@ export class EvaWsClient extends EventTarget {
     const message = { type: 'subscribe', channel: sub.channel, filters: sub.filters, correlationId };
     const since = sub.position.since;
     if (since) message.since = since;
+    if (sub.state) message.snapshot = true;
     this.send(message);
   }
 

@@ -513,3 +513,69 @@ describe('the token stays out of events', () => {
     assertNoToken(errors, tokens);
   });
 });
+
+describe('snapshots', () => {
+  function snapshot(position, transactions, last = true) {
+    return { type: 'snapshot', channel: 'transactions', subscription: 'transactions:C1', position, data: { transactions, last }, timestamp: 'x' };
+  }
+  function change(offset, data, type = 'transaction_update', key = 'transactions:C1') {
+    return { ...event(offset, { key, type }), data };
+  }
+
+  test('a snapshot subscription resolves with the state, then applies the changes after it', async () => {
+    const client = makeClient();
+    const sub = client.subscribe('transactions', { customerId: 'C1' }, { snapshot: true });
+    const ws = await openAndAck(client, { offset: 6 });
+    assert.equal(ws.sentOf('subscribe')[0].snapshot, true);
+    ws.receive(snapshot({ offset: 6, epoch: 'e1' }, [{ id: 'T1', version: 3 }], false));
+    ws.receive(snapshot({ offset: 6, epoch: 'e1' }, [{ id: 'T3', version: 1 }], false));
+    let settled = false;
+    sub.ready.then(() => { settled = true; });
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal(settled, false, 'ready before the last snapshot message');
+    ws.receive(snapshot({ offset: 6, epoch: 'e1' }, [], true));
+    const ready = await sub.ready;
+    assert.deepEqual(ready.transactions.map((t) => t.id), ['T1', 'T3']);
+    ws.receive(change(7, { id: 'T3', version: 2, status: 'approved' }));
+    ws.receive(change(8, { id: 'T1', version: 3 }, 'transaction_delete'));
+    assert.deepEqual([...sub.state.values()], [{ id: 'T3', version: 2, status: 'approved' }]);
+    assert.deepEqual(sub.position.since, { offset: 8, epoch: 'e1' });
+  });
+
+  test('an update older than the version shown is ignored, also when it comes on another channel', async () => {
+    const client = makeClient();
+    const seen = [];
+    client.on('event', ({ message }) => seen.push([message.subscription, message.offset]));
+    const sub = client.subscribe('transactions', { customerId: 'C1' }, { snapshot: true });
+    client.subscribe('user_updates', {});
+    const ws = await until(() => FakeWebSocket.last && FakeWebSocket.last.readyState === 0 && FakeWebSocket.last, 'a socket');
+    ws.open();
+    const [transactions, user] = ws.sentOf('subscribe');
+    ws.ack(transactions, { offset: 1 });
+    ws.ack(user, { offset: 0, key: 'user_updates:u1' });
+    ws.receive(snapshot({ offset: 1, epoch: 'e1' }, [{ id: 'T1', version: 5, status: 'approved' }]));
+    await sub.ready;
+    ws.receive(change(2, { id: 'T1', version: 4, status: 'stale' }));
+    ws.receive(change(1, { id: 'T1', version: 4, status: 'stale' }, 'transaction_update', 'user_updates:u1'));
+    ws.receive(change(2, { id: 'T1', version: 6, status: 'paid' }, 'transaction_update', 'user_updates:u1'));
+    ws.receive(change(3, { id: 'T1', version: 5, status: 'stale' }));
+    assert.deepEqual(seen, [['user_updates:u1', 2]]);
+    assert.equal(sub.state.get('T1').status, 'approved');
+    assert.deepEqual(sub.position.since, { offset: 3, epoch: 'e1' });
+  });
+
+  test('a resync of a snapshot subscription replaces the state with the fresh snapshot', async () => {
+    const client = makeClient();
+    const snapshots = record(client, 'snapshot');
+    const sub = client.subscribe('transactions', { customerId: 'C1' }, { snapshot: true });
+    const ws = await openAndAck(client, { offset: 2 });
+    ws.receive(snapshot({ offset: 2, epoch: 'e1' }, [{ id: 'T1', version: 9 }]));
+    await sub.ready;
+    ws.receive({ type: 'resync', channel: 'transactions', subscription: 'transactions:C1', position: { offset: 0, epoch: 'e2' }, timestamp: 'x' });
+    ws.receive(snapshot({ offset: 0, epoch: 'e2' }, [{ id: 'T2', version: 1 }]));
+    assert.deepEqual([...sub.state.keys()], ['T2']);
+    assert.equal(snapshots.length, 2);
+    ws.receive(change(1, { id: 'T2', version: 2 }, 'transaction_update'));
+    assert.equal(sub.state.get('T2').version, 2);
+  });
+});

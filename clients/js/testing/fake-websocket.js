@@ -62,6 +62,7 @@ export class FakeWebSocket {
       timestamp: new Date().toISOString(),
     };
     if (recovered !== undefined) Object.assign(ack, { recovered, replayed });
+    if (subscribe.snapshot) ack.snapshot = true;
     this.receive(ack);
     return ack;
   }
