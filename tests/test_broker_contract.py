@@ -189,6 +189,14 @@ async def test_position_ahead_of_the_channel_is_not_recovered(started: Started) 
     assert [e.offset for e in history.envelopes] == [1]
 
 
+async def test_publish_many_to_more_channels_than_connections_publishes_them_all(started: Started) -> None:
+    channels = [new_channel() for _ in range(300)]
+    positions = await started.broker.publish_many([(channel, payload(1)) for channel in channels])
+    assert [p.offset for p in positions] == [1] * 300
+    history = await started.broker.history(channels[-1], None)
+    assert history.position == positions[-1]
+
+
 async def test_publish_many_keeps_order_and_offsets(started: Started) -> None:
     first, second = new_channel(), new_channel()
     await started.broker.subscribe(first)

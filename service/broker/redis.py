@@ -29,6 +29,7 @@ from service.broker.state import Snapshot, state_change
 from service.config import Settings
 from service.redis_client import (
     CLUSTER_ERRORS,
+    SLOT_CALLS_IN_FLIGHT,
     Topology,
     cancel_and_wait,
     client_name_part,
@@ -319,11 +320,15 @@ class RedisBroker(Broker):
         for index, (channel, _) in enumerate(batch):
             by_channel.setdefault(channel, []).append(index)
         positions: list[Position | None] = [None] * len(batch)
+        in_flight = asyncio.Semaphore(SLOT_CALLS_IN_FLIGHT)
 
         async def publish_channel(indexes: list[int]) -> None:
-            for index in indexes:
-                channel, payload = batch[index]
-                positions[index] = await self.publish(channel, payload, idempotency_key=keys_of_events[index])
+            # A few channels at a time: redis-py's cluster client fails a command that finds
+            # its node's connection pool exhausted instead of waiting for a connection.
+            async with in_flight:
+                for index in indexes:
+                    channel, payload = batch[index]
+                    positions[index] = await self.publish(channel, payload, idempotency_key=keys_of_events[index])
 
         # Not a TaskGroup: one unavailable master must not cancel the other channels' publishes
         # half-way (their outcome would be unknown), and the caller expects BrokerUnavailable.
