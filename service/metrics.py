@@ -134,6 +134,14 @@ PRESENCE_UNAVAILABLE: Final = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+PRESENCE_ANNOUNCEMENTS: Final = Counter(
+    "presence_announcements_total",
+    "presence_join / presence_leave announcements by outcome: published, dropped (the pod's queue was full),"
+    " lost (Redis could not take them).",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 BROKER_INVALID_MESSAGES: Final = Counter(
     "broker_invalid_messages_total",
     "Messages on a subscribed channel that were not valid events (dropped, logged).",

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Final
 
+from service import metrics
 from service.broker.base import Broker, BrokerUnavailable
 from service.log import get_logger
 from service.presence import Presence, PresenceEntry
@@ -100,10 +101,11 @@ class AnnouncingPresence(Presence):
         await self._inner.close()
 
     def _announce(self, kind: str, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
-        for customer_id in customer_ids:
+        for index, customer_id in enumerate(customer_ids):
             try:
                 self._queue.put_nowait((channel_of(customer_id), announcement(kind, customer_id, entry)))
             except asyncio.QueueFull:
+                metrics.PRESENCE_ANNOUNCEMENTS.labels("dropped").inc(len(customer_ids) - index)
                 log.warning("presence_announcement_dropped", kind=kind, conn_id=entry.conn_id)
                 return
 
@@ -116,4 +118,7 @@ class AnnouncingPresence(Presence):
                 await self._broker.publish_many(batch)
             except BrokerUnavailable as error:
                 # Not retried: a late join or leave would mislead more than a missing one.
+                metrics.PRESENCE_ANNOUNCEMENTS.labels("lost").inc(len(batch))
                 log.warning("presence_announcements_lost", count=len(batch), error=str(error))
+            else:
+                metrics.PRESENCE_ANNOUNCEMENTS.labels("published").inc(len(batch))

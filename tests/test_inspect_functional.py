@@ -13,7 +13,7 @@ from fleet.process import ServiceProcess
 from fleet.redis_cluster import RedisCluster
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
-from tests.conftest import SECRET, make_settings, token_for
+from tests.conftest import SECRET, make_settings, metric_value, token_for
 from tests.openapi_document import assert_response
 from tests.protocol_schemas import assert_server_message
 
@@ -219,6 +219,11 @@ async def test_a_subscriber_with_presence_sees_sockets_of_its_customer_open_and_
         joined["connId"],
         joined["connectedAt"],
     )
+
+    async with session.get(f"{pod_b.url}/metrics") as response:
+        published = metric_value(await response.text(), 'eva_ws_presence_announcements_total{outcome="published"}')
+    # At least the joins of "elsewhere" (C1 and C2) and of the visitor, published before the watcher saw it.
+    assert published >= 3
 
     # What the other two got since: only the answers to their pings.
     for ws in (plain, elsewhere):
