@@ -218,6 +218,32 @@ def test_dashboard_shows_published_transactions_in_place_with_presence_and_filte
     assert shot.stat().st_size > 0
 
 
+def test_dashboard_shows_the_current_transactions_at_first_paint_then_their_changes(service, new_page):
+    publisher = service.publisher_token()
+    service.publish(txn_event("transaction_new", "TXN-2001", amount="10.00 EUR", version=1), publisher)
+    service.publish(txn_event("transaction_update", "TXN-2001", status="approved", version=2), publisher)
+    service.publish(txn_event("transaction_update", "TXN-2001", status="stale", version=1), publisher)
+    service.publish(txn_event("transaction_new", "TXN-2002", version=1), publisher)
+    service.publish(txn_event("transaction_new", "TXN-2003", version=1), publisher)
+    service.publish(txn_event("transaction_delete", "TXN-2003", version=2), publisher)
+
+    page = new_page()
+    page.goto(f"{service.url}/")
+    # No event is published after the page opened: the rows come from the snapshot alone.
+    wait_in_page(page, "() => document.querySelectorAll('#rows tr[data-id]').length === 2", "two current rows")
+    assert "approved" in page.locator("tr[data-id='TXN-2001']").inner_text(), "the newest version, not the stale one"
+    assert page.locator("tr[data-id='TXN-2003']").count() == 0
+    assert page.locator("#empty").count() == 0
+    assert page.locator("#count").inner_text() == "0"
+    screenshot(page, "dashboard-first-paint")
+
+    service.publish(txn_event("transaction_update", "TXN-2002", status="settled", version=2), publisher)
+    wait_in_page(
+        page, "() => document.querySelector(\"tr[data-id='TXN-2002']\").innerText.includes('settled')", "a change"
+    )
+    assert page.locator("#count").inner_text() == "1"
+
+
 def test_client_resumes_after_a_dropped_connection_with_each_event_once(logs, new_page):
     service = DevService(logs)
     with DropProxy(service.port) as proxy:
