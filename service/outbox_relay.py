@@ -25,6 +25,16 @@ NOTIFY_CHANNEL: Final = "eva_ws_outbox"
 RELAY_LOCK_NAMESPACE: Final = 1702257016
 RECONNECT_MIN_S: Final = 0.1
 RECONNECT_MAX_S: Final = 5.0
+# A PostgreSQL that stops answering (a dead host, a black-holed link) is given up on within about
+# 25 s by TCP keepalives, then reconnected like one that closed the connection.
+_CONNECTION_OPTIONS: Final[dict[str, Any]] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "application_name": "eva-ws-outbox-relay",
+}
 
 # A pod relays a channel only while it holds the channel's lock, and always the channel's oldest
 # rows: so a channel's rows reach the broker in id order, which deploy/sql/outbox.sql makes commit
@@ -161,8 +171,8 @@ class OutboxRelay:
 
         self._served_a_batch = False
         async with (
-            await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as listener,
-            await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as worker,
+            await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **_CONNECTION_OPTIONS) as listener,
+            await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **_CONNECTION_OPTIONS) as worker,
         ):
             await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
             self._set_connected(True)

@@ -9,6 +9,7 @@ import pytest
 
 from fleet.postgres_server import PostgresServer
 from fleet.waiting import eventually
+from service import keys
 from service.postgres_outbox import enqueue
 from tests.conftest import AppClient, connect, make_settings, metric_value, receive_type, subscribe, token_for, txn
 from tests.outbox_testing import outbox_rows
@@ -54,6 +55,21 @@ async def test_rows_committed_before_the_pod_started_are_relayed(
         enqueue(connection, update("early"))
     await app_client(outbox_dsn=postgres.dsn, **SLOW_POLL)
     await eventually(lambda: outbox_rows(postgres.dsn) == [], "rows committed before the start stayed")
+
+
+async def test_a_commit_whose_notification_is_missed_is_found_by_the_poll(
+    app_client: AppClient, postgres: PostgresServer
+) -> None:
+    client = await app_client(outbox_dsn=postgres.dsn, outbox_poll_interval_s="0.2")
+    ws = await connect(client, token_for(SETTINGS))
+    await subscribe(ws, filters={"customerId": "C1"})
+    await eventually(lambda: client.app[keys.OUTBOX_RELAY].ready, "the relay did not connect")
+    with psycopg.connect(postgres.dsn) as connection:
+        # This transaction's commit sends no NOTIFY (DDL is transactional: only this one is affected).
+        connection.execute("ALTER TABLE eva_ws_outbox DISABLE TRIGGER eva_ws_outbox_after_insert")
+        enqueue(connection, update("unannounced"))
+        connection.execute("ALTER TABLE eva_ws_outbox ENABLE TRIGGER eva_ws_outbox_after_insert")
+    assert (await receive_type(ws, "transaction_update", timeout_s=30))["data"]["id"] == "unannounced"
 
 
 async def test_a_row_publish_would_refuse_is_set_aside_and_does_not_block_its_channel(
