@@ -29,6 +29,9 @@ _REPAIR_RETRY_MAX_S: Final = 5.0
 # Bounds the resume catch-up loop; reached only if publishing outpaces history reads forever.
 _MAX_CATCH_UP_ROUNDS: Final = 50
 _MAX_LOGGED_IDS: Final = 100
+# Repair reads in a row that end before an offset already seen live before the offset is
+# taken for one that history will never hold.
+_MAX_LAGGING_READS: Final = 3
 # A replay yields to the event loop after this many events, so other clients wait for at
 # most one chunk's work (well under a millisecond), however long the replay.
 _REPLAY_CHUNK: Final = 64
@@ -231,6 +234,10 @@ class Hub:
             if sub.presence and sub.live:
                 sub.recipient.enqueue(frame)
 
+    def listens(self, key: str) -> bool:
+        """Whether a pod-to-pod channel is delivered here (see `listen`)."""
+        return key in self._pod_channels
+
     async def unlisten(self, key: str) -> None:
         """Stop delivering a pod-to-pod channel (see `listen`); unknown keys are ignored."""
         if self._pod_channels.pop(key, None) is None:
@@ -347,9 +354,10 @@ class Hub:
             return
         if not state.in_sync:
             # Setting up or repairing: history will hold this event; just remember how far to read.
-            state.max_seen = max(state.max_seen, envelope.offset)
             if state.epoch and envelope.epoch != state.epoch:
-                state.catch_up = True
+                state.catch_up = True  # its offset says nothing about this epoch's stream
+            else:
+                state.max_seen = max(state.max_seen, envelope.offset)
             return
         if envelope.epoch != state.epoch:
             # History was reset (e.g. Redis restarted empty): the repair resyncs subscribers.
@@ -556,6 +564,7 @@ class Hub:
 
     async def _repair(self, key: str, state: _ChannelState) -> None:
         delay_s = 0.1
+        lagging_reads = 0
         try:
             while state.catch_up or state.max_seen > state.last_offset:
                 state.catch_up = False
@@ -600,9 +609,12 @@ class Hub:
                         count=len(replayed),
                         correlation_ids=replayed[:_MAX_LOGGED_IDS],
                     )
-                if state.max_seen > history.position.offset:
-                    # A live event beyond what history held: another epoch or a lagging read.
+                if state.max_seen <= history.position.offset:
+                    lagging_reads = 0
+                elif (lagging_reads := lagging_reads + 1) >= _MAX_LAGGING_READS:
+                    # Live offsets that history never holds (a publisher out of step): give up on them.
                     state.max_seen = history.position.offset
+                # Otherwise a live event came after this read was sent: the loop reads again.
         finally:
             state.repair = None
 

@@ -12,6 +12,9 @@ from fleet.ports import free_port
 from fleet.process import ServiceProcess
 from fleet.redis_server import RedisServer
 from fleet.waiting import eventually
+from service.broker.base import Envelope, History, Position
+from service.broker.memory import MemoryBroker
+from service.hub import Hub
 from tests.conftest import (
     SECRET,
     AppClient,
@@ -24,6 +27,7 @@ from tests.conftest import (
 )
 from tests.conftest import publish as publish_api
 from tests.drop_proxy import DropProxy
+from tests.test_hub import Inbox, _publish, _settle, _subscribe
 from tests.test_redis_functional import (
     Client,
     PodFactory,
@@ -144,3 +148,39 @@ async def test_a_replay_longer_than_the_send_queue_arrives_whole_instead_of_clos
         offsets = [(await receive_json(ws))["offset"] for _ in range(600)]
         assert offsets == list(range(1, 601))
         await ws.close()
+
+
+class LaggingHistoryBroker(MemoryBroker):
+    """The embedded broker, except that a held history read answers as of when it was asked,
+    after events published meanwhile were delivered live: a Redis reply that crossed a publish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: asyncio.Event | None = None
+        self.held = asyncio.Event()
+
+    async def history(self, channel: str, since: Position | None) -> History:
+        answer = await super().history(channel, since)
+        if self.hold is not None and since is not None:
+            hold, self.hold = self.hold, None
+            self.held.set()
+            await hold.wait()
+        return answer
+
+
+async def test_an_event_that_arrives_live_while_a_repair_reads_older_history_is_still_delivered() -> None:
+    broker = LaggingHistoryBroker()
+    await broker.start()
+    hub = Hub(broker)
+    inbox = Inbox()
+    await _subscribe(hub, inbox)
+    await _publish(broker, 1)
+    await _settle()
+    gate = broker.hold = asyncio.Event()
+    # An envelope of another epoch (a stale publisher) makes the hub check its history.
+    hub.on_message(Envelope(channel="transactions:C1", offset=2, epoch="foreign", payload=b"{}"))
+    await broker.held.wait()
+    await _publish(broker, 1, start=1)  # delivered live while the read is under way
+    gate.set()
+    await _settle()
+    assert inbox.offsets() == [1, 2]
