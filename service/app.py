@@ -67,9 +67,11 @@ def create_app(
     app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
     app[keys.DEADLINES] = Deadlines()
     app[keys.BROKER] = broker or create_broker(settings)
-    # Announces each socket's opens and closes to the subscribers that asked (presence_join / presence_leave).
-    app[keys.PRESENCE] = AnnouncingPresence(presence or create_presence(settings), app[keys.BROKER])
     app[keys.HUB] = Hub(app[keys.BROKER])
+    # Announces each socket's opens and closes to the subscribers that asked (presence_join / presence_leave).
+    app[keys.PRESENCE] = AnnouncingPresence(
+        presence or create_presence(settings), app[keys.BROKER], watched_here=app[keys.HUB].listens
+    )
     app[keys.CONTROL] = ControlPlane(
         app[keys.BROKER], app[keys.HUB], store=revocation_store or create_revocation_store(settings), revoked=revoked
     )

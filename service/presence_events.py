@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from service import metrics
 from service.broker.base import Broker, BrokerUnavailable
+from service.broker.memory import MemoryBroker
 from service.log import get_logger
 from service.presence import Presence, PresenceEntry
 from service.protocol import Channel, encode, iso_utc, subscription_key, utc_now_iso
@@ -26,10 +27,11 @@ log = get_logger("eva_ws.presence_events")
 
 # No client can subscribe to it: "#" is not allowed in an id.
 CHANNEL_PREFIX: Final = "#presence:"
-# Announcements waiting to be published. A full queue drops new ones (logged): presence
-# itself stays right, and a watcher that needs certainty reads GET /api/v1/presence.
+# Sockets opened or closed whose announcements wait to be published. A full queue drops new
+# ones (logged, counted): presence itself stays right, and a watcher that needs certainty
+# reads GET /api/v1/presence.
 MAX_PENDING: Final = 10_000
-# Announcements per publish batch: one pipelined round trip.
+# Sockets per publish batch: one pipelined round trip for their announcements.
 BATCH: Final = 500
 
 
@@ -41,8 +43,8 @@ def customer_of(channel: str) -> str:
     return channel.removeprefix(CHANNEL_PREFIX)
 
 
-def announcement(kind: str, customer_id: str, entry: PresenceEntry) -> bytes:
-    """The `presence_join` or `presence_leave` message as its subscribers get it."""
+def announcement(kind: str, customer_id: str, entry: PresenceEntry, *, connected_at: str, timestamp: str) -> bytes:
+    """The `presence_join` or `presence_leave` message as its subscribers get it; the times as ISO strings."""
     return encode(
         {
             "type": kind,
@@ -52,8 +54,8 @@ def announcement(kind: str, customer_id: str, entry: PresenceEntry) -> bytes:
             "connId": entry.conn_id,
             "userId": entry.user_id,
             "podId": entry.pod_id,
-            "connectedAt": iso_utc(entry.connected_at),
-            "timestamp": utc_now_iso(),
+            "connectedAt": connected_at,
+            "timestamp": timestamp,
         }
     )
 
@@ -64,12 +66,17 @@ class AnnouncingPresence(Presence):
     See Presence for the contract; announcements follow a write that succeeded, never one that raised.
     """
 
-    def __init__(self, inner: Presence, broker: Broker) -> None:
+    def __init__(self, inner: Presence, broker: Broker, *, watched_here: Callable[[str], bool]) -> None:
+        """`watched_here(channel)`: whether this pod listens to an announcement channel (Hub.listens)."""
         self._inner = inner
         self._broker = broker
+        # The embedded broker is one process: an announcement this pod does not listen to
+        # reaches nobody, so it is not made (it would cost each socket some 20 µs of CPU).
+        self._only_if_watched: Callable[[str], bool] | None = watched_here if isinstance(broker, MemoryBroker) else None
         # What is announced at a remove: the entry of the add (the remove names only the id).
         self._entries: dict[str, PresenceEntry] = {}
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_PENDING)
+        # One item per socket opened or closed; encoded by the writer, off the socket's handler.
+        self._queue: asyncio.Queue[tuple[str, Sequence[str], PresenceEntry]] = asyncio.Queue(MAX_PENDING)
         self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -101,19 +108,31 @@ class AnnouncingPresence(Presence):
         await self._inner.close()
 
     def _announce(self, kind: str, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
-        for index, customer_id in enumerate(customer_ids):
-            try:
-                self._queue.put_nowait((channel_of(customer_id), announcement(kind, customer_id, entry)))
-            except asyncio.QueueFull:
-                metrics.PRESENCE_ANNOUNCEMENTS.labels("dropped").inc(len(customer_ids) - index)
-                log.warning("presence_announcement_dropped", kind=kind, conn_id=entry.conn_id)
-                return
+        watched = self._only_if_watched
+        if watched is not None:
+            customer_ids = [c for c in customer_ids if watched(channel_of(c))]
+        if not customer_ids:
+            return
+        try:
+            self._queue.put_nowait((kind, customer_ids, entry))
+        except asyncio.QueueFull:
+            metrics.PRESENCE_ANNOUNCEMENTS.labels("dropped").inc(len(customer_ids))
+            log.warning("presence_announcement_dropped", kind=kind, conn_id=entry.conn_id)
 
     async def _write_forever(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            sockets = [await self._queue.get()]
+            while len(sockets) < BATCH and not self._queue.empty():
+                sockets.append(self._queue.get_nowait())
+            # Formatting times costs more than the rest of a message: once per batch and per socket.
+            timestamp = utc_now_iso()
+            batch: list[tuple[str, bytes]] = []
+            for kind, customer_ids, entry in sockets:
+                connected_at = iso_utc(entry.connected_at)
+                batch.extend(
+                    (channel_of(c), announcement(kind, c, entry, connected_at=connected_at, timestamp=timestamp))
+                    for c in customer_ids
+                )
             try:
                 await self._broker.publish_many(batch)
             except BrokerUnavailable as error:
