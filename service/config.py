@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import secrets
@@ -324,6 +325,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     outbox_dsn = _get(env, "outbox_dsn")
     if outbox_dsn is not None and not outbox_dsn.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{ENV_PREFIX}OUTBOX_DSN must be a postgresql:// URL")
+    if outbox_dsn is not None and importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(f"{ENV_PREFIX}OUTBOX_DSN needs the outbox extra: pip install 'eva-ws[outbox]'")
 
     log_level = (_get(env, "log_level") or "info").lower()
     if log_level not in {"debug", "info", "warning", "error"}:

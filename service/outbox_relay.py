@@ -119,10 +119,6 @@ class OutboxRelay:
     def from_settings(cls, settings: Settings, publisher: Publisher) -> OutboxRelay:
         """The relay of EVA_WS_OUTBOX_DSN (which must be set), publishing through `publisher`."""
         assert settings.outbox_dsn is not None, "EVA_WS_OUTBOX_DSN is not set"
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise RuntimeError("EVA_WS_OUTBOX_DSN needs the outbox extra: pip install 'eva-ws[outbox]'") from None
         return cls(
             settings.outbox_dsn,
             publisher,

@@ -88,3 +88,12 @@ def test_the_scripts_virtualenv_variable_is_not_refused_as_a_setting():
     # scripts/lib/common.sh reads EVA_WS_VENV; a user who exports it must still start the service.
     settings = load_settings({"EVA_WS_JWT_SECRET": "x" * 32, "EVA_WS_VENV": "/opt/venv"})
     assert settings.mode == "production"
+
+
+def test_the_outbox_dsn_is_a_postgresql_url_kept_out_of_the_settings_repr() -> None:
+    base = {"EVA_WS_JWT_SECRET": SECRET}
+    with pytest.raises(ConfigError, match="EVA_WS_OUTBOX_DSN must be a postgresql:// URL"):
+        load_settings({**base, "EVA_WS_OUTBOX_DSN": "mysql://db/app"})
+    settings = load_settings({**base, "EVA_WS_OUTBOX_DSN": "postgresql://relay:hunter2@db:5432/app"})
+    assert settings.outbox_dsn == "postgresql://relay:hunter2@db:5432/app"
+    assert "hunter2" not in repr(settings)
