@@ -12,6 +12,7 @@ from fleet.waiting import eventually
 from service import keys
 from service.postgres_outbox import enqueue
 from tests.conftest import AppClient, connect, make_settings, metric_value, receive_type, subscribe, token_for, txn
+from tests.openapi_document import assert_response
 from tests.outbox_testing import outbox_rows
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,7 +46,9 @@ async def test_committed_rows_reach_a_subscriber_in_commit_order_and_rolled_back
     await eventually(lambda: outbox_rows(postgres.dsn) == [], "the outbox did not drain")
     metrics = await (await client.get("/metrics")).text()
     assert metric_value(metrics, 'eva_ws_outbox_relayed_total{outcome="published"}') >= 4
-    assert (await (await client.get("/readyz")).json())["outbox"] == "relaying"
+    ready = await (await client.get("/readyz")).json()
+    assert ready["outbox"] == "relaying"
+    assert_response("/readyz", "get", 200, "application/json", ready)
 
 
 async def test_rows_committed_before_the_pod_started_are_relayed(
@@ -112,6 +115,10 @@ async def test_the_relay_recovers_from_a_killed_postgres_and_relays_what_was_com
         return (await (await client.get("/readyz")).json()).get("outbox") == "unavailable"
 
     await eventually(not_relaying, "the relay did not notice PostgreSQL was gone")
+    # Sockets are still served: the pod stays ready and says what is missing.
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert_response("/readyz", "get", 200, "application/json", await response.json())
     postgres.start()
     with psycopg.connect(postgres.dsn) as connection:
         enqueue(connection, update("after"))
