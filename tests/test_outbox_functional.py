@@ -171,6 +171,6 @@ async def test_committed_events_reach_clients_once_in_commit_order_through_kills
             assert received(client, customer) == list(range(1, counts.get(customer, 0) + 1))
         tags = {m["data"]["updatedBy"] for m in client.of_type("transaction_new")}
         assert tags.isdisjoint(writes.rolled_back)
-    # The faults did hit the relays.
-    assert log_events(watched_pod, "outbox_relay_disconnected")
-    assert log_events(watched_pod, "outbox_relay_broker_unavailable")
+    # The faults did hit the relays (which pod was relaying at the time is up to the locks).
+    for fault_seen in ("outbox_relay_disconnected", "outbox_relay_broker_unavailable"):
+        assert log_events(watched_pod, fault_seen) or log_events(killed_pod, fault_seen)
