@@ -15,7 +15,7 @@ from service.limits import ConnectionCounter, Leases
 from service.log import get_logger
 from service.redis_batch import Batcher
 from service.redis_client import (
-    CLUSTER_ERRORS,
+    REDIS_ERRORS,
     SLOT_CALLS_IN_FLIGHT,
     any_command_client,
     cancel_and_wait,
@@ -83,7 +83,7 @@ class RedisConnectionCounter(ConnectionCounter):
             self._refresher = asyncio.create_task(self._refresh_forever(), name="connection-lease-refresh")
         try:
             granted = await self._batcher.submit((self._key(key), self._member(lease_id), limit))
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             metrics.CONNECTION_CAPS_UNAVAILABLE.inc()
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
             granted = 1
@@ -96,7 +96,7 @@ class RedisConnectionCounter(ConnectionCounter):
             return
         try:
             await self._batcher.submit((self._key(key), self._member(lease_id), RELEASE))
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             # The lease expires by itself once this pod stops refreshing it.
             log.warning("connection_cap_unavailable", error=type(exc).__name__)
 
@@ -104,7 +104,7 @@ class RedisConnectionCounter(ConnectionCounter):
         if self._refresher is not None:
             await cancel_and_wait(self._refresher)
         await self._batcher.wait_idle()
-        with contextlib.suppress(*CLUSTER_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             for key in list(self._held):
                 members = [self._member(lease) for lease in self._held.holders(key)]
                 if members:
@@ -137,7 +137,7 @@ class RedisConnectionCounter(ConnectionCounter):
             leases = [(key, [self._member(lease) for lease in self._held.holders(key)]) for key in self._held]
             try:
                 await self._refresh([(self._key(key), members) for key, members in leases if members])
-            except CLUSTER_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("connection_cap_refresh_failed", error=type(exc).__name__)
                 # Redis is down: every key is tried again next round
 

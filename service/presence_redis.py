@@ -37,7 +37,7 @@ from service.config import Settings
 from service.presence import Presence, PresenceEntry
 from service.redis_batch import Batcher
 from service.redis_client import (
-    CLUSTER_ERRORS,
+    REDIS_ERRORS,
     Topology,
     cancel_and_wait,
     client_name_part,
@@ -142,7 +142,7 @@ class RedisPresence(Presence):
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(f"presence: {type(exc).__name__}") from exc
 
     async def close(self) -> None:

@@ -37,7 +37,7 @@ from service.keys import Lifecycle
 from service.log import get_logger
 from service.protocol import CloseCode
 from service.redis_client import (
-    CLUSTER_ERRORS,
+    REDIS_ERRORS,
     any_command_client,
     cancel_and_wait,
     client_name_part,
@@ -101,7 +101,7 @@ class Rebalancer:
             await asyncio.sleep(self._interval_s * random.uniform(0.8, 1.2))
             try:
                 await self.step()
-            except CLUSTER_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 # Rebalancing is an optimisation; without Redis the pod simply keeps its sockets.
                 log.warning("rebalance_report_failed", error=type(exc).__name__)
 
@@ -180,7 +180,7 @@ class Rebalancer:
         try:
             async with asyncio.timeout(1.0):
                 await eval_script(self._client, redis_lua.REBALANCE_REPORT, [self._key], [self._pod_id, -1, 1])
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("rebalance_leave_failed", error=type(exc).__name__)
 
 

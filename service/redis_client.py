@@ -84,9 +84,9 @@ Address = tuple[str, int]
 # node's pool exhausted instead of waiting.
 SLOT_CALLS_IN_FLIGHT: Final = 8
 
-# What a command on the cluster can raise when a node cannot answer: redis-py's cluster
+# What a command can raise when Redis cannot answer, on either topology: redis-py's cluster
 # errors (no reachable node, slot not covered) are not RedisErrors.
-CLUSTER_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def is_cluster_url(url: str) -> bool:

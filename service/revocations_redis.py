@@ -21,7 +21,7 @@ import structlog
 
 from service.backend_errors import BackendUnavailable
 from service.config import Settings
-from service.redis_client import CLUSTER_ERRORS, any_command_client, client_name_part, client_options
+from service.redis_client import REDIS_ERRORS, any_command_client, client_name_part, client_options
 from service.redis_keys import tagged
 from service.revocations import Revocation, RevocationStore
 
@@ -65,7 +65,7 @@ class RedisRevocationStore(RevocationStore):
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(f"revocations: {type(exc).__name__}") from exc
 
     async def add(self, revocation: Revocation) -> None:
@@ -96,5 +96,5 @@ class RedisRevocationStore(RevocationStore):
 
     async def close(self) -> None:
         """See RevocationStore.close."""
-        with contextlib.suppress(*CLUSTER_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self._client.aclose()

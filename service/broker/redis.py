@@ -28,7 +28,7 @@ from service.broker.redis_subscriber import Subscriber
 from service.broker.state import Snapshot, state_change
 from service.config import Settings
 from service.redis_client import (
-    CLUSTER_ERRORS,
+    REDIS_ERRORS,
     SLOT_CALLS_IN_FLIGHT,
     Topology,
     cancel_and_wait,
@@ -224,7 +224,7 @@ class RedisBroker(Broker):
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.nodes_manager.initialize()
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             # redis-py re-reads the map by itself after the next failed command.
             log.info("broker_command_slot_map_stale", error=type(exc).__name__)
 
@@ -250,7 +250,7 @@ class RedisBroker(Broker):
                 await self._client.execute_command(
                     "SPUBLISH" if self._sharded else "PUBLISH", self._canary_channel, data
                 )
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"canary not sent: {type(exc).__name__}") from exc
 
     # -- publishing and history -----------------------------------------------------------
@@ -279,7 +279,7 @@ class RedisBroker(Broker):
         try:
             async with asyncio.timeout(self._timeout_s):
                 reply = await eval_script(self._client, self._publish_script, keys, args)
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return wire.decode_published(reply)
@@ -308,7 +308,7 @@ class RedisBroker(Broker):
                     keys, args = self._script_args(channel, payload, idempotency_key)
                     await script(keys=keys, args=args, client=pipe)
                 results = await pipe.execute()
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return [wire.decode_published(reply) for reply in results]
@@ -356,7 +356,7 @@ class RedisBroker(Broker):
                     # On a cluster a lost connection makes redis-py re-read the slot map, so a
                     # failed-over master costs one attempt, not a failed resume.
                     reply = await eval_script(self._client, wire.HISTORY_SCRIPT, keys, args)
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"history failed: {type(exc).__name__}") from exc
         return wire.decode_history(channel, since, reply)
 
@@ -370,7 +370,7 @@ class RedisBroker(Broker):
                 except RedisConnectionError:
                     # Safe to repeat, like a history read (see history).
                     reply = await eval_script(self._client, wire.SNAPSHOT_SCRIPT, keys, args)
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"snapshot failed: {type(exc).__name__}") from exc
         return wire.decode_snapshot(reply)
 
