@@ -466,7 +466,8 @@ export class EvaWsClient extends EventTarget {
       sub.handlers.onResumed?.(ack.replayed);
     }
     if (ack.recovered === false) this.resync(sub, ack.position, 'not_recovered');
-    this.settleReconnect(sub, resumed ? ack.replayed : 0, ack.recovered === false ? 1 : 0);
+    // Lost or not, the `replayed` events follow the ack: a lost position is where they start.
+    this.settleReconnect(sub, ack.replayed ?? 0, ack.recovered === false ? 1 : 0);
     this.emit('subscribed', { subscription: sub, ack });
     sub.ack = ack;
     // A snapshot subscription is ready once its snapshot arrived (see onSnapshot).

@@ -246,6 +246,25 @@ describe('reconnect and resume', () => {
     assert.equal(seen.length, 1);
   });
 
+  test('a lost position is where the events history still holds resume: they count as missed', async () => {
+    const client = makeClient();
+    const resyncs = record(client, 'resync');
+    const reconnected = record(client, 'reconnected');
+    client.subscribe('transactions', { customerId: 'C1' });
+    const first = await openAndAck(client, { offset: 8, epoch: 'old' });
+    first.serverClose(1006);
+    const second = await until(() => FakeWebSocket.instances.length === 2 && FakeWebSocket.last, 'a second socket');
+    second.open();
+    const [subscribe] = second.sentOf('subscribe');
+    second.ack(subscribe, { recovered: false, replayed: 2, offset: 0, epoch: 'new' });
+    const seen = record(client, 'event');
+    second.receive(event(1, { epoch: 'new' }));
+    second.receive(event(2, { epoch: 'new' }));
+    assert.deepEqual(resyncs.map((r) => r.reason), ['not_recovered']);
+    assert.deepEqual(seen.map((d) => d.message.offset), [1, 2]);
+    assert.deepEqual(reconnected, [{ missed: 2, resynced: 1 }]);
+  });
+
   test('an outage counts reconnect attempts and backs off between them', async () => {
     const client = makeClient();
     const states = record(client, 'state');
