@@ -19,7 +19,7 @@ from service.http_errors import json_error as _json_error
 from service.limits import client_ip
 from service.log import get_logger
 from service.presence import PresenceEntry
-from service.protocol import CloseCode, is_valid_id, iso_utc
+from service.protocol import CloseCode, close_label, is_valid_id, iso_utc
 from service.publisher import InvalidEvent, PreparedEvent, prepare_event_object
 from service.session import Session
 from service.websocket import ServerWebSocketResponse
@@ -149,8 +149,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except BrokerUnavailable as error:
                 # The entry dies with this pod's heartbeat at the latest.
                 _presence_unavailable("remove", error, conn)
-            code = 1006 if conn.heartbeat_missed else int(conn.close_code or ws.close_code or 1006)
-            reason = close_reason(code, server_initiated=conn.close_code is not None)
+            code = (
+                CloseCode.ABNORMAL
+                if conn.heartbeat_missed
+                else int(conn.close_code or ws.close_code or CloseCode.ABNORMAL)
+            )
+            reason = close_label(code, server_initiated=conn.close_code is not None)
             duration_s = time.monotonic() - conn.opened_at
             metrics.CONNECTIONS_ACTIVE.dec()
             metrics.DISCONNECTS.labels(reason).inc()
@@ -243,30 +247,6 @@ def _presence_unavailable(operation: str, error: BrokerUnavailable, conn: Connec
             operation=operation,
             error=str(error),
         )
-
-
-_SERVER_REASONS: Final = {
-    CloseCode.POLICY_VIOLATION: "rate_limited",
-    CloseCode.SLOW_CONSUMER: "slow_consumer",
-    CloseCode.TOKEN_EXPIRED: "token_expired",
-    CloseCode.SERVICE_RESTART: "service_restart",
-    CloseCode.REBALANCE: "rebalance",
-    CloseCode.GOING_AWAY: "going_away",
-    CloseCode.DISCONNECTED_BY_SERVER: "disconnected",
-}
-
-
-def close_reason(code: int | None, *, server_initiated: bool) -> str:
-    """A bounded label for why a connection ended."""
-    if server_initiated and code in _SERVER_REASONS:
-        return _SERVER_REASONS[CloseCode(code)]
-    if code == CloseCode.MESSAGE_TOO_BIG:
-        return "message_too_big"
-    if code in (1002, 1003, 1007):
-        return "protocol_error"
-    if code == 1006:
-        return "abnormal"  # no close frame: network loss or a missed heartbeat
-    return "client_closed"
 
 
 async def publish(request: web.Request) -> web.Response:

@@ -61,32 +61,146 @@ class ErrorCode(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug; logged with the correlation id
 
 
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes the server uses; docs/protocol.md says which ones mean "reconnect"."""
+class Reconnect(enum.StrEnum):
+    """Whether a client should reconnect after a close code (AsyncAPI `x-close-codes`' `reconnect`)."""
 
-    NORMAL = 1000  # the client asked; do not reconnect
-    GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008  # sustained rate-limit abuse; reconnect only after a long backoff
-    MESSAGE_TOO_BIG = 1009  # a frame above EVA_WS_MAX_MESSAGE_BYTES
-    INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012  # the pod drains for a deploy; reconnect with backoff and resume
-    TOKEN_EXPIRED = 4001  # no valid refresh within the grace period; reconnect with a new token
-    # An operator ended the session (POST /api/v1/disconnect, or its token was revoked); do not reconnect.
-    DISCONNECTED_BY_SERVER = 4003
-    SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect and resume
-    REBALANCE = 4013  # the pod sheds load after a scale-out; reconnect and resume
+    YES = "yes"  # with backoff, resuming from the last position it handled
+    NO = "no"  # ended on purpose, or the client must change before it tries again
+    WITH_NEW_TOKEN = "with_new_token"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the service sends or records: each with its meaning and reconnect advice.
+
+    Members are `(code, label, reconnect, meaning, advice)`; `label` is the `reason` of
+    eva_ws_disconnects_total and of the `connection_closed` log line (see `close_label`).
+    docs/protocol.md's close-code table and docs/asyncapi.yaml's `x-close-codes` list the same
+    codes, and tests/test_close_codes.py checks that they agree.
+    """
+
+    label: str
+    reconnect: Reconnect
+    meaning: str
+    advice: str
+
+    def __new__(cls, code: int, label: str, reconnect: Reconnect, meaning: str, advice: str) -> CloseCode:
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.label, member.reconnect, member.meaning, member.advice = label, reconnect, meaning, advice
+        return member
+
+    NORMAL = 1000, "client_closed", Reconnect.NO, "the client asked to close", "no: the client asked"
+    GOING_AWAY = (
+        1001,
+        "going_away",
+        Reconnect.YES,
+        "the server stopped without a drain",
+        "yes, with backoff, resuming",
+    )
+    PROTOCOL_ERROR = (
+        1002,
+        "protocol_error",
+        Reconnect.NO,
+        "a frame broke RFC 6455 (unmasked, reserved bits or opcode, an invalid close code)",
+        "fix the client",
+    )
+    UNSUPPORTED_DATA = (
+        1003,
+        "protocol_error",
+        Reconnect.NO,
+        "the client refused a kind of data (sent by clients only)",
+        "the client's own choice",
+    )
+    ABNORMAL = (
+        1006,
+        "abnormal",
+        Reconnect.YES,
+        "no close frame: network loss or a missed heartbeat (never sent, only seen)",
+        "yes, with backoff, resuming",
+    )
+    INVALID_TEXT = (
+        1007,
+        "protocol_error",
+        Reconnect.NO,
+        "a text frame or close reason that is not UTF-8",
+        "fix the client",
+    )
+    POLICY_VIOLATION = (
+        1008,
+        "rate_limited",
+        Reconnect.NO,
+        "sustained rate-limit abuse",
+        "only after a long backoff; fix the client",
+    )
+    MESSAGE_TOO_BIG = (
+        1009,
+        "message_too_big",
+        Reconnect.NO,
+        "a message above `EVA_WS_MAX_MESSAGE_BYTES` (default 64 KiB) or in more than 1,024 fragments",
+        "fix the client",
+    )
+    INTERNAL_ERROR = 1011, "internal_error", Reconnect.YES, "a server error", "yes, with backoff"
+    SERVICE_RESTART = (
+        1012,
+        "service_restart",
+        Reconnect.YES,
+        "the pod drains for a deploy",
+        "yes, with backoff and full jitter, resuming",
+    )
+    TOKEN_EXPIRED = (
+        4001,
+        "token_expired",
+        Reconnect.WITH_NEW_TOKEN,
+        "the token expired and was not refreshed in time",
+        "with a new token",
+    )
+    DISCONNECTED_BY_SERVER = (
+        4003,
+        "disconnected",
+        Reconnect.NO,
+        "an operator disconnected the user (`POST /api/v1/disconnect`) "
+        "or revoked the token the socket was opened with; the close reason says which",
+        "no: the session was ended on purpose; reconnect only after the user signs in again with a new token",
+    )
+    SLOW_CONSUMER = (
+        4008,
+        "slow_consumer",
+        Reconnect.YES,
+        "the client did not read fast enough and its queue overflowed",
+        "yes, resuming",
+    )
+    REBALANCE = (
+        4013,
+        "rebalance",
+        Reconnect.YES,
+        "the pod sheds connections after a scale-out",
+        "yes, at once with jitter, resuming",
+    )
 
 
 # Close codes after which a client should reconnect (with backoff) and resume.
-RECONNECT_CODES: Final = frozenset(
+RECONNECT_CODES: Final = frozenset(code for code in CloseCode if code.reconnect is Reconnect.YES)
+_CLOSE_CODES: Final[dict[int, CloseCode]] = {int(code): code for code in CloseCode}
+# Codes the WebSocket layer closes with (or sees) whoever ended the connection: their label
+# applies always. The others are labelled only when this service chose them, else `client_closed`.
+_PROTOCOL_CLOSES: Final = frozenset(
     {
-        CloseCode.GOING_AWAY,
-        CloseCode.INTERNAL_ERROR,
-        CloseCode.SERVICE_RESTART,
-        CloseCode.SLOW_CONSUMER,
-        CloseCode.REBALANCE,
+        CloseCode.PROTOCOL_ERROR,
+        CloseCode.UNSUPPORTED_DATA,
+        CloseCode.ABNORMAL,
+        CloseCode.INVALID_TEXT,
+        CloseCode.MESSAGE_TOO_BIG,
     }
 )
+
+
+def close_label(code: int, *, server_initiated: bool) -> str:
+    """A bounded label for why a connection ended (`server_initiated`: this service chose `code`)."""
+    close = _CLOSE_CODES.get(code)
+    if close is None or not (server_initiated or close in _PROTOCOL_CLOSES):
+        return CloseCode.NORMAL.label
+    return close.label
+
 
 # Ids become part of Redis channel names: a conservative ASCII set with no glob characters.
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._~@+|:=-]{1,128}")

@@ -15,6 +15,8 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.web_request import BaseRequest
 
+from service.protocol import CloseCode
+
 _OP_CONTINUATION: Final = 0x0
 _OP_CLOSE: Final = 0x8
 # Fragments per message. Browsers send whole messages; an endless run of (even empty)
@@ -27,9 +29,16 @@ LINGER_MAX_BYTES: Final = 16 * 1024 * 1024
 _NOT_EOF: Final = (False, b"")
 
 
+# RFC 6455 §7.4 and the IANA registry: the codes a peer may send below 3000. No code is
+# missing from aiohttp's list but 1005, 1006 and 1015, which are reserved for local use.
+_PEER_CODES: Final = frozenset(WSCloseCode) - {WSCloseCode.ABNORMAL_CLOSURE}
+# Registered (3000-3999) and private (4000-4999) codes: any of them may be sent.
+_APPLICATION_CODES: Final = range(3000, 5000)
+
+
 def close_code_is_valid(code: int) -> bool:
-    """RFC 6455 §7.4: codes a peer may send. 1005, 1006 and 1015 are reserved for local use."""
-    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    """RFC 6455 §7.4: a code a peer may send."""
+    return code in _PEER_CODES or code in _APPLICATION_CODES
 
 
 class _ClientFrameReader(reader_py.WebSocketReader):
@@ -70,15 +79,15 @@ class _ClientFrameReader(reader_py.WebSocketReader):
                 return
             self.linger.client_closed()
         if not self._has_mask:
-            raise WebSocketError(WSCloseCode.PROTOCOL_ERROR, "client frames must be masked")
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
         if opcode < _OP_CLOSE:
             self._fragments = 0 if fin else self._fragments + 1
             if self._fragments > MAX_FRAGMENTS:
-                raise WebSocketError(WSCloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} fragments")
+                raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, f"more than {MAX_FRAGMENTS} fragments")
         if opcode == _OP_CLOSE and len(payload) >= 2:
             (code,) = struct.unpack("!H", payload[:2])
             if not close_code_is_valid(code):
-                raise WebSocketError(WSCloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
         super()._handle_frame(fin, opcode, payload, compressed)
 
 
@@ -170,7 +179,7 @@ class ServerWebSocketResponse(web.WebSocketResponse):
     # None until the server starts a close: most sockets never get one.
     _linger: LingeringClose | None = None
 
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+    async def close(self, *, code: int = CloseCode.NORMAL, message: bytes = b"", drain: bool = True) -> bool:
         parser, request = self._parser, self._req
         transport = None if request is None else request.transport
         # Not in answer to the client's close frame (`_closing`): that client sends nothing more.
@@ -191,7 +200,7 @@ class ServerWebSocketResponse(web.WebSocketResponse):
     def _set_code_close_transport(self, code: int) -> None:
         # After a protocol error aiohttp records 1006 (no close frame read from the client,
         # which cannot be read any more); the code the server sent says why the socket ended.
-        if code == WSCloseCode.ABNORMAL_CLOSURE and isinstance(self._exception, WebSocketError):
+        if code == CloseCode.ABNORMAL and isinstance(self._exception, WebSocketError):
             code = self._exception.code
         super()._set_code_close_transport(code)  # type: ignore[arg-type]  # aiohttp passes the client's int too
 
