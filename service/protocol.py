@@ -1,4 +1,4 @@
-"""The client protocol: message schema, channel keys, error codes, close codes and server messages."""
+"""The client protocol: what clients send (schema, channels, filters), error codes and close codes."""
 
 from __future__ import annotations
 
@@ -389,18 +389,6 @@ def iso_utc(unix_s: float) -> str:
 
 def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
-
-
-def error_message(error: ProtocolError) -> bytes:
-    return encode(
-        {
-            "type": "error",
-            "code": error.code.value,
-            "message": error.message,
-            "correlationId": error.correlation_id,
-            "timestamp": utc_now_iso(),
-        }
-    )
 
 
 def position_json(position: Position) -> dict[str, Any]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
-from service import metrics
+from service import messages, metrics
 from service.auth import AuthError, Principal, TokenVerifier, authorize_subscription, entitled_to_key
 from service.config import Settings
 from service.connection import Connection
@@ -21,12 +20,8 @@ from service.protocol import (
     Filters,
     ProtocolError,
     channel_of_key,
-    encode,
-    error_message,
     iso_utc,
     parse_client_message,
-    position_json,
-    utc_now_iso,
 )
 from service.ratelimit import REPLAYED_EVENTS_PER_MESSAGE, TokenBucket
 
@@ -99,10 +94,7 @@ class Session:
         metrics.MESSAGES_RECEIVED.labels(message.type).inc()
         try:
             if message.type == "ping":
-                self._conn.send(
-                    encode({"type": "pong", "timestamp": utc_now_iso(), "correlationId": message.correlation_id}),
-                    "pong",
-                )
+                self._conn.send(messages.pong(message.correlation_id), "pong")
             elif message.type == "subscribe":
                 await self._subscribe(message)
             elif message.type == "unsubscribe":
@@ -157,27 +149,21 @@ class Session:
 
         def acknowledge(sub: Subscription, result: SubscribeResult) -> None:
             self._subscriptions += (sub,)
-            ack: dict[str, Any] = {
-                "type": "subscribed",
-                "channel": message.channel,
-                "subscription": key,
-                "filters": filters.to_json(),
-                "position": position_json(result.position),
-                "correlationId": cid,
-                "timestamp": utc_now_iso(),
-            }
-            if message.presence:
-                ack["presence"] = True
-            if message.snapshot:
-                ack["snapshot"] = True
-            if result.recovered is not None:
-                ack["recovered"] = result.recovered
-                ack["replayed"] = result.replayed
+            ack = messages.subscribed(
+                key,
+                filters,
+                result.position,
+                cid,
+                presence=message.presence,
+                snapshot=message.snapshot,
+                recovered=result.recovered,
+                replayed=result.replayed,
+            )
             if result.read:
                 # The events read for a resume and the transactions of a snapshot count against
                 # the rate limit, filtered out or not.
                 self._bucket.charge(result.read / REPLAYED_EVENTS_PER_MESSAGE)
-            self._conn.send(encode(ack), "subscribed")
+            self._conn.send(ack, "subscribed")
             for snapshot_message in result.snapshot or ():
                 self._conn.send(snapshot_message, "snapshot")
 
@@ -204,19 +190,7 @@ class Session:
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {key!r}", message.correlation_id)
         self._forget(sub)
         await self._hub.unsubscribe(sub)
-        self._conn.send(
-            encode(
-                {
-                    "type": "unsubscribed",
-                    "channel": message.channel,
-                    "subscription": key,
-                    "filters": filters.to_json(),
-                    "correlationId": message.correlation_id,
-                    "timestamp": utc_now_iso(),
-                }
-            ),
-            "unsubscribed",
-        )
+        self._conn.send(messages.unsubscribed(key, filters, message.correlation_id), "unsubscribed")
 
     async def _refresh(self, message: ClientMessage) -> None:
         assert message.token is not None
@@ -234,17 +208,7 @@ class Session:
             # Ended by the server, not asked for: the new token does not allow it.
             await self._end(sub, "forbidden", cid)
         self._schedule_expiry(principal)
-        self._conn.send(
-            encode(
-                {
-                    "type": "refreshed",
-                    "expiresAt": iso_utc(principal.expires_at),
-                    "correlationId": cid,
-                    "timestamp": utc_now_iso(),
-                }
-            ),
-            "refreshed",
-        )
+        self._conn.send(messages.refreshed(iso_utc(principal.expires_at), cid), "refreshed")
 
     async def end_subscriptions(self, channel: Channel, filters: Filters, *, reason: str) -> int:
         """End (POST /api/v1/unsubscribe) the subscriptions on `channel` whose filters include every
@@ -264,20 +228,7 @@ class Session:
         key = sub.key
         self._forget(sub)
         await self._hub.unsubscribe(sub)
-        self._conn.send(
-            encode(
-                {
-                    "type": "unsubscribed",
-                    "channel": channel_of_key(key).value,
-                    "subscription": key,
-                    "filters": sub.filters.to_json(),
-                    "reason": reason,
-                    "correlationId": correlation_id,
-                    "timestamp": utc_now_iso(),
-                }
-            ),
-            "unsubscribed",
-        )
+        self._conn.send(messages.unsubscribed(key, sub.filters, correlation_id, reason=reason), "unsubscribed")
 
     def _find(self, key: str) -> Subscription | None:
         for sub in self._subscriptions:
@@ -307,7 +258,7 @@ class Session:
 
     def _reply_error(self, error: ProtocolError) -> None:
         metrics.ERRORS.labels(error.code.value).inc()
-        self._conn.send(error_message(error), "error")
+        self._conn.send(messages.error(error), "error")
 
     def _schedule_expiry(self, principal: Principal) -> None:
         self._expiry_warned = False

@@ -1,0 +1,83 @@
+"""Every message the server sends a client, as encoded JSON: replies, events, resyncs, snapshots, presence.
+
+The schemas are in docs/schemas/ and docs/asyncapi.yaml; tests/test_protocol_schemas.py checks
+what the service sends against them. Fan-out messages (events, snapshots, presence) are built
+once and the same bytes go to every recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from service.broker.base import Position
+from service.protocol import Filters, ProtocolError, channel_of_key, position_json, utc_now_iso
+
+
+def pong(correlation_id: str | None) -> bytes:
+    return orjson.dumps({"type": "pong", "timestamp": utc_now_iso(), "correlationId": correlation_id})
+
+
+def error(error: ProtocolError) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "error",
+            "code": error.code.value,
+            "message": error.message,
+            "correlationId": error.correlation_id,
+            "timestamp": utc_now_iso(),
+        }
+    )
+
+
+def subscribed(
+    key: str,
+    filters: Filters,
+    position: Position,
+    correlation_id: str | None,
+    *,
+    presence: bool,
+    snapshot: bool,
+    recovered: bool | None,
+    replayed: int,
+) -> bytes:
+    """The ack of a subscribe; `recovered` None: the subscribe carried no `since`."""
+    ack: dict[str, Any] = {
+        "type": "subscribed",
+        "channel": channel_of_key(key).value,
+        "subscription": key,
+        "filters": filters.to_json(),
+        "position": position_json(position),
+        "correlationId": correlation_id,
+        "timestamp": utc_now_iso(),
+    }
+    if presence:
+        ack["presence"] = True
+    if snapshot:
+        ack["snapshot"] = True
+    if recovered is not None:
+        ack["recovered"] = recovered
+        ack["replayed"] = replayed
+    return orjson.dumps(ack)
+
+
+def unsubscribed(key: str, filters: Filters, correlation_id: str | None, *, reason: str | None = None) -> bytes:
+    """The ack of an unsubscribe; with `reason` when the server ended the subscription itself."""
+    message: dict[str, Any] = {
+        "type": "unsubscribed",
+        "channel": channel_of_key(key).value,
+        "subscription": key,
+        "filters": filters.to_json(),
+    }
+    if reason is not None:
+        message["reason"] = reason
+    message["correlationId"] = correlation_id
+    message["timestamp"] = utc_now_iso()
+    return orjson.dumps(message)
+
+
+def refreshed(expires_at: str, correlation_id: str | None) -> bytes:
+    return orjson.dumps(
+        {"type": "refreshed", "expiresAt": expires_at, "correlationId": correlation_id, "timestamp": utc_now_iso()}
+    )
