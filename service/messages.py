@@ -12,7 +12,16 @@ from typing import Any
 import orjson
 
 from service.broker.base import Position
-from service.protocol import Filters, ProtocolError, channel_of_key, position_json, utc_now_iso
+from service.presence import PresenceEntry
+from service.protocol import (
+    Channel,
+    Filters,
+    ProtocolError,
+    channel_of_key,
+    position_json,
+    subscription_key,
+    utc_now_iso,
+)
 
 
 def pong(correlation_id: str | None) -> bytes:
@@ -80,4 +89,35 @@ def unsubscribed(key: str, filters: Filters, correlation_id: str | None, *, reas
 def refreshed(expires_at: str, correlation_id: str | None) -> bytes:
     return orjson.dumps(
         {"type": "refreshed", "expiresAt": expires_at, "correlationId": correlation_id, "timestamp": utc_now_iso()}
+    )
+
+
+def snapshot(key: str, position: Position, transactions: list[orjson.Fragment], *, last: bool, timestamp: str) -> bytes:
+    """One `snapshot` message: transactions already encoded once for every recipient (see snapshots)."""
+    return orjson.dumps(
+        {
+            "type": "snapshot",
+            "channel": channel_of_key(key).value,
+            "subscription": key,
+            "position": position_json(position),
+            "data": {"transactions": transactions, "last": last},
+            "timestamp": timestamp,
+        }
+    )
+
+
+def presence(kind: str, customer_id: str, entry: PresenceEntry, *, connected_at: str, timestamp: str) -> bytes:
+    """A `presence_join` or `presence_leave` as its subscribers get it (published once, see presence_events)."""
+    return orjson.dumps(
+        {
+            "type": kind,
+            "channel": Channel.TRANSACTIONS.value,
+            "subscription": subscription_key(Channel.TRANSACTIONS, customer_id),
+            "customerId": customer_id,
+            "connId": entry.conn_id,
+            "userId": entry.user_id,
+            "podId": entry.pod_id,
+            "connectedAt": connected_at,
+            "timestamp": timestamp,
+        }
     )

@@ -16,12 +16,12 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from service import metrics
+from service import messages, metrics
 from service.broker.base import Broker, BrokerUnavailable
 from service.broker.memory import MemoryBroker
 from service.log import get_logger
 from service.presence import Presence, PresenceEntry
-from service.protocol import Channel, encode, iso_utc, subscription_key, utc_now_iso
+from service.protocol import iso_utc, utc_now_iso
 
 log = get_logger("eva_ws.presence_events")
 
@@ -41,23 +41,6 @@ def channel_of(customer_id: str) -> str:
 
 def customer_of(channel: str) -> str:
     return channel.removeprefix(CHANNEL_PREFIX)
-
-
-def announcement(kind: str, customer_id: str, entry: PresenceEntry, *, connected_at: str, timestamp: str) -> bytes:
-    """The `presence_join` or `presence_leave` message as its subscribers get it; the times as ISO strings."""
-    return encode(
-        {
-            "type": kind,
-            "channel": Channel.TRANSACTIONS.value,
-            "subscription": subscription_key(Channel.TRANSACTIONS, customer_id),
-            "customerId": customer_id,
-            "connId": entry.conn_id,
-            "userId": entry.user_id,
-            "podId": entry.pod_id,
-            "connectedAt": connected_at,
-            "timestamp": timestamp,
-        }
-    )
 
 
 class AnnouncingPresence(Presence):
@@ -130,7 +113,7 @@ class AnnouncingPresence(Presence):
             for kind, customer_ids, entry in sockets:
                 connected_at = iso_utc(entry.connected_at)
                 batch.extend(
-                    (channel_of(c), announcement(kind, c, entry, connected_at=connected_at, timestamp=timestamp))
+                    (channel_of(c), messages.presence(kind, c, entry, connected_at=connected_at, timestamp=timestamp))
                     for c in customer_ids
                 )
             try:

@@ -10,7 +10,8 @@ import orjson
 
 from service.broker.base import Position
 from service.broker.state import Snapshot
-from service.protocol import channel_of_key, position_json, utc_now_iso
+from service.messages import snapshot as snapshot_message
+from service.protocol import utc_now_iso
 
 # A `snapshot` message holds transactions up to about this many bytes, so no frame grows with
 # the state: one event is at most 64 KiB (publisher.MAX_EVENT_BYTES), so a transaction alone
@@ -63,17 +64,8 @@ def messages(key: str, position: Position, transactions: Iterable[Transaction]) 
             size = 0
         chunks[-1].append(transaction.encoded)
         size += transaction.size + 1
-    channel, where, now = channel_of_key(key).value, position_json(position), utc_now_iso()
+    now = utc_now_iso()
     return [
-        orjson.dumps(
-            {
-                "type": "snapshot",
-                "channel": channel,
-                "subscription": key,
-                "position": where,
-                "data": {"transactions": chunk, "last": index == len(chunks) - 1},
-                "timestamp": now,
-            }
-        )
+        snapshot_message(key, position, chunk, last=index == len(chunks) - 1, timestamp=now)
         for index, chunk in enumerate(chunks)
     ]
