@@ -95,6 +95,9 @@ async def test_a_later_id_of_a_channel_is_a_later_commit(postgres: PostgresServe
     # The first writer inserts first and commits last; the second commits in between. Ids are
     # drawn at insert: without the channel's lock the second would commit first with the larger id.
     committed: list[str] = []
+    # Each writer commits and notes its name under this lock, so `committed` is the commit order:
+    # the second writer, let go by the first commit, cannot note itself before the first does.
+    noting_a_commit = threading.Lock()
     first = psycopg.connect(postgres.dsn)
     try:
         enqueue(first, event("first"))
@@ -102,7 +105,9 @@ async def test_a_later_id_of_a_channel_is_a_later_commit(postgres: PostgresServe
         def second_writer() -> None:
             with psycopg.connect(postgres.dsn) as second:
                 enqueue(second, event("second"))
-            committed.append("second")
+                with noting_a_commit:
+                    second.commit()
+                    committed.append("second")
 
         writer = threading.Thread(target=second_writer)
         writer.start()
@@ -115,8 +120,9 @@ async def test_a_later_id_of_a_channel_is_a_later_commit(postgres: PostgresServe
                 return waiting is not None and waiting[0] == 1
 
             await eventually(second_waits_for_the_lock, "the second writer did not wait for the channel's lock")
-        first.commit()
-        committed.append("first")
+        with noting_a_commit:
+            first.commit()
+            committed.append("first")
         await asyncio.to_thread(writer.join)
     finally:
         first.close()
