@@ -10,7 +10,17 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import hdrs, web
 
-from service import control_api, handlers, http_errors, inspect_api, keys, loop_health, ops, transactions_api
+from service import (
+    control_api,
+    handlers,
+    http_errors,
+    inspect_api,
+    keys,
+    loop_health,
+    ops,
+    transactions_api,
+    ws_endpoint,
+)
 from service.auth import TokenVerifier
 from service.backends import create_broker, create_connection_counter, create_presence, create_revocation_store
 from service.broker.base import Broker
@@ -77,7 +87,7 @@ def create_app(
     )
     app[keys.PUBLISHER] = Publisher(app[keys.BROKER])
 
-    app.router.add_get("/ws/transactions", handlers.websocket)
+    app.router.add_get("/ws/transactions", ws_endpoint.websocket)
     api = [
         app.router.add_post("/api/v1/publish", handlers.publish),
         app.router.add_get("/api/v1/presence/{customer_id}", handlers.presence),

@@ -119,6 +119,13 @@ class TokenVerifier:
             raise AuthError("revoked", "token has been revoked")
         return principal
 
+    async def verify_request(self, request: web.Request) -> Principal:
+        """The Principal of the request's token (see token_from_request), or AuthError."""
+        token = token_from_request(request)
+        if token is None:
+            raise AuthError("missing", "a token is required (?token= or Authorization: Bearer)")
+        return await self.verify(token)
+
     async def _verify(self, token: object) -> Principal:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed", "token is missing or too long")
