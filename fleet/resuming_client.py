@@ -29,6 +29,8 @@ EVENT_TYPES: Final = frozenset(
     }
 )
 NORMAL_CLOSURE: Final = 1000
+# Subscribe errors worth asking again on the same socket (as the browser client does); others are final.
+RETRYABLE_SUBSCRIBE_ERRORS: Final = frozenset({"unavailable", "rate_limited", "internal_error"})
 
 
 @dataclass
@@ -151,15 +153,35 @@ class ResumingClient:
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """One connection: subscribe (resuming), then handle messages until it closes; True if it got subscribed."""
         pending = set()
-        for index, request in enumerate(self.requests):
-            message = {**request, "type": "subscribe", "correlationId": str(index)}
-            key = request.get("subscription")
-            stream = self.streams.get(key) if key else None
-            if stream is not None and stream.offset is not None and stream.epoch is not None:
-                message["since"] = {"offset": stream.offset, "epoch": stream.epoch}
-            message.pop("subscription", None)
+        for index in range(len(self.requests)):
             pending.add(str(index))
-            await ws.send_json(message)
+            await ws.send_json(self._subscribe_message(index))
+        retries: set[asyncio.Task[None]] = set()
+        try:
+            return await self._receive(ws, pending, retries)
+        finally:
+            for task in retries:
+                task.cancel()
+
+    def _subscribe_message(self, index: int) -> dict[str, Any]:
+        """The subscribe for request `index`, resuming from the last position handled if there is one."""
+        request = self.requests[index]
+        message = {**request, "type": "subscribe", "correlationId": str(index)}
+        key = request.get("subscription")
+        stream = self.streams.get(key) if key else None
+        if stream is not None and stream.offset is not None and stream.epoch is not None:
+            message["since"] = {"offset": stream.offset, "epoch": stream.epoch}
+        message.pop("subscription", None)
+        return message
+
+    async def _subscribe_later(self, ws: aiohttp.ClientWebSocketResponse, index: int) -> None:
+        await asyncio.sleep(max(0.2, self._backoff_s(2)))
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
+            await ws.send_json(self._subscribe_message(index))
+
+    async def _receive(
+        self, ws: aiohttp.ClientWebSocketResponse, pending: set[str], retries: set[asyncio.Task[None]]
+    ) -> bool:
         acknowledged = False
         async for frame in ws:
             if frame.type is not aiohttp.WSMsgType.TEXT:
@@ -181,6 +203,10 @@ class ResumingClient:
                 stream.offset, stream.epoch = message["position"]["offset"], message["position"]["epoch"]
             elif kind == "error":
                 self.errors.append(message)
+                correlation = message.get("correlationId")
+                if correlation in pending and message.get("code") in RETRYABLE_SUBSCRIBE_ERRORS:
+                    # Refused for a while (Redis restarting): without asking again, the stream stays dead.
+                    retries.add(asyncio.ensure_future(self._subscribe_later(ws, int(correlation))))
         return acknowledged
 
     def _on_subscribed(self, message: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from fleet.redis_server import RedisServer
 from fleet.resuming_client import ResumingClient
 from fleet.waiting import eventually
 from service import keys
@@ -91,4 +92,28 @@ async def test_two_subscriptions_on_one_channel_each_resume_from_their_own_posit
         assert [e["data"]["id"] for e in client.events("transactions:C2")] == ["T-C2", "T-late"]
         assert [e["data"]["id"] for e in client.events("transactions:C1")] == ["T-C1", "T-C1b"]
         assert (client.duplicates, client.gaps, client.unrecovered) == (0, 0, 0)
+        await client.stop()
+
+
+async def test_a_subscribe_refused_while_redis_is_down_is_asked_again(app_client: AppClient, redis_server: RedisServer):
+    settings = make_settings(redis_url=redis_server.url, redis_reconnect_max_s="0.2")
+    server = await app_client(settings)
+    url = str(server.make_url("/ws/transactions"))
+    redis_server.kill()
+    async with aiohttp.ClientSession() as session:
+        client = ResumingClient(
+            session,
+            url,
+            token_for(settings),
+            routing_key="C1",
+            subscriptions=[{"channel": "transactions", "filters": {"customerId": "C1"}}],
+            base_backoff_s=0.05,
+        )
+        client.start()
+        await eventually(lambda: any(e.get("code") == "unavailable" for e in client.errors), "a refused subscribe")
+        redis_server.start()
+        await eventually(client.subscribed.is_set, "subscribed on the same socket once Redis is back")
+        await publish(server, settings, {"type": "transaction_new", "data": txn("T1")})
+        await eventually(lambda: client.event_ids("transactions:C1") == {"T1"}, "the event after the retry")
+        assert client.connections == 1
         await client.stop()
