@@ -118,12 +118,19 @@ BROKER_CONNECTS: Final = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+# kind="client": channels this pod's clients subscribed to (equals eva_ws_hub_channels);
+# kind="internal": channels between pods (control commands, inspect queries, presence events).
 BROKER_SUBSCRIPTIONS_WANTED: Final = Gauge(
-    "broker_subscriptions_wanted", "Channels this pod wants from Redis.", namespace=NAMESPACE, registry=REGISTRY
+    "broker_subscriptions_wanted",
+    "Channels this pod wants from Redis, by kind (client, internal).",
+    ["kind"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
 )
 BROKER_SUBSCRIPTIONS_ACTUAL: Final = Gauge(
     "broker_subscriptions_actual",
-    "Channels whose Redis subscription is in effect.",
+    "Channels whose Redis subscription is in effect, by kind (client, internal).",
+    ["kind"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

@@ -74,7 +74,8 @@ async def test_a_customer_lands_on_one_pod_and_pods_share_the_channels(tmp_path)
 
             per_pod = Counter(owner.values())
             channels = {
-                w.pod_id: worker_metric(cluster, w, "eva_ws_broker_subscriptions_actual") for w in cluster.workers
+                w.pod_id: worker_metric(cluster, w, 'eva_ws_broker_subscriptions_actual{kind="client"}')
+                for w in cluster.workers
             }
             hub_channels = {w.pod_id: worker_metric(cluster, w, "eva_ws_hub_channels") for w in cluster.workers}
             print(f"customers per pod {dict(per_pod)}; Redis subscriptions per pod {channels}")
@@ -82,6 +83,12 @@ async def test_a_customer_lands_on_one_pod_and_pods_share_the_channels(tmp_path)
             for worker in cluster.workers:
                 assert channels[worker.pod_id] == per_pod[worker.pod_id]
                 assert hub_channels[worker.pod_id] == per_pod[worker.pod_id]
+                # The channels between pods (control, inspect) are counted apart, and in effect too.
+                internal = [
+                    worker_metric(cluster, worker, f'eva_ws_broker_subscriptions_{state}{{kind="internal"}}')
+                    for state in ("wanted", "actual")
+                ]
+                assert internal[0] == internal[1] > 0
             # ... about 1/N of them: a bound on the ketama ring's imbalance, not a timing.
             assert max(per_pod.values()) <= 0.6 * CUSTOMERS
             assert min(per_pod[w.pod_id] for w in cluster.workers) >= 0.1 * CUSTOMERS

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 # What an idempotency key may be: visible ASCII, so it can be part of a Redis key name as it is.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+# Channels between pods (control commands, inspect queries, presence events) start with it;
+# no client channel can, since "#" is not allowed in an id.
+INTERNAL_CHANNEL_PREFIX: Final = "#"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,13 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
 
 from service import metrics, redis_keys
-from service.broker.base import BrokerUnavailable, Envelope, MessageHandler, ResubscribedHandler
+from service.broker.base import (
+    INTERNAL_CHANNEL_PREFIX,
+    BrokerUnavailable,
+    Envelope,
+    MessageHandler,
+    ResubscribedHandler,
+)
 from service.broker.canary import Canary
 from service.broker.redis_shard_link import SHARDED, PubSubKind, ShardLink
 from service.redis_client import Address, cancel_and_wait
@@ -300,8 +306,15 @@ class Subscriber:
 
     def _write_metrics(self) -> None:
         self._metrics_due = False
-        metrics.BROKER_SUBSCRIPTIONS_WANTED.set(len(self._wanted))
-        metrics.BROKER_SUBSCRIPTIONS_ACTUAL.set(len(self.subscribed_channels))
+        # By kind, so the client channels can be checked against eva_ws_hub_channels while a
+        # lost internal subscription still shows as wanted > actual.
+        for gauge, channels in (
+            (metrics.BROKER_SUBSCRIPTIONS_WANTED, self._wanted),
+            (metrics.BROKER_SUBSCRIPTIONS_ACTUAL, self.subscribed_channels),
+        ):
+            internal = sum(1 for channel in channels if channel.startswith(INTERNAL_CHANNEL_PREFIX))
+            gauge.labels(kind="client").set(len(channels) - internal)
+            gauge.labels(kind="internal").set(internal)
 
     # -- the slot map ----------------------------------------------------------------------
 
