@@ -13,12 +13,13 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from service import messages as server_messages
 from service import metrics, snapshots
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
 from service.frames import text_frame
 from service.log import get_logger
 from service.presence_events import channel_of
-from service.protocol import EventType, Filters, channel_of_key, encode, position_json, utc_now_iso
+from service.protocol import EventType, Filters
 
 log = get_logger("eva_ws.hub")
 
@@ -130,20 +131,8 @@ class _Decoded:
     @property
     def frame(self) -> bytes:
         if self._frame is None:
-            envelope = self.envelope
             self._frame = text_frame(
-                orjson.dumps(
-                    {
-                        "type": self.kind,
-                        "channel": channel_of_key(envelope.channel).value,
-                        "subscription": envelope.channel,
-                        "offset": envelope.offset,
-                        "epoch": envelope.epoch,
-                        "data": self.data,
-                        "timestamp": self.timestamp,
-                        "correlationId": self.correlation_id,
-                    }
-                )
+                server_messages.event(self.envelope, self.kind, self.data, self.timestamp, self.correlation_id)
             )
         return self._frame
 
@@ -630,19 +619,7 @@ class Hub:
 
     def _send_resync(self, sub: Subscription, position: Position) -> None:
         sub.epoch, sub.last_offset = position.epoch, position.offset
-        sub.recipient.enqueue(
-            text_frame(
-                encode(
-                    {
-                        "type": "resync",
-                        "channel": channel_of_key(sub.key).value,
-                        "subscription": sub.key,
-                        "position": position_json(position),
-                        "timestamp": utc_now_iso(),
-                    }
-                )
-            )
-        )
+        sub.recipient.enqueue(text_frame(server_messages.resync(sub.key, position)))
 
 
 def _replay_start(history: History) -> Position:

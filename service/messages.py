@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from service.broker.base import Position
+from service.broker.base import Envelope, Position
 from service.presence import PresenceEntry
 from service.protocol import (
     Channel,
@@ -89,6 +89,35 @@ def unsubscribed(key: str, filters: Filters, correlation_id: str | None, *, reas
 def refreshed(expires_at: str, correlation_id: str | None) -> bytes:
     return orjson.dumps(
         {"type": "refreshed", "expiresAt": expires_at, "correlationId": correlation_id, "timestamp": utc_now_iso()}
+    )
+
+
+def event(envelope: Envelope, kind: str, data: dict[str, Any], timestamp: str, correlation_id: Any) -> bytes:
+    """An event as every subscriber of its channel gets it: built once per event on each pod (see Hub)."""
+    return orjson.dumps(
+        {
+            "type": kind,
+            "channel": channel_of_key(envelope.channel).value,
+            "subscription": envelope.channel,
+            "offset": envelope.offset,
+            "epoch": envelope.epoch,
+            "data": data,
+            "timestamp": timestamp,
+            "correlationId": correlation_id,
+        }
+    )
+
+
+def resync(key: str, position: Position) -> bytes:
+    """The subscription lost its place: it restarts at `position` (the events after it follow)."""
+    return orjson.dumps(
+        {
+            "type": "resync",
+            "channel": channel_of_key(key).value,
+            "subscription": key,
+            "position": position_json(position),
+            "timestamp": utc_now_iso(),
+        }
     )
 
 
