@@ -387,9 +387,5 @@ def iso_utc(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return orjson.dumps(message)
-
-
 def position_json(position: Position) -> dict[str, Any]:
     return {"offset": position.offset, "epoch": position.epoch}
