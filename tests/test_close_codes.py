@@ -133,3 +133,10 @@ def test_asyncapi_close_codes_advise_as_the_enum() -> None:
     assert {c["code"]: (c["name"], c["reconnect"]) for c in codes} == {
         int(code): (code.name.lower(), as_yaml[code.reconnect]) for code in CloseCode
     }
+
+
+def test_the_runbook_lists_every_disconnect_label() -> None:
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    row = next(line for line in runbook.splitlines() if line.startswith("| `eva_ws_disconnects_total` |"))
+    described = row.split("|")[3]
+    assert {code.label for code in CloseCode} <= set(re.findall(r"`([a-z_]+)`", described))
