@@ -29,9 +29,24 @@ LINGER_MAX_BYTES: Final = 16 * 1024 * 1024
 _NOT_EOF: Final = (False, b"")
 
 
-# RFC 6455 §7.4 and the IANA registry: the codes a peer may send below 3000. No code is
-# missing from aiohttp's list but 1005, 1006 and 1015, which are reserved for local use.
-_PEER_CODES: Final = frozenset(WSCloseCode) - {WSCloseCode.ABNORMAL_CLOSURE}
+# RFC 6455 §7.4 and the IANA registry: the codes a peer may send below 3000 (1004 is
+# reserved; 1005, 1006 and 1015 are for local use only).
+_PEER_CODES: Final = frozenset(
+    {
+        WSCloseCode.OK,
+        WSCloseCode.GOING_AWAY,
+        WSCloseCode.PROTOCOL_ERROR,
+        WSCloseCode.UNSUPPORTED_DATA,
+        WSCloseCode.INVALID_TEXT,
+        WSCloseCode.POLICY_VIOLATION,
+        WSCloseCode.MESSAGE_TOO_BIG,
+        WSCloseCode.MANDATORY_EXTENSION,
+        WSCloseCode.INTERNAL_ERROR,
+        WSCloseCode.SERVICE_RESTART,
+        WSCloseCode.TRY_AGAIN_LATER,
+        WSCloseCode.BAD_GATEWAY,
+    }
+)
 # Registered (3000-3999) and private (4000-4999) codes: any of them may be sent.
 _APPLICATION_CODES: Final = range(3000, 5000)
 
