@@ -1,4 +1,4 @@
-"""Backend modules import downwards only: backends -> broker, presence, caps -> Redis plumbing, never back up."""
+"""Modules import downwards only: backends -> broker, presence, caps -> Redis plumbing; ws_endpoint -> messages."""
 
 from __future__ import annotations
 
@@ -19,6 +19,25 @@ FORBIDDEN = {
     "service.redis_keys": ("service",),
     "service.redis_lua": ("service",),
     "service.redis_client": ("service",),
+    # A connection's life: ws_endpoint -> session -> hub -> messages -> protocol; connection and
+    # websocket below session, never the other way.
+    "service.protocol": (
+        "service.messages",
+        "service.session",
+        "service.hub",
+        "service.connection",
+        "service.ws_endpoint",
+    ),
+    "service.messages": (
+        "service.session",
+        "service.hub",
+        "service.snapshots",
+        "service.connection",
+        "service.ws_endpoint",
+    ),
+    "service.websocket": ("service.connection", "service.session", "service.hub", "service.ws_endpoint"),
+    "service.connection": ("service.session", "service.hub", "service.ws_endpoint"),
+    "service.session": ("service.ws_endpoint", "service.handlers"),
 }
 
 
