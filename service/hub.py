@@ -16,10 +16,15 @@ import orjson
 from service import messages as server_messages
 from service import metrics, snapshots
 from service.broker.base import Broker, BrokerUnavailable, Envelope, History, Position
+from service.broker.state import is_older, version_of
 from service.frames import text_frame
 from service.log import get_logger
 from service.presence_events import channel_of
-from service.protocol import EventType, Filters
+from service.protocol import (
+    TRANSACTION_EVENTS,
+    EventType,
+    Filters,
+)
 
 log = get_logger("eva_ws.hub")
 
@@ -46,6 +51,11 @@ _REPLAY_CACHE_SIZE: Final = 4096
 # go (a few milliseconds from Redis): a flood of resumes waits here instead of making other
 # clients wait behind dozens of such replies in one turn of the event loop.
 _CONCURRENT_RESUME_READS: Final = 4
+# Newest version fanned out per transaction, per channel, so an older one published later is
+# not sent after it (the state store ignores it too). Bounded: least recently changed out,
+# after which an old version of such a transaction is delivered again.
+_VERSIONS_PER_CHANNEL: Final = 1000
+_TRANSACTION_EVENTS: Final = frozenset(kind.value for kind in TRANSACTION_EVENTS)
 
 
 class Recipient(Protocol):
@@ -86,6 +96,7 @@ class Subscription:
         "live",
         "presence",
         "recipient",
+        "replay_versions",
         "snapshot",
         "transaction_ids",
         "user_id",
@@ -108,12 +119,45 @@ class Subscription:
         self.presence = False
         # Whether it starts from a snapshot, and gets a fresh one with every resync.
         self.snapshot = False
+        # While it is replayed: the newest version of each transaction it was sent (or its
+        # snapshot showed), so no older one follows in the replay. None once live.
+        self.replay_versions: Versions | None = None
 
     def matches(self, data: dict[str, Any]) -> bool:
         if self.transaction_ids is not None and data.get("id") not in self.transaction_ids:
             return False
         user_id = self.user_id
         return user_id is None or data.get("userId") == user_id or data.get("updatedBy") == user_id
+
+
+class Versions:
+    """The newest version of each transaction sent so far, in offset order; see _VERSIONS_PER_CHANNEL."""
+
+    __slots__ = ("_newest",)
+
+    def __init__(self) -> None:
+        self._newest: OrderedDict[str, str] = OrderedDict()
+
+    def is_current(self, txn_id: str | None, version: str, *, delete: bool = False) -> bool:
+        """False for a version older than one sent before; remembers a newer one."""
+        if txn_id is None or not version:
+            return True
+        newest = self._newest
+        seen = newest.get(txn_id)
+        if seen is not None and is_older(version, seen):
+            return False
+        if delete:
+            # Like the state store: once deleted, any version of the transaction is new again.
+            newest.pop(txn_id, None)
+            return True
+        newest[txn_id] = version
+        newest.move_to_end(txn_id)
+        if len(newest) > _VERSIONS_PER_CHANNEL:
+            newest.popitem(last=False)
+        return True
+
+    def accepts(self, decoded: _Decoded) -> bool:
+        return self.is_current(decoded.txn_id, decoded.version, delete=decoded.kind == EventType.TRANSACTION_DELETE)
 
 
 @dataclass(slots=True)
@@ -125,6 +169,9 @@ class _Decoded:
     correlation_id: Any
     conflation_key: str | None
     sent_counter: Any
+    # A transaction event's id and version (see broker/state.py), for `_ChannelState.is_current`.
+    txn_id: str | None = None
+    version: str = ""
     # The wire frame every recipient gets: built once, when the first recipient wants it.
     _frame: bytes | None = None
 
@@ -138,7 +185,18 @@ class _Decoded:
 
 
 class _ChannelState:
-    __slots__ = ("catch_up", "epoch", "key", "last_offset", "max_seen", "presence_watchers", "repair", "setup", "subs")
+    __slots__ = (
+        "catch_up",
+        "epoch",
+        "key",
+        "last_offset",
+        "max_seen",
+        "presence_watchers",
+        "repair",
+        "setup",
+        "subs",
+        "versions",
+    )
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -153,6 +211,8 @@ class _ChannelState:
         self.catch_up = False
         # Subscriptions with presence; the pod listens to the customer's announcements while any.
         self.presence_watchers = 0
+        # The newest version of each transaction sent live on this channel.
+        self.versions = Versions()
 
     @property
     def in_sync(self) -> bool:
@@ -424,7 +484,7 @@ class Hub:
         self, state: _ChannelState, sub: Subscription, *, recovered: bool | None, read: int
     ) -> SubscribeResult:
         snapshot = await self.read_snapshot(sub.key)
-        sub.epoch, sub.last_offset = snapshot.position.epoch, snapshot.position.offset
+        _start_from(sub, snapshot)
         messages = snapshots.messages(sub.key, snapshot.position, snapshots.matching(snapshot, sub.matches))
         # The ack and these messages come first: the catch-up after the snapshot's position is queued after them.
         self._spawn(self._finish_resume(state, sub, []))
@@ -447,6 +507,7 @@ class Hub:
         if state is None or sub.closed:
             return
         self._send_resync(sub, snapshot.position)
+        _start_from(sub, snapshot)
         messages = snapshots.messages(sub.key, snapshot.position, snapshots.matching(snapshot, sub.matches))
         for message in messages:
             sub.recipient.enqueue(text_frame(message))
@@ -466,6 +527,7 @@ class Hub:
                 return
             if sub.epoch == state.epoch and sub.last_offset >= state.last_offset:
                 sub.live = True  # no await between the check and going live: no gap
+                sub.replay_versions = None
                 return
             try:
                 history = await self._broker.history(sub.key, Position(sub.last_offset, sub.epoch))
@@ -483,6 +545,7 @@ class Hub:
                 state.catch_up = True
                 self._start_repair(sub.key, state)
                 sub.live = True
+                sub.replay_versions = None
                 return
         if not sub.closed:
             self._resync(sub, Position(state.last_offset, state.epoch))
@@ -498,7 +561,11 @@ class Hub:
                 continue
             sub.last_offset = envelope.offset
             decoded = self._decode_replayed(envelope)
-            if decoded is not None and sub.matches(decoded.data):
+            if sub.replay_versions is None:
+                sub.replay_versions = Versions()
+            if decoded is None or not sub.replay_versions.accepts(decoded):
+                continue
+            if sub.matches(decoded.data):
                 frames.append(decoded)
         return frames
 
@@ -529,6 +596,8 @@ class Hub:
         decoded = _decode(envelope, measure_lag=live)
         if decoded is None:
             return None
+        if not state.versions.accepts(decoded):
+            return None  # older than a version this channel sent: superseded, like a conflated update
         # The hot loop: per recipient a few attribute reads and one non-blocking enqueue.
         offset, data, key = envelope.offset, decoded.data, decoded.conflation_key
         frame = b""  # encoded for the first recipient the filters let through
@@ -622,6 +691,14 @@ class Hub:
         sub.recipient.enqueue(text_frame(server_messages.resync(sub.key, position)))
 
 
+def _start_from(sub: Subscription, snapshot: snapshots.DecodedSnapshot) -> None:
+    """The subscription continues after the snapshot: no older version than it shows may follow it."""
+    sub.epoch, sub.last_offset = snapshot.position.epoch, snapshot.position.offset
+    sub.replay_versions = versions = Versions()
+    for transaction in snapshot.transactions:
+        versions.is_current(transaction.data.get("id"), version_of(transaction.data))
+
+
 def _replay_start(history: History) -> Position:
     """Where a lost subscriber restarts: just before the oldest event history still holds."""
     if history.envelopes:
@@ -661,4 +738,6 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
         correlation_id=correlation_id,
         conflation_key=conflation_key,
         sent_counter=_SENT_COUNTERS[kind],
+        txn_id=txn_id if kind in _TRANSACTION_EVENTS and isinstance(txn_id, str) else None,
+        version=version_of(data) if kind in _TRANSACTION_EVENTS else "",
     )
