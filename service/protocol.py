@@ -206,8 +206,9 @@ def close_label(code: int, *, server_initiated: bool) -> str:
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._~@+|:=-]{1,128}")
 MAX_TRANSACTION_IDS: Final = 100
 MAX_CORRELATION_ID_LENGTH: Final = 128
-# Below aiohttp's request-line limit (8,190 bytes) with room for the path and other parameters,
-# so a token the service accepts always fits in `?token=`.
+# Below the smallest request-head budget (EVA_WS_MAX_REQUEST_HEAD_BYTES, at least 8,192 bytes)
+# with room for the path, the other parameters and a browser's headers, so a token the service
+# accepts always fits in `?token=`.
 MAX_TOKEN_LENGTH: Final = 6144
 _MESSAGE_FIELDS: Final = frozenset(
     {"type", "channel", "filters", "timestamp", "correlationId", "since", "token", "presence", "snapshot"}

@@ -48,7 +48,15 @@ def server_options(settings: Settings) -> dict[str, Any]:
     # No TCP keep-alive: WebSocket heartbeats find dead peers within seconds where the kernel's
     # probes start after two hours, and switching it on costs every handshake a socket object
     # and a system call.
-    return {"keepalive_timeout": settings.handshake_timeout_s, "tcp_keepalive": False}
+    # The request-head budget is the one bound on a head's size: aiohttp's own 8,190 bytes per
+    # line or field would refuse a long header or URL within it with a plain 400.
+    head_bytes = settings.max_request_head_bytes
+    return {
+        "keepalive_timeout": settings.handshake_timeout_s,
+        "tcp_keepalive": False,
+        "max_line_size": head_bytes,
+        "max_field_size": head_bytes,
+    }
 
 
 def _settle_garbage_collector() -> None:
@@ -125,14 +133,17 @@ async def serve(settings: Settings) -> None:
         broker="redis" if settings.redis_url else "memory",
     )
     await stopping.wait()
+    # A second signal during the drain (Ctrl-C again) closes the remaining sockets at once,
+    # with their close frames, instead of ending the process in the middle of the drain.
+    hurry = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(signum)
+        loop.add_signal_handler(signum, hurry.set)
 
     lifecycle = app[keys.LIFECYCLE]
     # The delay lets a load balancer move sockets elsewhere before they close; with none open
     # there is nothing to move (new upgrades already get 503), so Ctrl-C stops at once.
     delay_s = settings.drain_delay_s if lifecycle.connections else 0.0
-    await drain(lifecycle, delay_s=delay_s, spread_s=settings.drain_spread_s)
+    await drain(lifecycle, delay_s=delay_s, spread_s=settings.drain_spread_s, hurry=hurry)
     for each in reversed(runners):
         await each.cleanup()
     log.info("server_stopped")

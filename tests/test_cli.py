@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -13,13 +14,16 @@ from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from fleet.ports import free_port
 from service.config import ENV_PREFIX, Settings
-from tests.conftest import SECRET
+from service.protocol import CloseCode
+from tests.conftest import SECRET, make_settings, token_for, wait_closed
 
 CLI = [sys.executable, "-m", "service"]
 
@@ -202,3 +206,30 @@ def test_ctrl_c_without_connections_skips_the_drain_delay():
     drain = next(e for e in events if e["event"] == "drain_started")
     assert (drain["connections"], drain["delay_s"]) == (0, 0.0)
     assert events[-1]["event"] == "server_stopped"
+
+
+async def test_a_second_ctrl_c_during_the_drain_closes_the_sockets_at_once_with_their_close_frame():
+    port = free_port()
+    process, _ = _serve_until_started(
+        host="127.0.0.1", port=str(port), mode="development", jwt_secret=SECRET, drain_delay_s="30"
+    )
+    assert process.stdout is not None
+    try:
+        token = token_for(make_settings(), customers=["C1"])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{port}/ws/transactions?token={token}") as ws,
+        ):
+            process.send_signal(signal.SIGINT)
+            while json.loads(await asyncio.to_thread(process.stdout.readline))["event"] != "drain_started":
+                pass
+            process.send_signal(signal.SIGINT)  # impatient: do not wait out the 30 s delay
+            assert await wait_closed(ws, timeout_s=20) == CloseCode.SERVICE_RESTART
+        stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert json.loads(stdout.splitlines()[-1])["event"] == "server_stopped"

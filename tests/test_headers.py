@@ -122,6 +122,24 @@ def test_unfinished_headers_are_refused_as_soon_as_they_pass_the_budget(service:
         assert sock.recv(1) == b"", "the connection stays open after 431"
 
 
+def test_one_header_line_within_the_budget_is_served_and_beyond_it_gets_431(service: ServiceProcess) -> None:
+    # The budget is the only bound: aiohttp's own 8,190 bytes per line would answer a plain 400.
+    served = f"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Long: {'a' * 10_000}\r\n\r\n"
+    with _connect(service) as sock:
+        sock.sendall(served.encode())
+        assert _read_response(sock)[0] == 200
+    refused = f"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Long: {'a' * (BUDGET + 100)}\r\n\r\n"
+    with _connect(service) as sock:
+        sock.sendall(refused.encode())
+        _assert_431(*_read_response(sock))
+
+
+def test_a_request_line_beyond_the_budget_gets_431(service: ServiceProcess) -> None:
+    with _connect(service) as sock:
+        sock.sendall(f"GET /healthz?x={'a' * 20_000} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        _assert_431(*_read_response(sock))
+
+
 def test_a_browser_head_with_a_long_token_and_cookies_is_served(service: ServiceProcess) -> None:
     # A token at the length limit, a browser's headers and 4 KiB of cookies fit in the budget.
     customers = [f"CUST-{index:05d}" for index in range(1000)]
