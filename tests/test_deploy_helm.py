@@ -41,9 +41,6 @@ NOT_RENDERED: Final = {
     "EVA_WS_JWT_PUBLIC_KEY_FILE": "the key comes from the Secret as an env var (secretKeyRef)",
     "EVA_WS_JWT_KEYS_FILE": "the keys come from the Secret as an env var (secretKeyRef)",
     "EVA_WS_DEMO_INTERVAL_S": "the demo publisher is always off (EVA_WS_DEMO_PUBLISHER=false)",
-    "EVA_WS_OUTBOX_DSN": "the image has no outbox extra (psycopg); docs/outbox.md",
-    "EVA_WS_OUTBOX_BATCH_SIZE": "the image has no outbox extra (psycopg); docs/outbox.md",
-    "EVA_WS_OUTBOX_POLL_INTERVAL_S": "the image has no outbox extra (psycopg); docs/outbox.md",
 }
 ALERTS: Final = frozenset(
     {
@@ -181,6 +178,12 @@ BROKEN_VALUES: Final = {
         {"extraEnv": [{"name": "EVA_WS_JWT_KEYS", "value": '{"k1": "x"}'}]},
         "/extraEnv/0/name",
     ),
+    "literal outbox DSN in extraEnv": (
+        {"extraEnv": [{"name": "EVA_WS_OUTBOX_DSN", "value": "postgresql://relay:pw@db/app"}]},
+        "/extraEnv/0/name",
+    ),
+    "outbox batch above 10000": ({"outbox": {"batchSize": 10001}}, "/outbox/batchSize"),
+    "outbox poll below 50 ms": ({"outbox": {"pollIntervalS": 0.01}}, "/outbox/pollIntervalS"),
     "canary interval below 50 ms": ({"config": {"brokerCanaryIntervalS": 0.01}}, "/config/brokerCanaryIntervalS"),
     "presence ttl below a second": ({"config": {"presenceTtlS": 0.5}}, "/config/presenceTtlS"),
     "negative per-ip cap": ({"config": {"maxConnectionsPerIp": -1}}, "/config/maxConnectionsPerIp"),
@@ -326,7 +329,27 @@ def test_secrets_come_from_the_existing_secret(
         "EVA_WS_JWT_PUBLIC_KEY": ("eva-ws-keys", "jwt-public-key.pem"),
         "EVA_WS_JWT_KEYS": ("eva-ws-keys", "jwt-keys.json"),
         "EVA_WS_REDIS_URL": ("eva-ws-keys", "redis-url"),
+        "EVA_WS_OUTBOX_DSN": ("eva-ws-keys", "outbox-dsn"),
     }
+
+
+def test_the_outbox_relay_is_off_by_default_and_its_settings_come_from_values(
+    default_manifests: list[Manifest], all_manifests: list[Manifest]
+) -> None:
+    defaults = load_settings(pod_env(default_manifests))
+    assert (defaults.outbox_dsn, defaults.outbox_batch_size, defaults.outbox_poll_interval_s) == (
+        None,
+        Settings().outbox_batch_size,
+        Settings().outbox_poll_interval_s,
+    )
+    configured = load_settings(pod_env(all_manifests))
+    assert (configured.outbox_dsn, configured.outbox_batch_size, configured.outbox_poll_interval_s) == (
+        OUTBOX_DSN,
+        200,
+        0.5,
+    )
+    # The DSN holds a password: a secretKeyRef, never a ConfigMap value.
+    assert "EVA_WS_OUTBOX_DSN" not in configmap_data(all_manifests)
 
 
 def test_pod_id_is_the_pod_name(manifests: list[Manifest]) -> None:
@@ -343,6 +366,9 @@ def public_key_pem() -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+OUTBOX_DSN: Final = "postgresql://eva_ws_relay:password@postgres:5432/app"
+
+
 def pod_env(manifests: list[Manifest]) -> dict[str, str]:
     """The EVA_WS_* environment a pod gets, with dummy values for what the Secret and the pod supply."""
     env = dict(configmap_data(manifests))
@@ -356,6 +382,8 @@ def pod_env(manifests: list[Manifest]) -> dict[str, str]:
             env[name] = json.dumps(keys)
         elif name == "EVA_WS_REDIS_URL":
             env[name] = "redis://redis:6379/0"
+        elif name == "EVA_WS_OUTBOX_DSN":
+            env[name] = OUTBOX_DSN
         elif name == "EVA_WS_POD_ID":
             env[name] = "eva-eva-ws-7d9f-abcde"
         elif name.startswith("EVA_WS_"):
