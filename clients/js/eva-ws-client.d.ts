@@ -158,6 +158,12 @@ export interface ClientEventMap {
   error: { code: string; message: string; correlationId?: string | null; subscription?: Subscription };
 }
 
+/**
+ * The server's close codes (docs/protocol.md): what each means and whether the client reconnects
+ * after it (`false` where the server advises against it; 4001 only with a new token).
+ */
+export declare const CLOSE_CODES: Readonly<Record<number, Readonly<{ meaning: string; reconnect: boolean | 'with a new token' }>>>;
+/** The codes of CLOSE_CODES after which the client stays closed. */
 export declare const NO_RECONNECT_CODES: ReadonlySet<number>;
 export declare const TOKEN_EXPIRED_CODE: 4001;
 /** An operator disconnected the user or revoked its token: the client closes for good (state `closed`). */

@@ -4,13 +4,33 @@
 // options where the runtime has none). The protocol is described in docs/asyncapi.yaml and
 // docs/clients.md; the close codes below mirror service/protocol.py.
 
+/**
+ * The server's close codes (docs/protocol.md, service/protocol.py's CloseCode): what each means,
+ * and whether this client reconnects after it. `false` where the server advises against it: the
+ * session was ended on purpose, or the same client would fail the same way again ("fix the
+ * client"). 4001 reconnects only with a new token. Codes not listed reconnect with backoff.
+ */
+export const CLOSE_CODES = Object.freeze({
+  1000: Object.freeze({ meaning: 'normal closure', reconnect: false }),
+  1001: Object.freeze({ meaning: 'going away', reconnect: true }),
+  1002: Object.freeze({ meaning: 'protocol error', reconnect: false }),
+  1003: Object.freeze({ meaning: 'unsupported data', reconnect: false }),
+  1006: Object.freeze({ meaning: 'connection lost without a close frame', reconnect: true }),
+  1007: Object.freeze({ meaning: 'invalid text', reconnect: false }),
+  // Sustained rate-limit abuse: reconnecting at once would be the same abuse again.
+  1008: Object.freeze({ meaning: 'policy violation', reconnect: false }),
+  1009: Object.freeze({ meaning: 'message too big', reconnect: false }),
+  1011: Object.freeze({ meaning: 'server error', reconnect: true }),
+  1012: Object.freeze({ meaning: 'service restart', reconnect: true }),
+  4001: Object.freeze({ meaning: 'token expired', reconnect: 'with a new token' }),
+  4003: Object.freeze({ meaning: 'disconnected by the server', reconnect: false }),
+  4008: Object.freeze({ meaning: 'slow consumer', reconnect: true }),
+  4013: Object.freeze({ meaning: 'rebalance', reconnect: true }),
+});
 /** Close codes after which reconnecting would not help (or is forbidden for a while). */
-export const NO_RECONNECT_CODES = Object.freeze(new Set([
-  1000, // normal: the client or the server ended the connection on purpose
-  1008, // policy violation: sustained rate-limit abuse; reconnecting at once would be abuse again
-  1009, // message too big: this client sent an oversized frame; resending it would fail the same way
-  4003, // disconnected by the server: an operator ended the session or revoked its token
-]));
+export const NO_RECONNECT_CODES = Object.freeze(new Set(
+  Object.entries(CLOSE_CODES).filter(([, { reconnect }]) => reconnect === false).map(([code]) => Number(code)),
+));
 /** An operator disconnected the user or revoked its token: do not reconnect; the user must sign in again. */
 export const DISCONNECTED_BY_SERVER_CODE = 4003;
 /** The token expired without a refresh: reconnect only with a new token. */
@@ -296,8 +316,18 @@ export class EvaWsClient extends EventTarget {
     ws.onopen = () => this.onOpen(ws);
     ws.onmessage = (event) => this.onMessage(ws, event);
     ws.onclose = (event) => this.onClose(ws, event.code, event.reason);
-    // Browsers follow every error with a close event; nothing to do here.
-    ws.onerror = () => {};
+    // Browsers follow every error with a close event (1006 for a refused handshake), but Node 20's
+    // WebSocket fires only `error` and stays CONNECTING: treat an error before `open` as that close.
+    // onClose() detaches the socket, so a close that does follow is not handled again.
+    ws.onerror = () => {
+      if (ws.readyState !== 0) return;
+      this.onClose(ws, 1006, 'the handshake failed');
+      try {
+        ws.close();
+      } catch {
+        // Already closing: nothing to release.
+      }
+    };
   }
 
   async currentToken(reason) {
