@@ -7,13 +7,16 @@ from typing import Any
 from fleet.chaos.checker import (
     Attempt,
     ClientLog,
+    CommitOutcome,
     Kind,
+    OutboxWrite,
     Outcome,
     PublishedEvent,
     Record,
     Report,
     Violation,
     check,
+    check_outbox,
     render_table,
 )
 
@@ -283,3 +286,141 @@ def test_the_table_names_each_fault_kind_and_the_counts():
     assert "| nginx_reload | 1 | - |" in table
     assert "| lost | 0 |" in table
     assert "| deliveries | 1 |" in table
+
+
+class OutboxRun:
+    """A scripted outbox run: the writers' record of each transaction and two clients' logs on one channel."""
+
+    def __init__(self) -> None:
+        self.writes: list[OutboxWrite] = []
+        self.logs = [ClientLog("client-1", "python"), ClientLog("client-2", "node")]
+        self.clock = 0.0
+        self.commits = 0
+
+    def tick(self) -> float:
+        self.clock += 1.0
+        return self.clock
+
+    def write(self, outcome: CommitOutcome, transaction: str = "TXN-1") -> OutboxWrite:
+        event_id = f"writer-0-{len(self.writes)}"
+        data: dict[str, Any] = {"id": transaction, "customerId": "CUST-001", "seq": event_id}
+        write = OutboxWrite(event_id, SUB, transaction, "stage_change", data, outcome, self.tick())
+        if outcome is CommitOutcome.COMMITTED:
+            self.commits += 1
+            write.commit_index = self.commits
+        self.writes.append(write)
+        return write
+
+    def subscribed(self, offset: int = 0, epoch: str = "e1") -> None:
+        for log in self.logs:
+            log.records.append(Record(Kind.SUBSCRIBED, SUB, offset, epoch, self.tick()))
+
+    def resync(self, offset: int, epoch: str = "e1") -> None:
+        for log in self.logs:
+            log.records.append(Record(Kind.RESYNC, SUB, offset, epoch, self.tick()))
+
+    def deliver(self, write: OutboxWrite, offset: int, *, clients: tuple[int, ...] = (0, 1), epoch: str = "e1") -> None:
+        for index in clients:
+            record = Record(
+                Kind.EVENT,
+                SUB,
+                offset,
+                epoch,
+                self.tick(),
+                event_id=write.event_id,
+                event_type=write.event_type,
+                data=write.data,
+            )
+            self.logs[index].records.append(record)
+
+    def check(self, rows_left: int = 0) -> Report:
+        return check_outbox(self.writes, self.logs, history_size=100, rows_left=rows_left)
+
+
+def test_outbox_committed_events_once_in_commit_order_and_nothing_else_passes():
+    run = OutboxRun()
+    run.subscribed()
+    first = run.write(CommitOutcome.COMMITTED)
+    run.write(CommitOutcome.ROLLED_BACK)
+    unknown_committed = run.write(CommitOutcome.UNKNOWN)
+    run.write(CommitOutcome.UNKNOWN)  # it did not commit: nobody gets it, and that is fine
+    second = run.write(CommitOutcome.COMMITTED, transaction="TXN-2")
+    run.deliver(first, 1)
+    run.deliver(unknown_committed, 2)
+    run.deliver(second, 3)
+    report = run.check()
+    assert report.ok, report.violations
+    assert report.outbox is not None
+    assert (report.outbox.committed, report.outbox.rolled_back, report.outbox.unknown) == (2, 1, 2)
+    assert report.outbox.unknown_delivered == 1
+    assert (report.events, report.deliveries, report.lost, report.duplicated) == (2, 6, 0, 0)
+    assert report.worst_delay_s > 0  # from the commit to the delivery
+
+
+def test_outbox_rolled_back_event_delivered_is_a_violation():
+    run = OutboxRun()
+    run.subscribed()
+    rolled_back = run.write(CommitOutcome.ROLLED_BACK)
+    run.deliver(rolled_back, 1, clients=(1,))
+    assert kinds(run.check()) == {Violation.ROLLED_BACK_DELIVERED}
+
+
+def test_outbox_committed_or_unknown_event_delivered_twice_is_duplicated():
+    for outcome in (CommitOutcome.COMMITTED, CommitOutcome.UNKNOWN):
+        run = OutboxRun()
+        run.subscribed()
+        write = run.write(outcome)
+        run.deliver(write, 1)
+        run.deliver(write, 2, clients=(0,))  # stored again at a new offset
+        report = run.check()
+        assert kinds(report) == {Violation.DUPLICATED}, outcome
+        assert report.duplicated == 1
+
+
+def test_outbox_events_in_offset_order_but_not_commit_order_are_caught():
+    run = OutboxRun()
+    run.subscribed()
+    earlier, later = run.write(CommitOutcome.COMMITTED), run.write(CommitOutcome.COMMITTED, transaction="TXN-2")
+    run.deliver(later, 1)
+    run.deliver(earlier, 2)
+    report = run.check()
+    assert kinds(report) == {Violation.COMMIT_ORDER}
+    assert report.out_of_order == 2  # one per client
+
+
+def test_outbox_committed_event_no_client_got_is_lost_unless_every_client_was_told():
+    run = OutboxRun()
+    run.subscribed()
+    run.write(CommitOutcome.COMMITTED)
+    report = run.check()
+    assert kinds(report) == {Violation.LOST}
+    assert report.lost == 1
+
+    run.resync(5)  # both clients told after the commit
+    report = run.check()
+    assert report.ok, report.violations
+    assert report.told == 1
+
+
+def test_outbox_committed_event_one_client_missed_is_lost():
+    run = OutboxRun()
+    run.subscribed()
+    first, second = run.write(CommitOutcome.COMMITTED), run.write(CommitOutcome.COMMITTED)
+    run.deliver(first, 1)
+    run.deliver(second, 2, clients=(0,))
+    report = run.check()
+    assert kinds(report) == {Violation.LOST, Violation.FINAL_STATE}  # client-2 also ends at the first state
+    assert any("client-2" in detail for _, detail in report.violations)
+
+
+def test_outbox_rows_left_after_the_run_are_a_violation_and_in_the_table():
+    run = OutboxRun()
+    run.subscribed()
+    run.deliver(run.write(CommitOutcome.COMMITTED), 1)
+    report = run.check(rows_left=3)
+    assert kinds(report) == {Violation.OUTBOX_NOT_EMPTY}
+    table = render_table(report, {"postgres_kill_restart": 1}, {"postgres_kill_restart": 2.5})
+    assert "| postgres_kill_restart | 1 | 2.5 |" in table
+    assert "| rows left in the outbox | 3 |" in table
+    assert "| outbox events committed | 1 |" in table
+    assert "worst delay from commit to delivery" in table

@@ -18,6 +18,14 @@ subscription:
   attempts was ambiguous (timeout, 5xx, reset) and the server has no idempotency keys, the
   publisher could not have avoided it: it is counted as "ambiguous", not as a violation.
 - At the end, each client's last state of every transaction equals the last state accepted.
+
+`check_outbox` judges a run whose events were written into the PostgreSQL outbox instead
+(docs/outbox.md). A commit returns no offset, so each event is known by its correlationId and
+the writers' record of how its transaction ended: committed (with its place in the order the
+channel's commits returned), rolled back (or failed before the commit), or unknown (the commit
+itself failed). A committed event is placed where clients received it and judged by the rules
+above; besides, rolled-back events are never delivered, unknown ones at most once, each client
+gets a channel's committed events in commit order, and the outbox is empty at the end.
 """
 
 from __future__ import annotations
@@ -110,6 +118,40 @@ class Violation(StrEnum):
     OUT_OF_ORDER = "out_of_order"
     UNTOLD_EPOCH = "epoch_changed_without_resync"
     FINAL_STATE = "final_state"
+    ROLLED_BACK_DELIVERED = "rolled_back_delivered"  # an outbox event whose transaction did not commit
+    COMMIT_ORDER = "out_of_commit_order"  # a channel's outbox events not in the order their commits returned
+    OUTBOX_NOT_EMPTY = "outbox_not_empty"  # rows left in eva_ws_outbox after the run settled
+
+
+class CommitOutcome(StrEnum):
+    """How an outbox writer's transaction ended."""
+
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"  # rolled back on purpose, or failed before its commit was sent
+    UNKNOWN = "unknown"  # the commit itself failed: it may or may not have committed
+
+
+@dataclass
+class OutboxWrite:
+    """One event an outbox writer inserted with `enqueue`; `event_id` is its correlationId."""
+
+    event_id: str
+    subscription: str
+    transaction_id: str
+    event_type: str
+    data: dict[str, Any]
+    outcome: CommitOutcome
+    at_s: float  # wall clock when the commit (or rollback) returned
+    commit_index: int | None = None  # committed: its place among its channel's commits, in the order they returned
+
+
+@dataclass
+class OutboxCounts:
+    committed: int = 0
+    rolled_back: int = 0
+    unknown: int = 0
+    unknown_delivered: int = 0  # unknown outcome, yet delivered: it did commit
+    rows_left: int = 0
 
 
 @dataclass
@@ -125,7 +167,8 @@ class Report:
     conflated: int = 0
     resyncs: int = 0
     final_state_mismatches: int = 0
-    worst_delay_s: float = 0.0  # longest wait from a 2xx to a delivery
+    worst_delay_s: float = 0.0  # longest wait from a 2xx (an outbox commit) to a delivery
+    outbox: OutboxCounts | None = None  # set by check_outbox
     violations: list[tuple[Violation, str]] = field(default_factory=list)
 
     @property
@@ -405,6 +448,104 @@ def _judge_final_state(
             )
 
 
+def check_outbox(
+    writes: Iterable[OutboxWrite],
+    clients: Iterable[ClientLog],
+    *,
+    history_size: int,
+    rows_left: int,
+) -> Report:
+    """Judge the clients' logs against the outbox writers' record (see the module's docstring)."""
+    writes = list(writes)
+    logs = list(clients)
+    ledger, first_seen = as_ledger(writes, logs)
+    # Keys: the relay publishes with idempotencyKey outbox:<id>, so any second store is a violation.
+    report = check(ledger, logs, history_size=history_size, idempotency_keys=True)
+    counts = report.outbox = OutboxCounts(rows_left=rows_left)
+    for write in writes:
+        counts.committed += write.outcome is CommitOutcome.COMMITTED
+        counts.rolled_back += write.outcome is CommitOutcome.ROLLED_BACK
+        counts.unknown += write.outcome is CommitOutcome.UNKNOWN
+        counts.unknown_delivered += write.outcome is CommitOutcome.UNKNOWN and write.event_id in first_seen
+    report.events = counts.committed
+    rolled_back = {w.event_id for w in writes if w.outcome is CommitOutcome.ROLLED_BACK}
+    commit_index = {w.event_id: w.commit_index for w in writes if w.commit_index is not None}
+    for client in logs:
+        last_index: dict[str, tuple[int, str]] = {}
+        handled: set[str] = set()
+        for record in client.records:
+            if record.kind is not Kind.EVENT or record.event_id is None:
+                continue
+            where = f"{client.name} {record.subscription}"
+            if record.event_id in rolled_back:
+                report.add(Violation.ROLLED_BACK_DELIVERED, f"{where}: {record.event_id} at offset {record.offset}")
+            index = commit_index.get(record.event_id)
+            if index is None or record.event_id in handled:
+                continue  # not committed for sure, or a duplicate `check` already counts
+            handled.add(record.event_id)
+            before = last_index.get(record.subscription)
+            if before is not None and index < before[0]:
+                report.out_of_order += 1
+                report.add(
+                    Violation.COMMIT_ORDER,
+                    f"{where}: {record.event_id} (commit {index}) after {before[1]} (commit {before[0]})",
+                )
+            else:
+                last_index[record.subscription] = (index, record.event_id)
+    for write in writes:
+        if write.outcome is CommitOutcome.COMMITTED and write.event_id not in first_seen:
+            if _told_after(logs, write.subscription, write.at_s):
+                report.told += 1
+            else:
+                report.lost += 1
+                report.add(Violation.LOST, f"{write.subscription}: committed {write.event_id} reached no client")
+    if rows_left:
+        report.add(Violation.OUTBOX_NOT_EMPTY, f"{rows_left} rows left in the outbox")
+    return report
+
+
+def as_ledger(writes: list[OutboxWrite], logs: list[ClientLog]) -> tuple[list[PublishedEvent], dict[str, Record]]:
+    """Every write that committed as a published event, stored where a client first received it.
+
+    A committed event nobody received has no position (`check` does not judge it); an unknown
+    one nobody received may never have committed and is left out; rolled-back ones are left out.
+    """
+    first_seen: dict[str, Record] = {}
+    for log in logs:
+        for record in log.records:
+            if record.kind is Kind.EVENT and record.event_id is not None:
+                seen = first_seen.get(record.event_id)
+                if seen is None or record.at_s < seen.at_s:
+                    first_seen[record.event_id] = record
+    ledger: list[PublishedEvent] = []
+    for write in writes:
+        seen = first_seen.get(write.event_id)
+        if write.outcome is CommitOutcome.ROLLED_BACK or (write.outcome is CommitOutcome.UNKNOWN and seen is None):
+            continue
+        offset, epoch = (seen.offset, seen.epoch) if seen is not None else (None, None)
+        attempt = Attempt(Outcome.ACCEPTED, write.at_s, offset, epoch)
+        ledger.append(
+            PublishedEvent(
+                write.event_id, write.subscription, write.transaction_id, write.event_type, write.data, [attempt]
+            )
+        )
+    return ledger, first_seen
+
+
+def _told_after(logs: list[ClientLog], subscription: str, at_s: float) -> bool:
+    """Whether every client of `subscription` got a notice (resync, or an unrecovered resume) after `at_s`."""
+    subscribers = [log for log in logs if any(r.subscription == subscription for r in log.records)]
+    return bool(subscribers) and all(
+        any(
+            r.subscription == subscription
+            and r.at_s >= at_s
+            and (r.kind is Kind.RESYNC or (r.kind is Kind.SUBSCRIBED and r.recovered is False))
+            for r in log.records
+        )
+        for log in subscribers
+    )
+
+
 def render_table(report: Report, faults: dict[str, int], recovery_s: dict[str, float]) -> str:
     """The run's summary: faults by kind with the worst recovery after each kind, then the delivery counts."""
     lines = ["| fault | injected | worst time to recover (s) |", "|---|---:|---:|"]
@@ -412,8 +553,19 @@ def render_table(report: Report, faults: dict[str, int], recovery_s: dict[str, f
         recovered = recovery_s.get(kind)
         lines.append(f"| {kind} | {faults[kind]} | {'-' if recovered is None else f'{recovered:.1f}'} |")
     lines += ["", "| measure | value |", "|---|---:|"]
+    outbox = report.outbox
     rows: list[tuple[str, object]] = [
         ("events accepted (2xx)", report.events),
+    ]
+    if outbox is not None:
+        rows = [
+            ("outbox events committed", outbox.committed),
+            ("outbox events rolled back (or failed before the commit)", outbox.rolled_back),
+            ("outbox commits with an unknown outcome", outbox.unknown),
+            ("of which delivered (they had committed)", outbox.unknown_delivered),
+            ("rows left in the outbox", outbox.rows_left),
+        ]
+    rows += [
         ("publishes with an ambiguous attempt", report.ambiguous_publishes),
         ("deliveries", report.deliveries),
         ("lost", report.lost),
@@ -424,7 +576,7 @@ def render_table(report: Report, faults: dict[str, int], recovery_s: dict[str, f
         ("missed after a resync (told)", report.told),
         ("conflated updates", report.conflated),
         ("final state mismatches", report.final_state_mismatches),
-        ("worst delay from 2xx to delivery (s)", f"{report.worst_delay_s:.1f}"),
+        (f"worst delay from {'commit' if outbox else '2xx'} to delivery (s)", f"{report.worst_delay_s:.1f}"),
         ("violations", len(report.violations)),
     ]
     lines += [f"| {name} | {value} |" for name, value in rows]

@@ -24,6 +24,7 @@ class FaultKind(StrEnum):
     REDIS_BLACKHOLE = "redis_link_blackhole"  # worker 1's Redis link forwards nothing for a few seconds
     NGINX_RELOAD = "nginx_reload"
     CLIENT_STALL = "client_stall"  # one client's link forwards nothing (the server's writes back up)
+    POSTGRES_KILL = "postgres_kill_restart"  # outbox runs: kill -9 of PostgreSQL, started again after a pause
 
 
 # (shortest, longest) seconds a fault lasts before it is healed.
@@ -35,6 +36,7 @@ DURATION_S: dict[FaultKind, tuple[float, float]] = {
     FaultKind.REDIS_BLACKHOLE: (2.0, 6.0),
     FaultKind.NGINX_RELOAD: (0.0, 0.0),
     FaultKind.CLIENT_STALL: (2.0, 12.0),
+    FaultKind.POSTGRES_KILL: (0.5, 3.0),
 }
 GAP_S = (2.0, 6.0)  # quiet time before each fault
 
@@ -109,6 +111,13 @@ async def inject(step: Step, topology: Topology, client_links: list[HoldingProxy
         topology.redis_link.hold()
         await asyncio.sleep(step.duration_s)
         topology.redis_link.release()
+    elif kind is FaultKind.POSTGRES_KILL:
+        postgres = topology.postgres
+        assert postgres is not None, "only in an outbox run"
+        fault = Fault(kind, f"postgres {postgres.port}", time.time())
+        await asyncio.to_thread(postgres.kill)
+        await asyncio.sleep(step.duration_s)
+        await asyncio.to_thread(postgres.start)
     elif kind is FaultKind.NGINX_RELOAD:
         fault = Fault(kind, "nginx", time.time())
         await asyncio.to_thread(topology.nginx.reload, [w.port for w in topology.workers])
@@ -123,5 +132,10 @@ async def inject(step: Step, topology: Topology, client_links: list[HoldingProxy
 
 
 def kinds_for(topology: Topology) -> list[FaultKind]:
-    """Every kind the topology can take: a Redis Cluster has no single link to black-hole."""
-    return [k for k in FaultKind if k is not FaultKind.REDIS_BLACKHOLE or topology.redis_link is not None]
+    """Every kind the topology can take: a Redis Cluster has no link to black-hole, only an outbox run a PostgreSQL."""
+    return [
+        k
+        for k in FaultKind
+        if (k is not FaultKind.REDIS_BLACKHOLE or topology.redis_link is not None)
+        and (k is not FaultKind.POSTGRES_KILL or topology.postgres is not None)
+    ]

@@ -1,6 +1,6 @@
 """`scripts/chaos`: one seeded run, from the start of the topology to the table and the exit code.
 
-    scripts/chaos --seed N --duration 60 [--aof] [--redis-cluster] [--idempotency-keys auto|on|off]
+    scripts/chaos --seed N --duration 60 [--aof] [--redis-cluster] [--idempotency-keys auto|on|off] [--outbox]
 
 Exit 0 when the checker finds no violation, 1 when it does, 2 when the run itself failed.
 """
@@ -25,11 +25,20 @@ from typing import Final
 import aiohttp
 
 from fleet import ROOT
-from fleet.chaos.checker import ClientLog, Kind, PublishedEvent, Report, check, render_table
+from fleet.chaos.checker import (
+    ClientLog,
+    Kind,
+    PublishedEvent,
+    Report,
+    as_ledger,
+    check,
+    check_outbox,
+    render_table,
+)
 from fleet.chaos.faults import Fault, inject, kinds_for, schedule
 from fleet.chaos.proxy import HoldingProxy
 from fleet.chaos.topology import HISTORY_SIZE, Topology
-from fleet.chaos.traffic import NodeClients, Publisher, RecordingClient, idempotency_keys_supported
+from fleet.chaos.traffic import NodeClients, OutboxWriter, Publisher, RecordingClient, idempotency_keys_supported
 from fleet.waiting import eventually
 from service.auth import mint_token
 from service.config import load_settings
@@ -44,6 +53,8 @@ class Options:
     duration_s: float
     aof: bool = False
     redis_cluster: bool = False
+    outbox: bool = False  # events go through the PostgreSQL outbox, written by OutboxWriters
+    outbox_writers: int = 3
     idempotency_keys: str = "auto"  # auto: send keys if the server accepts the field
     python_clients: int = 4
     node_clients: int = 2
@@ -73,6 +84,9 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--aof", action="store_true", help="Redis with an fsync-always append-only file")
     parser.add_argument("--redis-cluster", action="store_true", help="a 3-master Redis Cluster instead of one server")
     parser.add_argument("--idempotency-keys", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--outbox", action="store_true", help="events written into a PostgreSQL outbox (docs/outbox.md), not POSTed"
+    )
     parser.add_argument("--python-clients", type=int, default=4, choices=range(1, 17), metavar="1..16")
     parser.add_argument("--node-clients", type=int, default=2, choices=range(0, 17), metavar="0..16")
     parser.add_argument("--dir", type=Path, default=None, help="state and logs (default .cache/chaos/seed-N)")
@@ -84,6 +98,7 @@ def parse_args(argv: list[str]) -> Options:
         duration_s=args.duration,
         aof=args.aof,
         redis_cluster=args.redis_cluster,
+        outbox=args.outbox,
         idempotency_keys=args.idempotency_keys,
         python_clients=args.python_clients,
         node_clients=args.node_clients,
@@ -116,11 +131,15 @@ async def run(options: Options) -> Outcome:
     rng = random.Random(options.seed)
     secret = secrets.token_urlsafe(32)
     settings = load_settings({"EVA_WS_JWT_SECRET": secret})
-    topology = Topology(options.directory, secret=secret, aof=options.aof, redis_cluster=options.redis_cluster)
+    topology = Topology(
+        options.directory, secret=secret, aof=options.aof, redis_cluster=options.redis_cluster, outbox=options.outbox
+    )
     links: list[HoldingProxy] = []
     python_clients: list[RecordingClient] = []
     node: NodeClients | None = None
     faults: list[Fault] = []
+    writers: list[OutboxWriter] = []
+    rows_left = 0
     async with aiohttp.ClientSession() as session:
         try:
             await topology.start()
@@ -174,21 +193,40 @@ async def run(options: Options) -> Outcome:
             )
 
             transactions = [(c, f"TXN-{c[-3:]}-{t}") for c in customers for t in range(TRANSACTIONS_PER_CUSTOMER)]
-            publishers = [
-                Publisher(
-                    session,
-                    topology.url,
-                    publisher_token,
-                    transactions=transactions[p :: options.publishers],
-                    rng=random.Random(rng.random()),
-                    idempotency_keys=keys,
-                    name=f"pub-{p}",
-                )
-                for p in range(options.publishers)
-            ]
+            commit_order: dict[str, int] = {}
+            if options.outbox:
+                assert topology.postgres is not None
+                # transactions[w::n] gives every writer transactions of every customer: concurrent writers per channel.
+                writers = [
+                    OutboxWriter(
+                        topology.postgres.dsn,
+                        transactions=transactions[w :: options.outbox_writers],
+                        rng=random.Random(rng.random()),
+                        commit_order=commit_order,
+                        name=f"writer-{w}",
+                    )
+                    for w in range(options.outbox_writers)
+                ]
+            publishers = (
+                []
+                if options.outbox
+                else [
+                    Publisher(
+                        session,
+                        topology.url,
+                        publisher_token,
+                        transactions=transactions[p :: options.publishers],
+                        rng=random.Random(rng.random()),
+                        idempotency_keys=keys,
+                        name=f"pub-{p}",
+                    )
+                    for p in range(options.publishers)
+                ]
+            )
             stop_publishing = asyncio.Event()
-            interval_s = options.publishers / options.events_per_s
+            interval_s = max(1, len(publishers) + len(writers)) / options.events_per_s
             publishing = [asyncio.ensure_future(p.run(stop_publishing, interval_s=interval_s)) for p in publishers]
+            publishing += [asyncio.ensure_future(w.run(stop_publishing, interval_s=interval_s)) for w in writers]
             end = time.monotonic() + options.duration_s
             for step in schedule(options.seed, options.duration_s, kinds_for(topology)):
                 await asyncio.sleep(min(step.gap_s, max(0.0, end - time.monotonic())))
@@ -201,17 +239,33 @@ async def run(options: Options) -> Outcome:
             stop_publishing.set()
             await asyncio.gather(*publishing)
             await asyncio.gather(*(p.settle() for p in publishers))
+            await asyncio.gather(*(w.settle() for w in writers))
             ledger = [e for p in publishers for e in p.ledger]
+            if options.outbox:
+                rows_left = await _wait_outbox_empty(topology)
+                # Committed events as published ones (no position yet): what the clients must end with.
+                ledger, _ = as_ledger([w for writer in writers for w in writer.writes], [])
             await _wait_settled(logs, ledger)
         finally:
+            for writer in writers:
+                await writer.close()
             await asyncio.gather(*(c.stop() for c in python_clients))
             if node is not None:
                 await node.stop()
             for link in links:
                 await link.close()
             await topology.stop()
+    writes = [w for writer in writers for w in writer.writes]
+    if options.outbox:
+        ledger, _ = as_ledger(writes, logs)
+        with (options.directory / "outbox-writes.jsonl").open("w") as out:
+            for write in writes:
+                out.write(json.dumps(asdict(write)) + "\n")
     _dump(options.directory, ledger, logs)
-    report = check(ledger, logs, history_size=HISTORY_SIZE, idempotency_keys=keys)
+    if options.outbox:
+        report = check_outbox(writes, logs, history_size=HISTORY_SIZE, rows_left=rows_left)
+    else:
+        report = check(ledger, logs, history_size=HISTORY_SIZE, idempotency_keys=keys)
     recovery = recovery_times(faults, logs, ledger)
     table = render_table(report, dict(Counter(str(f.kind) for f in faults)), recovery)
     return Outcome(report, faults, recovery, keys, table)
@@ -226,6 +280,16 @@ def _dump(directory: Path, ledger: list[PublishedEvent], logs: list[ClientLog]) 
         for log in logs:
             for record in log.records:
                 out.write(json.dumps({"client": log.name, **asdict(record)}) + "\n")
+
+
+async def _wait_outbox_empty(topology: Topology) -> int:
+    """Until the relays emptied the outbox, or the deadline: the rows left."""
+    rows = await asyncio.to_thread(topology.outbox_rows)
+    deadline = time.monotonic() + SETTLE_DEADLINE_S
+    while rows and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        rows = await asyncio.to_thread(topology.outbox_rows)
+    return rows
 
 
 async def _wait_settled(logs: list[ClientLog], ledger: list[PublishedEvent]) -> None:
@@ -250,6 +314,8 @@ async def _wait_settled(logs: list[ClientLog], ledger: list[PublishedEvent]) -> 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
     mode = "Redis Cluster" if options.redis_cluster else "Redis with AOF" if options.aof else "Redis without AOF"
+    if options.outbox:
+        mode += ", events through the PostgreSQL outbox"
     print(
         f"chaos run: seed {options.seed}, {options.duration_s:.0f} s, {mode}, logs in {options.directory}", flush=True
     )
@@ -283,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": options.duration_s,
         "aof": options.aof,
         "redis_cluster": options.redis_cluster,
+        "outbox": options.outbox,
         "idempotency_keys": outcome.idempotency_keys,
         "faults": [asdict(f) for f in outcome.faults],
         "recovery_s": outcome.recovery_s,

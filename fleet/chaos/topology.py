@@ -1,4 +1,5 @@
-"""The parts a chaos run breaks: Redis (one server, with or without AOF, or a Redis Cluster), 3 workers, nginx.
+"""The parts a chaos run breaks: Redis (one server, with or without AOF, or a Redis Cluster), 3 workers, nginx,
+and with `outbox` a PostgreSQL server whose outbox every worker relays (EVA_WS_OUTBOX_DSN).
 
 Worker 1 reaches Redis through a `HoldingProxy`, so its link alone can be black-holed. Every
 process is started here and stopped by `stop()`, which is safe to call after any failure.
@@ -15,12 +16,14 @@ from typing import Final
 from fleet.chaos.proxy import HoldingProxy
 from fleet.cluster import WORKER_DEFAULTS
 from fleet.nginx import Nginx
+from fleet.postgres_server import PostgresServer
 from fleet.process import ServiceProcess
 from fleet.redis_cluster import RedisCluster
 from fleet.redis_server import RedisServer
 
 WORKERS: Final = 3
 HISTORY_SIZE: Final = 1000
+OUTBOX_SCHEMA: Final = Path(__file__).resolve().parents[2] / "deploy" / "sql" / "outbox.sql"
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ChaosWorker:
 class Topology:
     """Redis + 3 workers + nginx on loopback, with state and logs under `directory`."""
 
-    def __init__(self, directory: Path, *, secret: str, aof: bool, redis_cluster: bool) -> None:
+    def __init__(self, directory: Path, *, secret: str, aof: bool, redis_cluster: bool, outbox: bool = False) -> None:
         self.directory = directory
         self.secret = secret
         self.aof = aof
@@ -43,6 +46,8 @@ class Topology:
         self.redis_link: HoldingProxy | None = None
         self.nginx = Nginx(directory / "nginx")
         self.workers: list[ChaosWorker] = []
+        self.outbox = outbox
+        self.postgres: PostgresServer | None = None
         self.env = {
             **WORKER_DEFAULTS,
             "history_size": str(HISTORY_SIZE),
@@ -59,7 +64,12 @@ class Topology:
         return self.nginx.url
 
     async def start(self) -> None:
-        """Start Redis, the proxy for worker 1's link, the workers, then nginx (blocking steps in threads)."""
+        """Start Redis (and PostgreSQL with the outbox schema), the proxy for worker 1's link, the workers, nginx."""
+        if self.outbox:
+            self.postgres = await asyncio.to_thread(PostgresServer)
+            await asyncio.to_thread(self.postgres.start)
+            await asyncio.to_thread(self._apply_schema)
+            self.env["outbox_dsn"] = self.postgres.dsn
         if self.redis_cluster is not None:
             await asyncio.to_thread(self.redis_cluster.start)
             urls = [self.redis_cluster.url] * WORKERS
@@ -92,6 +102,22 @@ class Topology:
         worker.process = self._process(worker)
         worker.process.start()
 
+    def _apply_schema(self) -> None:
+        import psycopg  # the outbox extra; only an outbox run needs it
+
+        assert self.postgres is not None
+        with psycopg.connect(self.postgres.dsn, autocommit=True) as connection:
+            connection.execute(OUTBOX_SCHEMA.read_text().encode())
+
+    def outbox_rows(self) -> int:
+        """Rows still in eva_ws_outbox (blocking)."""
+        import psycopg
+
+        assert self.postgres is not None
+        with psycopg.connect(self.postgres.dsn, autocommit=True, connect_timeout=5) as connection:
+            row = connection.execute("SELECT count(*) FROM eva_ws_outbox").fetchone()
+        return int(row[0]) if row else 0
+
     def pick_redis_node(self, rng: random.Random) -> RedisServer:
         return rng.choice(self.redis_nodes)
 
@@ -106,3 +132,5 @@ class Topology:
             await self.redis_link.close()
         for node in self.redis_nodes:
             node.kill()
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.cleanup)

@@ -1,7 +1,8 @@
-"""The traffic of a chaos run: publishers that retry, and resuming clients (Python and the browser client in Node).
+"""The traffic of a chaos run: publishers that retry (or outbox writers), and resuming clients (Python and Node).
 
-Publishers write every attempt into the ledger; clients write every message their live socket
-receives into their log. Both are the checker's only inputs (fleet.chaos.checker).
+Publishers write every attempt into the ledger, outbox writers every transaction's outcome; clients
+write every message their live socket receives into their log. Both are the checker's only inputs
+(fleet.chaos.checker).
 """
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ from typing import Any, Final, cast
 
 import aiohttp
 
-from fleet.chaos.checker import Attempt, ClientLog, Kind, Outcome, PublishedEvent, Record
+from fleet.chaos.checker import (
+    Attempt,
+    ClientLog,
+    CommitOutcome,
+    Kind,
+    OutboxWrite,
+    Outcome,
+    PublishedEvent,
+    Record,
+)
 from fleet.resuming_client import ResumingClient
+from service.postgres_outbox import enqueue
 
 NODE: Final = shutil.which("node") or "node"
 NODE_CLIENT: Final = Path(__file__).with_name("node_client.mjs")
@@ -142,6 +153,106 @@ class Publisher:
         """One last version of every own transaction, retried for long: the state every client must end with."""
         for customer, transaction in self.transactions:
             await self.publish(self.next_event(customer, transaction), give_up_after_s=120.0)
+
+
+class OutboxWriter:
+    """Inserts events with `enqueue`, one per transaction of its own connection; some transactions roll back.
+
+    Several writers share the channels (customers) and one `commit_order`: right after a commit
+    returns, its event takes the channel's next index. The outbox's per-channel lock makes the
+    writers of a channel commit one after the other (docs/outbox.md), so that is commit order.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        transactions: list[tuple[str, str]],
+        rng: random.Random,
+        commit_order: dict[str, int],
+        name: str,
+        rollback_share: float = 0.2,
+    ) -> None:
+        self.dsn = dsn
+        self.transactions = transactions  # (customer, transaction id)
+        self.rng = rng
+        self.commit_order = commit_order
+        self.name = name
+        self.rollback_share = rollback_share
+        self.writes: list[OutboxWrite] = []
+        self.versions: dict[str, int] = {}
+        self._connection: Any = None
+
+    async def _connect(self) -> Any:
+        import psycopg  # the outbox extra; only an outbox run needs it
+
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=2)
+        return self._connection
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def write(self, customer: str, transaction: str, *, rollback: bool) -> CommitOutcome | None:
+        """One transaction with one event; None when no connection could be made (nothing was sent)."""
+        import psycopg
+
+        try:
+            connection = await asyncio.wait_for(self._connect(), ATTEMPT_TIMEOUT_S)
+        except (TimeoutError, psycopg.Error, OSError):
+            await self._drop()
+            return None
+        version = self.versions[transaction] = self.versions.get(transaction, 0) + 1
+        event_id = f"{self.name}-{transaction}-{version}"
+        event_type = "transaction_new" if version == 1 else self.rng.choice(["transaction_update", "stage_change"])
+        data = {"id": transaction, "customerId": customer, "status": f"version-{version}", "seq": event_id}
+        write = OutboxWrite(
+            event_id, f"transactions:{customer}", transaction, event_type, data, CommitOutcome.ROLLED_BACK, 0.0
+        )
+        self.writes.append(write)
+        try:
+            await asyncio.wait_for(
+                enqueue(connection, {"type": event_type, "data": data, "correlationId": event_id}), ATTEMPT_TIMEOUT_S
+            )
+            if rollback:
+                await asyncio.wait_for(connection.rollback(), ATTEMPT_TIMEOUT_S)
+            else:
+                try:
+                    await asyncio.wait_for(connection.commit(), ATTEMPT_TIMEOUT_S)
+                except (TimeoutError, psycopg.Error, OSError):
+                    write.outcome = CommitOutcome.UNKNOWN
+                    raise
+                # No await between the commit's return and its index: the order commits returned.
+                write.outcome = CommitOutcome.COMMITTED
+                index = self.commit_order[customer] = self.commit_order.get(customer, 0) + 1
+                write.commit_index = index
+        except (TimeoutError, psycopg.Error, OSError):
+            await self._drop()  # a failed statement or a lost server: this transaction did not commit
+        write.at_s = time.time()
+        return write.outcome
+
+    async def run(self, stop: asyncio.Event, *, interval_s: float) -> None:
+        """One transaction of a random own transaction id every `interval_s` (on average) until `stop`."""
+        while not stop.is_set():
+            customer, transaction = self.rng.choice(self.transactions)
+            await self.write(customer, transaction, rollback=self.rng.random() < self.rollback_share)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rng.uniform(0, 2 * interval_s))
+
+    async def settle(self, give_up_after_s: float = 120.0) -> None:
+        """One last committed version of every own transaction: the state every client must end with."""
+        deadline = time.monotonic() + give_up_after_s
+        for customer, transaction in self.transactions:
+            while await self.write(customer, transaction, rollback=False) is not CommitOutcome.COMMITTED:
+                if time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._drop()
 
 
 async def idempotency_keys_supported(session: aiohttp.ClientSession, url: str, token: str) -> bool:
