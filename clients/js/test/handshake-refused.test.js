@@ -5,7 +5,7 @@ import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
 
 import { EvaWsClient } from '../eva-ws-client.js';
-import { until } from '../testing/fake-websocket.js';
+import { FakeWebSocket, until } from '../testing/fake-websocket.js';
 
 describe('a refused handshake with the real WebSocket', () => {
   let server;
@@ -49,5 +49,26 @@ describe('a refused handshake with the real WebSocket', () => {
       const reconnects = states.filter((s) => s.state === 'reconnecting' && s.delayMs !== undefined);
       assert.deepEqual(reconnects.map((s) => s.attempt), reconnects.map((_, i) => i + 1));
     });
+  }
+});
+
+test('an error followed by a close, as browsers report a refusal, is one reconnect', async () => {
+  FakeWebSocket.reset();
+  const client = new EvaWsClient({
+    url: 'ws://eva.test/ws/transactions', token: 'tok', WebSocket: FakeWebSocket, initialDelayMs: 1, maxDelayMs: 4, pingIntervalMs: 0,
+  });
+  const states = [];
+  client.on('state', (detail) => states.push(detail));
+  client.connect();
+  try {
+    const ws = await until(() => FakeWebSocket.last, 'a socket');
+    ws.onerror?.({});
+    ws.serverClose(1006);
+    await until(() => FakeWebSocket.instances.length === 2, 'the reconnect');
+    const reconnects = states.filter((s) => s.state === 'reconnecting' && s.delayMs !== undefined);
+    assert.deepEqual(reconnects.map(({ code, attempt }) => ({ code, attempt })), [{ code: 1006, attempt: 1 }]);
+    assert.deepEqual(ws.closedWith, { code: undefined, reason: undefined });
+  } finally {
+    client.close();
   }
 });
