@@ -301,10 +301,12 @@ class OutboxRun:
         self.clock += 1.0
         return self.clock
 
-    def write(self, outcome: CommitOutcome, transaction: str = "TXN-1") -> OutboxWrite:
+    def write(
+        self, outcome: CommitOutcome, transaction: str = "TXN-1", event_type: str = "stage_change"
+    ) -> OutboxWrite:
         event_id = f"writer-0-{len(self.writes)}"
         data: dict[str, Any] = {"id": transaction, "customerId": "CUST-001", "seq": event_id}
-        write = OutboxWrite(event_id, SUB, transaction, "stage_change", data, outcome, self.tick())
+        write = OutboxWrite(event_id, SUB, transaction, event_type, data, outcome, self.tick())
         if outcome is CommitOutcome.COMMITTED:
             self.commits += 1
             write.commit_index = self.commits
@@ -424,3 +426,14 @@ def test_outbox_rows_left_after_the_run_are_a_violation_and_in_the_table():
     assert "| rows left in the outbox | 3 |" in table
     assert "| outbox events committed | 1 |" in table
     assert "worst delay from commit to delivery" in table
+
+
+def test_outbox_update_no_client_got_is_conflated_when_every_client_got_a_later_update_of_its_transaction():
+    for event_type, conflated in (("transaction_update", True), ("stage_change", False)):
+        run = OutboxRun()
+        run.subscribed()
+        run.write(CommitOutcome.COMMITTED, event_type=event_type)  # replaced in the send queues of a replay
+        run.deliver(run.write(CommitOutcome.COMMITTED, event_type="transaction_update"), 2)
+        report = run.check()
+        assert report.ok is conflated, (event_type, report.violations)
+        assert report.conflated == int(conflated)

@@ -494,7 +494,9 @@ def check_outbox(
                 last_index[record.subscription] = (index, record.event_id)
     for write in writes:
         if write.outcome is CommitOutcome.COMMITTED and write.event_id not in first_seen:
-            if _told_after(logs, write.subscription, write.at_s):
+            if _conflated_everywhere(write, commit_index, logs):
+                report.conflated += 1
+            elif _told_after(logs, write.subscription, write.at_s):
                 report.told += 1
             else:
                 report.lost += 1
@@ -530,6 +532,25 @@ def as_ledger(writes: list[OutboxWrite], logs: list[ClientLog]) -> tuple[list[Pu
             )
         )
     return ledger, first_seen
+
+
+def _conflated_everywhere(write: OutboxWrite, commit_index: dict[str, int], logs: list[ClientLog]) -> bool:
+    """Whether every client of its channel got a later-committed update of its transaction instead (conflation)."""
+    if write.event_type != CONFLATABLE or write.commit_index is None:
+        return False
+    subscribers = [log for log in logs if any(r.subscription == write.subscription for r in log.records)]
+    return bool(subscribers) and all(
+        any(
+            r.kind is Kind.EVENT
+            and r.subscription == write.subscription
+            and r.event_type == CONFLATABLE
+            and r.data is not None
+            and r.data.get("id") == write.transaction_id
+            and commit_index.get(r.event_id or "", 0) > write.commit_index
+            for r in log.records
+        )
+        for log in subscribers
+    )
 
 
 def _told_after(logs: list[ClientLog], subscription: str, at_s: float) -> bool:
