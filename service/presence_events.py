@@ -3,10 +3,15 @@
 A socket that opens or closes is announced on the broker channel `#presence:<customerId>`
 of each customer presence lists it under, as the very message subscribers get. A pod
 listens on that channel only while one of its clients subscribed to the customer's
-`transactions` with `"presence": true` (see Hub), so announcements nobody watches cost one
-publish each and no delivery. Announcements leave the socket's handler at once: they go
-through one bounded queue per pod, written in batches, in the order the sockets opened and
-closed.
+`transactions` with `"presence": true` (see Hub).
+
+On one Redis the presence write announces itself: the script that writes a batch of adds and
+removes (RedisPresence) also PUBLISHes their messages, live only, which Redis drops when nobody
+listens; announcing costs the pod no round trip and Redis no history. On a Redis Cluster a
+script reaches only its own slot, so announcements go through the broker's publish (offset and
+history, like any channel's event) after the write; in this process (no Redis) only to
+channels this pod listens to. Those leave the socket's handler at once: they go through one
+bounded queue per pod, written in batches, in the order the sockets opened and closed.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Final
 from service import messages, metrics
 from service.broker.base import Broker, BrokerUnavailable
 from service.broker.memory import MemoryBroker
+from service.broker.redis import RedisBroker
 from service.log import get_logger
 from service.presence import Presence, PresenceEntry
+from service.presence_redis import Announcement, RedisPresence
 from service.protocol import iso_utc, utc_now_iso
 
 log = get_logger("eva_ws.presence_events")
@@ -56,6 +63,10 @@ class AnnouncingPresence(Presence):
         # The embedded broker is one process: an announcement this pod does not listen to
         # reaches nobody, so it is not made (it would cost each socket some 20 µs of CPU).
         self._only_if_watched: Callable[[str], bool] | None = watched_here if isinstance(broker, MemoryBroker) else None
+        # One Redis: the presence write publishes the announcements (see the module's docstring).
+        self._in_writes: tuple[RedisPresence, RedisBroker] | None = None
+        if isinstance(inner, RedisPresence) and inner.announces and isinstance(broker, RedisBroker):
+            self._in_writes = (inner, broker)
         # What is announced at a remove: the entry of the add (the remove names only the id).
         self._entries: dict[str, PresenceEntry] = {}
         # One item per socket opened or closed; encoded by the writer, off the socket's handler.
@@ -67,12 +78,25 @@ class AnnouncingPresence(Presence):
         self._writer = asyncio.create_task(self._write_forever(), name="presence-announcements")
 
     async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
+        if self._in_writes is not None:
+            store, broker = self._in_writes
+            announcements = _live_messages(broker, "presence_join", customer_ids, entry)
+            await store.add(customer_ids, entry, announcements=announcements)
+            self._entries[entry.conn_id] = entry
+            metrics.PRESENCE_ANNOUNCEMENTS.labels("published").inc(len(announcements))
+            return
         await self._inner.add(customer_ids, entry)
         self._entries[entry.conn_id] = entry
         self._announce("presence_join", customer_ids, entry)
 
     async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
         entry = self._entries.pop(conn_id, None)
+        if self._in_writes is not None and entry is not None:
+            store, broker = self._in_writes
+            announcements = _live_messages(broker, "presence_leave", customer_ids, entry)
+            await store.remove(customer_ids, conn_id, announcements=announcements)
+            metrics.PRESENCE_ANNOUNCEMENTS.labels("published").inc(len(announcements))
+            return
         await self._inner.remove(customer_ids, conn_id)
         if entry is not None:
             self._announce("presence_leave", customer_ids, entry)
@@ -124,3 +148,16 @@ class AnnouncingPresence(Presence):
                 log.warning("presence_announcements_lost", count=len(batch), error=str(error))
             else:
                 metrics.PRESENCE_ANNOUNCEMENTS.labels("published").inc(len(batch))
+
+
+def _live_messages(
+    broker: RedisBroker, kind: str, customer_ids: Sequence[str], entry: PresenceEntry
+) -> list[Announcement]:
+    """Per customer, the PUBLISH that announces `entry`'s join or leave on one Redis."""
+    connected_at, timestamp = iso_utc(entry.connected_at), utc_now_iso()
+    return [
+        broker.live_message(
+            channel_of(c), messages.presence(kind, c, entry, connected_at=connected_at, timestamp=timestamp)
+        )
+        for c in customer_ids
+    ]

@@ -49,8 +49,11 @@ from service.redis_client import (
 
 log = structlog.get_logger("eva_ws.presence")
 
-Write = tuple[tuple[str, ...], str, bytes]
-"""One connection's add or remove: its customers, its id, its entry JSON (b"" removes)."""
+Announcement = tuple[str, bytes]
+"""A Redis PUB/SUB channel and the message PUBLISHed on it."""
+Write = tuple[tuple[str, ...], str, bytes, tuple[Announcement, ...]]
+"""One connection's add or remove: its customers, its id, its entry JSON (b"" removes), and
+per customer the announcement of it (none: empty)."""
 
 
 class RedisPresence(Presence):
@@ -158,14 +161,24 @@ class RedisPresence(Presence):
             # The heartbeat goes first, so readers drop whatever a failure leaves.
             async with self._redis_call():
                 await self._client.delete(self._heartbeat_prefix + self._instance)
-            await self._apply([(customers, conn_id, b"") for conn_id, (customers, _) in self._local.items()])
+            await self._apply([(customers, conn_id, b"", ()) for conn_id, (customers, _) in self._local.items()])
         except BackendUnavailable as exc:
             # The heartbeat expires anyway, and readers drop the entries then.
             log.warning("presence_close_failed", error=str(exc))
         self._local.clear()
         await self._client.aclose()
 
-    async def add(self, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
+    @property
+    def announces(self) -> bool:
+        """Whether `add` and `remove` can publish announcements with their write (one Redis only:
+        on a cluster a script reaches only its own slot, where the broker's channels are not)."""
+        return not self._sharded
+
+    async def add(
+        self, customer_ids: Sequence[str], entry: PresenceEntry, *, announcements: Sequence[Announcement] = ()
+    ) -> None:
+        """See Presence.add. `announcements` (only if `announces`): per customer, a PUBLISH the
+        same script makes after the write, so announcing costs this pod no round trip of its own."""
         value = orjson.dumps(
             {
                 "user_id": entry.user_id,
@@ -180,16 +193,19 @@ class RedisPresence(Presence):
         customers = tuple(customer_ids)
         self._local[entry.conn_id] = (customers, entry)
         try:
-            await self._writes.submit((customers, entry.conn_id, value))
+            await self._writes.submit((customers, entry.conn_id, value, tuple(announcements)))
         except BackendUnavailable:
             self._rewrite_local = True
             raise
 
-    async def remove(self, customer_ids: Sequence[str], conn_id: str) -> None:
+    async def remove(
+        self, customer_ids: Sequence[str], conn_id: str, *, announcements: Sequence[Announcement] = ()
+    ) -> None:
+        """See Presence.remove; `announcements` as in `add`."""
         self._local.pop(conn_id, None)
         customers = tuple(customer_ids)
         try:
-            await self._writes.submit((customers, conn_id, b""))
+            await self._writes.submit((customers, conn_id, b"", tuple(announcements)))
         except BackendUnavailable:
             self._unremoved[conn_id] = customers
             raise
@@ -198,12 +214,12 @@ class RedisPresence(Presence):
     async def _apply(self, writes: list[Write]) -> list[None]:
         """One script for the adds and removes of many connections; on a cluster, one per slot."""
         groups: dict[int, tuple[list[str], list[Any]]] = {}
-        for customer_ids, conn_id, value in writes:
-            for customer_id in customer_ids:
+        for customer_ids, conn_id, value, announcements in writes:
+            for index, customer_id in enumerate(customer_ids):
                 keys = self._keys(customer_id)
                 group = groups.setdefault(slot_group(self._client, keys[0]), ([], [self._instance]))
                 group[0].extend(keys)
-                group[1].extend((conn_id, value))
+                group[1].extend((conn_id, value, *(announcements[index] if announcements else ("", ""))))
         if groups:
             async with self._redis_call():
                 await eval_groups(self._client, redis_lua.PRESENCE_APPLY, groups.values())

@@ -255,6 +255,11 @@ class RedisBroker(Broker):
 
     # -- publishing and history -----------------------------------------------------------
 
+    def live_message(self, channel: str, payload: bytes) -> tuple[str, bytes]:
+        """The Redis PUB/SUB channel and message that deliver `payload` on a pod channel (one
+        the Hub `listen`s to) without offset or history, for a caller's own script to PUBLISH."""
+        return self._channel_name(self._prefix, channel), wire.encode_live(payload)
+
     def _script_args(self, channel: str, payload: bytes, idempotency_key: str | None) -> tuple[list[str], list[Any]]:
         return wire.publish_keys_and_args(
             self._prefix,

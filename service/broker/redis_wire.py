@@ -34,6 +34,17 @@ def encode_envelope(offset: int, epoch: str, payload: bytes) -> bytes:
     return b"%s:%d:%s\n%s" % (ENVELOPE_VERSION, offset, epoch.encode(), payload)
 
 
+# The envelope of a message published without history (presence announcements, see
+# service/presence_events.py): a pod channel's subscribers read only the payload.
+LIVE_OFFSET: Final = 1
+LIVE_EPOCH: Final = "live"
+
+
+def encode_live(payload: bytes) -> bytes:
+    """A message for a pod channel PUBLISHed without the publish script: no offset, no history."""
+    return encode_envelope(LIVE_OFFSET, LIVE_EPOCH, payload)
+
+
 @dataclass(frozen=True, slots=True)
 class WireEvent:
     offset: int
