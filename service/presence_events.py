@@ -17,7 +17,6 @@ bounded queue per pod, written in batches, in the order the sockets opened and c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -40,6 +39,8 @@ CHANNEL_PREFIX: Final = "#presence:"
 MAX_PENDING: Final = 10_000
 # Sockets per publish batch: one pipelined round trip for their announcements.
 BATCH: Final = 500
+# How long close() waits for the writer to stop: a shutdown must not hang on an announcement.
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 def channel_of(customer_id: str) -> str:
@@ -108,10 +109,16 @@ class AnnouncingPresence(Presence):
         return await self._inner.count(customer_id)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            # Bounded: a writer that does not stop (a cancellation lost in a client library)
+            # must not keep the pod from shutting down.
+            done, _ = await asyncio.wait([writer], timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning("presence_announcements_writer_not_stopped", timeout_s=CLOSE_TIMEOUT_S)
+            elif not writer.cancelled() and (error := writer.exception()) is not None:
+                raise error
         await self._inner.close()
 
     def _announce(self, kind: str, customer_ids: Sequence[str], entry: PresenceEntry) -> None:
@@ -148,6 +155,12 @@ class AnnouncingPresence(Presence):
                 log.warning("presence_announcements_lost", count=len(batch), error=str(error))
             else:
                 metrics.PRESENCE_ANNOUNCEMENTS.labels("published").inc(len(batch))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled (by close) during the publish, which still returned: on a Redis
+                # Cluster the command client can swallow the CancelledError. Waiting for the
+                # next socket instead would keep close() waiting.
+                raise asyncio.CancelledError
 
 
 def _live_messages(
