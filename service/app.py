@@ -39,6 +39,7 @@ from service.presence_events import AnnouncingPresence
 from service.protocol import CloseCode
 from service.publisher import Publisher
 from service.rebalance import rebalance_ctx
+from service.resume_budget import ResumeBudgets
 from service.revocations import RevocationStore, RevokedTokens
 
 log = get_logger("eva_ws.app")
@@ -76,6 +77,9 @@ def create_app(
     app[keys.LIFECYCLE] = keys.Lifecycle()
     app[keys.FLUSHER] = Flusher(window_s=settings.write_window_ms / 1000)
     app[keys.DEADLINES] = Deadlines()
+    app[keys.RESUME_BUDGETS] = ResumeBudgets(
+        events_per_s=settings.resume_events_per_user_s, burst=settings.resume_events_per_user_burst
+    )
     app[keys.BROKER] = broker or create_broker(settings)
     app[keys.HUB] = Hub(app[keys.BROKER])
     # Announces each socket's opens and closes to the subscribers that asked (presence_join / presence_leave).

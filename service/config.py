@@ -101,6 +101,11 @@ class Settings:
     rate_limit_burst: int = 40
     # Messages refused by the rate limiter before the connection is closed with 1008.
     rate_limit_max_violations: int = 20
+    # History events (resume replays, snapshot transactions) all the sockets of one user may make
+    # this pod read, per second and at once (service/resume_budget.py). The burst holds a few
+    # whole histories, so a user reconnecting a few tabs never waits.
+    resume_events_per_user_s: float = 5000.0
+    resume_events_per_user_burst: int = 10_000
     max_subscriptions: int = 128
     # Open sockets per user (token `sub`) and per client IP on this pod; 0 means no cap.
     # Beyond it the upgrade gets 429. Many users can share one IP behind NAT, hence off by default.
@@ -385,6 +390,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         rate_limit_per_s=_float(env, "rate_limit_per_s", 20.0, minimum=0.1, maximum=100_000.0),
         rate_limit_burst=burst,
         rate_limit_max_violations=_int(env, "rate_limit_max_violations", 20, minimum=1, maximum=100_000),
+        resume_events_per_user_s=_float(env, "resume_events_per_user_s", 5000.0, minimum=1.0, maximum=10_000_000.0),
+        resume_events_per_user_burst=_int(env, "resume_events_per_user_burst", 10_000, minimum=1, maximum=100_000_000),
         max_subscriptions=_int(env, "max_subscriptions", 128, minimum=1, maximum=10_000),
         max_connections_per_user=_int(env, "max_connections_per_user", 100, minimum=0, maximum=1_000_000),
         max_connections_per_ip=_int(env, "max_connections_per_ip", 0, minimum=0, maximum=1_000_000),

@@ -20,6 +20,7 @@ from service.limits import ConnectionLimits
 from service.outbox_relay import OutboxRelay
 from service.presence import Presence
 from service.publisher import Publisher
+from service.resume_budget import ResumeBudgets
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ CONTROL: Final = web.AppKey("control", ControlPlane)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 FLUSHER: Final = web.AppKey("flusher", Flusher)
 DEADLINES: Final = web.AppKey("deadlines", Deadlines)
+RESUME_BUDGETS: Final = web.AppKey("resume_budgets", ResumeBudgets)
 CONNECTION_LIMITS: Final = web.AppKey("connection_limits", ConnectionLimits)
 CONNECTIONS_QUERY: Final = web.AppKey("connections_query", ConnectionsQuery)
 # Present only when EVA_WS_JWKS_URL is set.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from service import messages, metrics
 from service.auth import AuthError, Principal, TokenVerifier, authorize_subscription, entitled_to_key
@@ -24,6 +25,7 @@ from service.protocol import (
     parse_client_message,
 )
 from service.ratelimit import REPLAYED_EVENTS_PER_MESSAGE, TokenBucket
+from service.resume_budget import ResumeBudgets, ResumeRefused
 
 log = get_logger("eva_ws.session")
 
@@ -39,6 +41,7 @@ class Session:
         "_deadlines",
         "_expiry_warned",
         "_hub",
+        "_resume_budgets",
         "_settings",
         "_subscriptions",
         "_verifier",
@@ -54,10 +57,12 @@ class Session:
         verifier: TokenVerifier,
         settings: Settings,
         deadlines: Deadlines,
+        resume_budgets: ResumeBudgets,
         reconnecting: bool,
     ) -> None:
         self._conn = conn
         self._hub = hub
+        self._resume_budgets = resume_budgets
         self._verifier = verifier
         self._settings = settings
         self._bucket = TokenBucket(burst=settings.rate_limit_burst)
@@ -83,7 +88,7 @@ class Session:
         return frozenset(sub.key for sub in self._subscriptions)
 
     async def on_text(self, text: str) -> None:
-        if not self._admit():
+        if not self._admit(text):
             return
         try:
             message = parse_client_message(text)
@@ -147,6 +152,8 @@ class Session:
             self._counted_reconnect = True
             metrics.RECONNECTS.inc()
 
+        charge_user: Callable[[int], None] | None = None
+
         def acknowledge(sub: Subscription, result: SubscribeResult) -> None:
             self._subscriptions += (sub,)
             ack = messages.subscribed(
@@ -161,13 +168,15 @@ class Session:
             )
             if result.read:
                 # The events read for a resume and the transactions of a snapshot count against
-                # the rate limit, filtered out or not.
+                # the rate limit, filtered out or not, and against the user's resume budget.
                 self._bucket.charge(result.read / REPLAYED_EVENTS_PER_MESSAGE)
+                if charge_user is not None:
+                    charge_user(result.read)
             self._conn.send(ack, "subscribed")
             for snapshot_message in result.snapshot or ():
                 self._conn.send(snapshot_message, "snapshot")
 
-        try:
+        async def join() -> None:
             await self._hub.subscribe(
                 self._conn,
                 key,
@@ -177,6 +186,22 @@ class Session:
                 presence=message.presence,
                 snapshot=message.snapshot,
             )
+
+        try:
+            if message.since is None and not message.snapshot:
+                await join()  # reads no history
+                return
+            try:
+                async with self._resume_budgets.read(self._conn.principal.user_id) as charge_user:
+                    await join()
+            except ResumeRefused as refused:
+                # Not logged: an attacker's sockets would write a line per refusal. Counted in
+                # eva_ws_errors_total{code="rate_limited"}; not a violation, so never a close.
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"this user's resumes read too much history on this pod; retry in {refused.retry_after_s:.1f} s",
+                    cid,
+                ) from None
         except HubUnavailable:
             log.warning(
                 "subscribe_unavailable", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id, channel=key
@@ -241,7 +266,7 @@ class Session:
 
     # -- limits and timers -----------------------------------------------------------
 
-    def _admit(self) -> bool:
+    def _admit(self, text: str | None = None) -> bool:
         if self._conn.closing:
             # What a client sends once its close is decided goes unanswered and unlogged: a
             # flood read in one go after the limit would otherwise log a line per message.
@@ -253,7 +278,10 @@ class Session:
             log.warning("rate_limit_close", conn_id=self._conn.conn_id, user_id=self._conn.principal.user_id)
             self._conn.close_soon(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
         else:
-            self._reply_error(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))
+            # With the refused message's correlationId, so a client knows which subscribe to
+            # retry. Parsed only when refused, which happens rate_limit_max_violations times at most.
+            cid = None if text is None else _correlation_id(text)
+            self._reply_error(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down", cid))
         return False
 
     def _reply_error(self, error: ProtocolError) -> None:
@@ -280,3 +308,10 @@ class Session:
         )
         self._expiry_warned = True
         self._deadlines.schedule(self, asyncio.get_running_loop().time() + grace_s)
+
+
+def _correlation_id(text: str) -> str | None:
+    try:
+        return parse_client_message(text).correlation_id
+    except ProtocolError as error:
+        return error.correlation_id

@@ -159,6 +159,7 @@ def _open(
         verifier=app[keys.VERIFIER],
         settings=settings,
         deadlines=app[keys.DEADLINES],
+        resume_budgets=app[keys.RESUME_BUDGETS],
         reconnecting=reconnecting,
     )
     app[keys.LIFECYCLE].connections.add(conn)

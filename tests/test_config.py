@@ -20,6 +20,7 @@ def test_defaults_in_production_with_a_secret():
     assert (settings.broker_canary_interval_s, settings.broker_canary_max_lag_s) == (1.0, 5.0)
     assert settings.presence_ttl_s == 30.0
     assert settings.redis_reconnect_max_s == 5.0
+    assert (settings.resume_events_per_user_s, settings.resume_events_per_user_burst) == (5000.0, 10_000)
 
 
 def test_development_mints_its_own_secret_and_enables_the_demo():
@@ -76,6 +77,20 @@ def test_lists_and_files_are_read(tmp_path):
         ),
         ({"EVA_WS_PRESENCE_TTL_S": "0.5"}, "EVA_WS_PRESENCE_TTL_S=0.5 must be between"),
         ({"EVA_WS_REDIS_RECONNECT_MAX_S": "0"}, "between"),
+        # A resume budget of nothing would refuse every resume for good; nan and inf would disable it.
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_S": "0"}, "EVA_WS_RESUME_EVENTS_PER_USER_S=0.0 must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_S": "-5000"}, "RESUME_EVENTS_PER_USER_S=-5000.0 must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_S": "nan"}, "RESUME_EVENTS_PER_USER_S=nan must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_S": "inf"}, "RESUME_EVENTS_PER_USER_S=inf must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_S": "lots"}, "RESUME_EVENTS_PER_USER_S='lots' is not a number"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_BURST": "0"}, "RESUME_EVENTS_PER_USER_BURST=0 must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_BURST": "-1"}, "RESUME_EVENTS_PER_USER_BURST=-1 must be between"),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER_BURST": "1e4"}, "RESUME_EVENTS_PER_USER_BURST='1e4' is not an integer"),
+        (
+            {"EVA_WS_RESUME_EVENTS_PER_USER_BURST": "99999999999999999999"},
+            "RESUME_EVENTS_PER_USER_BURST=99999999999999999999 must be between",
+        ),
+        ({"EVA_WS_RESUME_EVENTS_PER_USER": "5000"}, "unknown setting EVA_WS_RESUME_EVENTS_PER_USER"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(env, message):

@@ -1,15 +1,21 @@
-"""A resume costs what it reads: Redis sends at most the history window, and replayed events use up the rate limit."""
+"""A resume costs what it reads: Redis sends at most the history window, replayed events use up the rate limit,
+and one user's sockets together read at most the user's resume budget."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
+import aiohttp
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from fleet.redis_server import RedisServer
 from service.broker.base import Position
 from service.protocol import CloseCode
+from service.resume_budget import ResumeBudgets, ResumeRefused
 from tests.conftest import AppClient, connect, make_settings, publish, receive_json, token_for, txn, wait_closed
 from tests.test_broker_redis import redis_factory
 
@@ -86,3 +92,136 @@ async def test_replayed_events_count_against_the_rate_limit_and_a_resume_flood_i
     for _ in range(3):
         await ws.send_json(resume)
     assert await wait_closed(ws) == CloseCode.POLICY_VIOLATION
+
+
+async def _resume_until_refused(
+    ws: aiohttp.ClientWebSocketResponse, resume: dict[str, Any], attempts: int
+) -> list[dict[str, Any]]:
+    """Resume, unsubscribe, resume again, `attempts` times; the replies to the resumes."""
+    replies: list[dict[str, Any]] = []
+    unsubscribe = {"type": "unsubscribe", "channel": resume["channel"], "filters": resume["filters"]}
+    for n in range(attempts):
+        await ws.send_json({**resume, "correlationId": f"resume-{n}"})
+        reply = await receive_json(ws)
+        replies.append(reply)
+        if reply["type"] != "subscribed":
+            continue
+        for _ in range(reply["replayed"]):
+            assert (await receive_json(ws))["type"] == "transaction_update"
+        await ws.send_json(unsubscribe)
+        assert (await receive_json(ws))["type"] == "unsubscribed"
+    return replies
+
+
+async def test_one_users_sockets_resuming_in_a_loop_make_redis_send_at_most_the_users_resume_budget(
+    app_client: AppClient, redis_server: RedisServer, raw: Redis
+) -> None:
+    history = 100
+    rate_per_s, burst = 1.0, 3 * history
+    settings = make_settings(
+        redis_url=redis_server.url,
+        # The per-socket limit lets every resume through: only the user's budget can stop them.
+        rate_limit_per_s="1000",
+        rate_limit_burst="1000",
+        resume_events_per_user_s=str(rate_per_s),
+        resume_events_per_user_burst=str(burst),
+    )
+    client = await app_client(settings)
+    pad = "x" * PAYLOAD_BYTES
+    events = [{"type": "transaction_update", "data": txn(f"T{i}", note=pad)} for i in range(history)]
+    response = await publish(client, settings, {"events": events})
+    assert response.status == 202
+    epoch = (await response.json())["events"][0]["epoch"]
+    resume = {
+        "type": "subscribe",
+        "channel": "transactions",
+        "filters": {"customerId": "C1"},
+        "since": {"offset": 0, "epoch": epoch},
+    }
+
+    sockets = [await connect(client, token_for(settings, sub="mallory")) for _ in range(10)]
+    before = await _bytes_sent(raw)
+    started = time.monotonic()
+    replies = [r for rs in await asyncio.gather(*(_resume_until_refused(ws, resume, 3) for ws in sockets)) for r in rs]
+    elapsed_s = time.monotonic() - started
+    sent = await _bytes_sent(raw) - before
+
+    resumed = [r for r in replies if r["type"] == "subscribed"]
+    refused = [r for r in replies if r["type"] == "error"]
+    assert all(r["recovered"] is True and r["replayed"] == history for r in resumed)
+    # Each resume read the whole history; the last one admitted may overdraw the budget by one read.
+    allowed = rate_per_s * elapsed_s + burst + history
+    assert len(resumed) * history <= allowed < len(replies) * history
+    assert sent < allowed * PAYLOAD_BYTES * 1.5  # Redis agrees: what it sent is that budget, not 30 histories
+    # Refused with a reason and the request's correlationId, so the client retries it; never closed.
+    assert refused
+    assert {r["code"] for r in refused} == {"rate_limited"}
+    assert all(r["correlationId"].startswith("resume-") and "retry in" in r["message"] for r in refused)
+    for ws in sockets:
+        await ws.send_json({"type": "ping", "correlationId": "alive"})
+        assert (await receive_json(ws))["type"] == "pong"
+
+    # Another user's resume is not held up by the debt of the first.
+    bystander = await connect(client, token_for(settings, sub="bystander"))
+    (reply,) = await _resume_until_refused(bystander, resume, 1)
+    assert reply["type"] == "subscribed"
+    assert reply["replayed"] == history
+
+
+async def test_a_resume_waits_for_its_users_budget_and_then_replays(app_client: AppClient) -> None:
+    history = 100
+    # One read fills the burst; the next one leaves the user 100 events (0.05 s) in debt.
+    settings = make_settings(
+        rate_limit_per_s="1000",
+        rate_limit_burst="1000",
+        resume_events_per_user_s="2000",
+        resume_events_per_user_burst=str(history),
+    )
+    client = await app_client(settings)
+    events = [{"type": "transaction_update", "data": txn(f"T{i}")} for i in range(history)]
+    response = await publish(client, settings, {"events": events})
+    epoch = (await response.json())["events"][0]["epoch"]
+    resume = {
+        "type": "subscribe",
+        "channel": "transactions",
+        "filters": {"customerId": "C1"},
+        "since": {"offset": 0, "epoch": epoch},
+    }
+    sockets = [await connect(client, token_for(settings)) for _ in range(3)]
+    replies = await asyncio.gather(*(_resume_until_refused(ws, resume, 3) for ws in sockets))
+    assert [r["type"] for rs in replies for r in rs] == ["subscribed"] * 9
+    assert {r["replayed"] for rs in replies for r in rs} == {history}
+
+
+async def test_a_subscribe_refused_by_the_rate_limit_carries_its_correlation_id(app_client: AppClient) -> None:
+    settings = make_settings(rate_limit_per_s="0.1", rate_limit_burst="1")
+    client = await app_client(settings)
+    ws = await connect(client, token_for(settings))
+    await ws.send_json({"type": "ping", "correlationId": "p1"})
+    assert (await receive_json(ws))["type"] == "pong"
+    await ws.send_json(
+        {"type": "subscribe", "channel": "transactions", "filters": {"customerId": "C1"}, "correlationId": "s1"}
+    )
+    refused = await receive_json(ws)
+    # Without the id a client cannot tell which subscribe to ask for again, and never does.
+    assert (refused["type"], refused["code"], refused["correlationId"]) == ("error", "rate_limited", "s1")
+
+
+async def test_the_resume_budgets_forget_a_user_once_their_bucket_is_full_again() -> None:
+    now = [0.0]
+    budgets = ResumeBudgets(events_per_s=100.0, burst=100, clock=lambda: now[0])
+    for user in ("a", "b", "c"):
+        async with budgets.read(user) as charge:
+            charge(50)
+    async with budgets.read("d") as charge:
+        charge(1000)  # ten seconds of debt
+    assert len(budgets) == 4
+    now[0] = 1.0  # a, b and c are full again; d is still 900 events in debt
+    async with budgets.read("e"):
+        assert len(budgets) == 2
+    with pytest.raises(ResumeRefused):
+        async with budgets.read("d"):
+            pass
+    now[0] = 11.0
+    async with budgets.read("f"):
+        assert len(budgets) == 1  # only the one reading
