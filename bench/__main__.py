@@ -111,6 +111,8 @@ async def run_scenario(
                 secret=secret,
                 redis_pid=redis.pid,
                 quiet_wait_s=args.quiet_wait_s,
+                publisher_setup=setup,
+                client_cpus=client_cpus,
             )
             try:
                 result = await SCENARIOS[name](bench, sizes)

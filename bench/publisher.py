@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 import uvloop
 
+from bench import publish_load
 from bench.payload import event_payload
 from bench.workers import reply_channel
 
@@ -162,6 +163,14 @@ class Publisher:
         return {"sent": sent, "elapsed_s": elapsed_s, "behind_max_s": behind_max_s, "published": dict(self.seq)}
 
 
+async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
+    """Publish into eva-ws as fast as it accepts for a while (see bench.publish_load)."""
+    options = {k: cmd[k] for k in ("batch", "concurrency", "channels", "duration_s", "key_prefix")}
+    if cmd["via"] == "http":
+        return await publish_load.via_http(cmd["http_url"], cmd["secret"], **options)
+    return await publish_load.via_library(cmd["redis_url"], **options)
+
+
 async def serve() -> None:
     send = reply_channel()
     loop = asyncio.get_running_loop()
@@ -193,6 +202,10 @@ async def serve() -> None:
             elif op == "run":
                 assert publisher is not None
                 reply = await publisher.run(cmd["customers"], float(cmd["rate"]), float(cmd["duration_s"]))
+            elif op == "throughput":
+                reply = await throughput(cmd)
+            elif op == "offsets_total":
+                reply = {"total": await publish_load.offsets_total(cmd["redis_url"], int(cmd["channels"]))}
             else:
                 raise ValueError(f"unknown op {op!r}")
             send(reply)

@@ -1,11 +1,14 @@
-"""The five benchmark scenarios, each with size knobs and a tiny preset that runs in seconds."""
+"""The benchmark scenarios, each with size knobs and a tiny preset that runs in seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
@@ -78,12 +81,41 @@ class SlowSize:
 
 
 @dataclass(slots=True)
+class IngestSize:
+    # Events round-robin over `channels`; clients 0..clients-1 each subscribe to their own
+    # channel, the others have no subscriber on this pod.
+    channels: int = 10_000
+    clients: int = 5_000
+    # Publisher processes, each with its own share of the channels (a channel's events stay in order).
+    publishers: int = 2
+    start_rate: float = 4000.0
+    rate_factor: float = 2.0
+    max_steps: int = 6
+    step_s: float = 3.0
+    p99_limit_ms: float = 50.0
+
+
+@dataclass(slots=True)
+class PublishSize:
+    # Events per POST /api/v1/publish and per Publisher.publish_prepared call (the API takes up to 1,000).
+    batch: int = 100
+    # Requests (or library calls) in flight at once.
+    concurrency: int = 4
+    channels: int = 1000
+    duration_s: float = 5.0
+    # Each way of publishing is measured this many times, alternating; the report shows the median.
+    runs: int = 3
+
+
+@dataclass(slots=True)
 class Sizes:
     fanout: FanoutSize = field(default_factory=FanoutSize)
     channels: ChannelsSize = field(default_factory=ChannelsSize)
     storm: StormSize = field(default_factory=StormSize)
     idle: IdleSize = field(default_factory=IdleSize)
     slow: SlowSize = field(default_factory=SlowSize)
+    ingest: IngestSize = field(default_factory=IngestSize)
+    publish: PublishSize = field(default_factory=PublishSize)
 
     @classmethod
     def tiny(cls) -> Sizes:
@@ -93,6 +125,8 @@ class Sizes:
             storm=StormSize(clients=50, customers=5, concurrency=20),
             idle=IdleSize(clients=50, customers=5, settle_s=0.5),
             slow=SlowSize(readers=4, slow=1, rate=100, calm_s=1.0, stalled_s=1.0, resume_s=0.5),
+            ingest=IngestSize(channels=40, clients=20, publishers=2, start_rate=200, max_steps=1, step_s=1.0),
+            publish=PublishSize(batch=20, concurrency=2, channels=10, duration_s=0.5, runs=1),
         )
 
     def override(self, assignment: str) -> None:
@@ -119,6 +153,11 @@ class Bench:
     redis_pid: int
     # Longest wait for outside load to calm down before repeating a disturbed step (0: never repeat).
     quiet_wait_s: float = QUIET_WAIT_S
+    # The command that set `publisher` up, for starting more publishers like it (see more_publishers).
+    publisher_setup: dict[str, Any] = field(default_factory=dict)
+    client_cpus: str | None = None
+    # Publishers besides `publisher`; `publish` spreads the channels over all of them.
+    extra_publishers: list[Child] = field(default_factory=list)
 
     def tokens(self, customers: list[str]) -> list[tuple[str, str, bool]]:
         """(customer, token, slow=False) per client; one user per client, like browsers."""
@@ -142,7 +181,9 @@ class Bench:
 
     def own_cpu_s(self) -> float:
         """CPU seconds of every process of this run (server, load generator, publisher, Redis)."""
-        return procstat.total_cpu_s([self.server.pid, self.publisher.pid, self.redis_pid, *self.loadgen.pids])
+        return procstat.total_cpu_s(
+            [self.server.pid, self.redis_pid, *(p.pid for p in self.publishers), *self.loadgen.pids]
+        )
 
     async def connect(self, clients: list[tuple[str, str, bool]], *, concurrency: int = 200) -> dict[str, Any]:
         result = await self.loadgen.connect(
@@ -157,13 +198,56 @@ class Bench:
             raise RuntimeError(f"{result['failed']} of {len(clients)} clients failed to subscribe: {result['errors']}")
         return result
 
+    @property
+    def publishers(self) -> list[Child]:
+        return [self.publisher, *self.extra_publishers]
+
     async def publish(self, customers: list[str], rate: float, duration_s: float) -> dict[str, Any]:
-        return await self.publisher.call(
-            {"op": "run", "customers": customers, "rate": rate, "duration_s": duration_s}, timeout_s=duration_s * 3 + 60
+        """`rate` events/s round-robin over `customers`, each publisher pacing its own share of them."""
+        n = len(self.publishers)
+        shares = [customers[i::n] for i in range(n)]
+        replies = await asyncio.gather(
+            *(
+                p.call(
+                    {
+                        "op": "run",
+                        "customers": share,
+                        "rate": rate * len(share) / len(customers),
+                        "duration_s": duration_s,
+                    },
+                    timeout_s=duration_s * 3 + 60,
+                )
+                for p, share in zip(self.publishers, shares, strict=True)
+                if share
+            )
         )
+        published: dict[str, int] = {}
+        for r in replies:
+            published.update(r["published"])
+        return {
+            "sent": sum(r["sent"] for r in replies),
+            "elapsed_s": max(r["elapsed_s"] for r in replies),
+            "behind_max_s": max(r["behind_max_s"] for r in replies),
+            "published": published,
+        }
 
     async def restart_sequences(self) -> None:
-        await self.publisher.call({"op": "restart_sequences"}, timeout_s=10.0)
+        await asyncio.gather(*(p.call({"op": "restart_sequences"}, timeout_s=10.0) for p in self.publishers))
+
+    @contextlib.asynccontextmanager
+    async def more_publishers(self, count: int) -> AsyncIterator[None]:
+        """`count` publishers set up like the first one, besides it, for the duration of the block."""
+        try:
+            for i in range(count):
+                child = await Child.spawn(
+                    f"publisher-{i + 1}", [sys.executable, "-m", "bench.publisher"], cpus=self.client_cpus
+                )
+                self.extra_publishers.append(child)
+                await child.call(self.publisher_setup, timeout_s=30.0)
+            yield
+        finally:
+            extra, self.extra_publishers = self.extra_publishers, []
+            await asyncio.gather(*(child.stop() for child in extra))
 
 
 async def wait_for_quiet(
@@ -213,6 +297,8 @@ async def _measured_step(
         "rate": rate,
         "sent": pub["sent"],
         "publisher_behind_ms": pub["behind_max_s"] * 1000,
+        # Below `rate` when the publishers (or Redis behind them) could not keep up.
+        "published_per_s": pub["sent"] / pub["elapsed_s"] if pub["elapsed_s"] else 0.0,
         "delivered": delivered,
         "deliveries_per_s": delivered / wall_s,
         "server_cpu_s": cpu_s,
@@ -234,7 +320,8 @@ async def _measured_step(
 
 
 async def _ladder(bench: Bench, customers: list[str], subscribers: int, start_rate: float, factor: float,
-                  max_steps: int, step_s: float, p99_limit_ms: float) -> dict[str, Any]:  # fmt: skip
+                  max_steps: int, step_s: float, p99_limit_ms: float, *,
+                  stop_when_publishers_behind: bool = False) -> dict[str, Any]:  # fmt: skip
     steps: list[dict[str, Any]] = []
     disturbed: list[dict[str, Any]] = []
     unique = 0
@@ -252,6 +339,9 @@ async def _ladder(bench: Bench, customers: list[str], subscribers: int, start_ra
             break
         # One step over the limit can be a stray stall; two in a row mean the server is past it.
         if len(steps) >= 2 and min(s["p99_ms"] for s in steps[-2:]) > p99_limit_ms:
+            break
+        # Publishers that fell a whole step behind cannot offer more: a higher rate measures nothing new.
+        if stop_when_publishers_behind and step["publisher_behind_ms"] > step_s * 1000:
             break
     within = [s for s in steps if s["p99_ms"] <= p99_limit_ms and not s["lost_total"]]
     best = max(within, key=lambda s: s["deliveries_per_s"]) if within else None
@@ -392,6 +482,115 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
     }
 
 
+async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
+    """Events round-robin over many channels, one subscriber on some, none on the rest: the per-event cost."""
+    s = size.ingest
+    channels = [f"I{i}" for i in range(s.channels)]
+    async with bench.more_publishers(s.publishers - 1):
+        await bench.restart_sequences()
+        # Client i subscribes to channel i: channels past `clients` have no subscriber on the pod.
+        await bench.connect(bench.tokens(channels[: s.clients]))
+        try:
+            result = await _ladder(
+                bench, channels, s.clients, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms,
+                stop_when_publishers_behind=True,
+            )  # fmt: skip
+        finally:
+            await bench.loadgen.close_all()
+    result["channels"] = s.channels
+    result["publishers"] = s.publishers
+    return result
+
+
+# Only eva-ws has a publish API that assigns offsets, keeps history and honours idempotency keys.
+PUBLISH_SKIPPED: Final = "no publish API with offsets, history and idempotency keys to compare (eva-ws only)"
+PUBLISH_FIGURES: Final = (
+    "events_per_s",
+    "events_per_core_s",
+    "publishing_cpu_us_per_event",
+    "redis_cpu_us_per_event",
+    "publisher_cpu_us_per_event",
+    "redis_cpu_util",
+)
+
+
+async def _publish_run(bench: Bench, s: PublishSize, via: str, run: int) -> dict[str, Any]:
+    """One timed burst of batches through one way of publishing, with the CPU of the pod, Redis and publisher."""
+    setup = bench.publisher_setup
+    pids = [bench.server.pid, bench.redis_pid, bench.publisher.pid]
+    machine0, own0 = procstat.machine_busy_s(), bench.own_cpu_s()
+    pod0, redis0, client0 = (procstat.sample(pid).cpu_s for pid in pids)
+    reply = await bench.publisher.call(
+        {
+            "op": "throughput",
+            "via": via,
+            "http_url": setup.get("http_url", ""),
+            "secret": setup.get("secret", ""),
+            "redis_url": setup.get("redis_url", ""),
+            "batch": s.batch,
+            "concurrency": s.concurrency,
+            "channels": s.channels,
+            "duration_s": s.duration_s,
+            "key_prefix": f"{via}-{run}",
+        },
+        timeout_s=s.duration_s * 3 + 60,
+    )
+    pod1, redis1, client1 = (procstat.sample(pid).cpu_s for pid in pids)
+    machine1, own1 = procstat.machine_busy_s(), bench.own_cpu_s()
+    events, wall_s = reply["events"], reply["elapsed_s"]
+    pod_cpu_s, redis_cpu_s, client_cpu_s = pod1 - pod0, redis1 - redis0, client1 - client0
+    # The HTTP API's cost is the pod's; the library's is the process that calls it.
+    publishing_cpu_s = pod_cpu_s if via == "http" else client_cpu_s
+    return {
+        "via": via,
+        "run": run,
+        "events": events,
+        "calls": reply["calls"],
+        "duplicates": reply.get("duplicates", 0),
+        "errors": reply["errors"],
+        "elapsed_s": wall_s,
+        "events_per_s": events / wall_s if wall_s else 0.0,
+        "pod_cpu_s": pod_cpu_s,
+        "redis_cpu_s": redis_cpu_s,
+        "publisher_cpu_s": client_cpu_s,
+        "events_per_core_s": events / publishing_cpu_s if publishing_cpu_s else 0.0,
+        "publishing_cpu_us_per_event": publishing_cpu_s * 1e6 / events if events else 0.0,
+        "redis_cpu_us_per_event": redis_cpu_s * 1e6 / events if events else 0.0,
+        "publisher_cpu_us_per_event": client_cpu_s * 1e6 / events if events else 0.0,
+        "redis_cpu_util": redis_cpu_s / wall_s if wall_s else 0.0,
+        "other_cpu_util": max(0.0, (machine1 - machine0) - (own1 - own0)) / wall_s if wall_s else 0.0,
+    }
+
+
+async def publish(bench: Bench, size: Sizes) -> dict[str, Any]:
+    """Keyed events in batches through POST /api/v1/publish and the Publisher library, as fast as accepted."""
+    if bench.target.name != "eva-ws":
+        return {"skipped": PUBLISH_SKIPPED}
+    s = size.publish
+    runs: list[dict[str, Any]] = []
+    # Alternating, so a disturbance of the shared machine does not fall on one way only.
+    for run in range(s.runs):
+        for via in ("http", "library"):
+            runs.append(await _publish_run(bench, s, via, run))
+    offsets = await bench.publisher.call(
+        {"op": "offsets_total", "redis_url": bench.publisher_setup.get("redis_url", ""), "channels": s.channels},
+        timeout_s=30.0,
+    )
+    result: dict[str, Any] = {
+        "batch": s.batch,
+        "concurrency": s.concurrency,
+        "channels": s.channels,
+        "runs": runs,
+        "events": sum(r["events"] for r in runs),
+        # Every accepted event has its own key, so each took one offset: the two totals agree.
+        "offsets_total": offsets["total"],
+    }
+    for via in ("http", "library"):
+        mine = [r for r in runs if r["via"] == via]
+        result[via] = {key: statistics.median(r[key] for r in mine) for key in PUBLISH_FIGURES}
+    return result
+
+
 ScenarioFn = Callable[[Bench, Sizes], Awaitable[dict[str, Any]]]
 SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "fanout": fanout,
@@ -399,4 +598,6 @@ SCENARIOS: Final[dict[str, ScenarioFn]] = {
     "storm": storm,
     "idle": idle,
     "slow": slow,
+    "ingest": ingest,
+    "publish": publish,
 }

@@ -12,6 +12,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import metrics, redis_keys
+from service.broker import redis_publish_batch
 from service.broker import redis_wire as wire
 from service.broker.base import (
     Broker,
@@ -117,8 +118,13 @@ class RedisBroker(Broker):
             client_name=f"eva-ws:{client_name_part(pod_id)}:cmd",
         )
         self._client = topology.command_client(max_connections=max_connections, wait_s=self._timeout_s, options=options)
-        # One Redis pipelines a batch of publishes; redis-py's Script loads the script first if needed.
-        self._pipelined_publish = self._client.register_script(self._publish_script)
+        # One Redis publishes a batch with publish_batch.lua (see redis_publish_batch).
+        self._limits = redis_publish_batch.Limits(
+            history_size=history_size,
+            history_ttl_s=history_ttl_s,
+            idempotency_window_s=idempotency_window_s,
+            state_max_items=state_max_items,
+        )
         # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
         canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
         self._canary_channel = self._channel_name(prefix, canary_part)
@@ -292,31 +298,30 @@ class RedisBroker(Broker):
     async def publish_many(
         self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
     ) -> list[Position]:
-        """See Broker.publish_many. One Redis: one pipelined round trip, scripts loaded first if
-        Redis lost them. A cluster: channels in parallel (each on its own slot), one channel's
-        events in order."""
+        """See Broker.publish_many. One Redis: one round trip of batch script calls (see
+        redis_publish_batch). A cluster: channels in parallel (each on its own slot), one
+        channel's events in order."""
         batch = list(items)
         if not batch:
             return []
         keys_of_events = idempotency_keys_for(batch, idempotency_keys)
         if len(batch) == 1:
-            # A pipeline asks SCRIPT EXISTS first: one event is one round trip less without it.
+            # publish.lua, the script other publishers call too.
             [(channel, payload)] = batch
             return [await self.publish(channel, payload, idempotency_key=keys_of_events[0])]
         if isinstance(self._client, RedisCluster):
             return await self._publish_per_channel(batch, keys_of_events)
-        script = self._pipelined_publish
         started = time.perf_counter()
+        calls = redis_publish_batch.chunks(
+            self._prefix, batch, keys_of_events, pubsub_channel=self._channel_name, limits=self._limits
+        )
         try:
-            async with asyncio.timeout(self._timeout_s), self._client.pipeline(transaction=False) as pipe:
-                for (channel, payload), idempotency_key in zip(batch, keys_of_events, strict=True):
-                    keys, args = self._script_args(channel, payload, idempotency_key)
-                    await script(keys=keys, args=args, client=pipe)
-                results = await pipe.execute()
+            async with asyncio.timeout(self._timeout_s):
+                positions = await redis_publish_batch.publish(self._client, calls)
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
-        return [wire.decode_published(reply) for reply in results]
+        return positions
 
     async def _publish_per_channel(
         self, batch: list[tuple[str, bytes]], keys_of_events: Sequence[str | None]

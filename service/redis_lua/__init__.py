@@ -18,6 +18,8 @@ def _load(name: str) -> str:
 # may call them by SHA1. `publish_sharded` is `publish` with SPUBLISH, for Redis Cluster.
 PUBLISH: Final = _load("publish")
 PUBLISH_SHARDED: Final = _load("publish_sharded")
+# `publish` for several events in one call, on one Redis (not part of the wire format other publishers use).
+PUBLISH_BATCH: Final = _load("publish_batch")
 HISTORY: Final = _load("history")
 SNAPSHOT: Final = _load("snapshot")
 PRESENCE_APPLY: Final = _load("presence_apply")
