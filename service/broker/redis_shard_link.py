@@ -6,19 +6,18 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from service import metrics, redis_keys
 from service.broker import redis_wire as wire
 from service.broker.base import Envelope
+from service.broker.redis_pubsub_connection import Endpoint, PubSubConnection, encode_command
 from service.redis_client import Address, cancel_and_wait
 
 log = structlog.get_logger("eva_ws.broker")
@@ -38,19 +37,20 @@ class PubSubKind:
     """The PUB/SUB flavour of a topology: its commands and the kinds of its replies."""
 
     sharded: bool
-    message: str
-    subscribed: str
-    unsubscribed: str
+    # The commands' names are also the kinds of their confirmations.
+    message: bytes
+    subscribed: bytes
+    unsubscribed: bytes
     # Log events of the connection's life (the names operators know for each topology).
     connected_event: str
     disconnected_event: str
 
 
-CLASSIC: Final = PubSubKind(False, "message", "subscribe", "unsubscribe", "broker_connected", "broker_disconnected")
+CLASSIC: Final = PubSubKind(False, b"message", b"subscribe", b"unsubscribe", "broker_connected", "broker_disconnected")
 """One Redis: SUBSCRIBE/PUBLISH on `pubsub_channel` names."""
 
 SHARDED: Final = PubSubKind(
-    True, "smessage", "ssubscribe", "sunsubscribe", "broker_shard_connected", "broker_shard_disconnected"
+    True, b"smessage", b"ssubscribe", b"sunsubscribe", "broker_shard_connected", "broker_shard_disconnected"
 )
 """Redis Cluster: SSUBSCRIBE/SPUBLISH on `shard_channel` names, served by the master of their slot."""
 
@@ -69,7 +69,7 @@ class ShardLink:
         self,
         *,
         address: Address,
-        client: Redis,
+        endpoint: Endpoint,
         kind: PubSubKind,
         prefix: str,
         pod_id: str,
@@ -85,10 +85,11 @@ class ShardLink:
         canary_channel: str = "",
         on_canary: Callable[[bytes], None] = lambda data: None,
     ) -> None:
-        """`on_canary` gets every message of `canary_channel` (a channel assigned like any
-        other), undecoded: the canary is not an event."""
+        """`endpoint`: how to connect to the node at `address`. `on_canary` gets every message
+        of `canary_channel` (a channel assigned like any other), undecoded: the canary is not
+        an event."""
         self.address = address
-        self._client = client
+        self._endpoint = endpoint
         self._kind = kind
         self._name = redis_keys.shard_channel if kind.sharded else redis_keys.pubsub_channel
         self._prefix = prefix
@@ -124,8 +125,13 @@ class ShardLink:
         self.disconnects = 0
         self.disconnected_at = 0.0
         self._ping_sent_at: float | None = None
-        self._wake_scope: asyncio.Timeout | None = None
+        self._next_ping = 0.0
+        self._ping_token = f"eva-ws-watchdog:{pod_id}".encode()
+        # Set when the owner task has work: the assignment changed (_dirty), a reply arrived
+        # (_changed), or the connection was lost. Events are delivered without it.
+        self._attention = asyncio.Event()
         self._dirty = False
+        self._changed = False
         self._owner: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -140,7 +146,6 @@ class ShardLink:
             await cancel_and_wait(self._owner)
             self._owner = None
         self.connected = False
-        await self._client.aclose()
 
     @property
     def answering(self) -> bool:
@@ -199,9 +204,8 @@ class ShardLink:
 
     def _wake(self) -> None:
         self._dirty = True
-        # Cuts the owner's current get_message wait short so it applies the change now.
-        if self._wake_scope is not None and not self._wake_scope.expired():
-            self._wake_scope.reschedule(asyncio.get_running_loop().time())
+        # Cuts the owner's current wait short so it applies the change now.
+        self._attention.set()
 
     def _pong_late(self) -> bool:
         return self._ping_sent_at is not None and time.monotonic() - self._ping_sent_at > self._pong_timeout_s
@@ -213,18 +217,24 @@ class ShardLink:
         attempt = 0
         connections = 0
         while not self._closed:
-            pubsub = self._client.pubsub()
+            connection = PubSubConnection(
+                self._endpoint,
+                message_kind=self._kind.message,
+                on_message=self._deliver,
+                on_reply=self._on_reply,
+                on_lost=self._attention.set,
+            )
             connected = False
             reached = False
             try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                await connection.open()
                 metrics.BROKER_CONNECTS.labels(outcome="ok").inc()
                 connections += 1
                 connected = True
                 log.info(self._kind.connected_event, pod_id=self._pod_id, node=_node(self.address))
                 if connections > 1:
                     self._notice |= self.wanted
-                await self._serve(pubsub)
+                await self._serve(connection)
             except (RedisError, OSError, TimeoutError, SilentConnection) as exc:
                 if not connected:
                     metrics.BROKER_CONNECTS.labels(outcome="failed").inc()
@@ -248,8 +258,8 @@ class ShardLink:
                 self._unsubscribing.clear()
                 self.actual.clear()
                 self._ping_sent_at = None
-                # aclose() cannot hang on a half-open socket: it does not wait for the peer.
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                # Cannot hang on a half-open socket: it does not wait for the peer.
+                connection.close()
             # A failover or a resharding often shows up first as a lost connection or a refusal.
             self._on_topology_doubt()
             # Reset only after a connection that got fully subscribed, so a connection that
@@ -262,70 +272,84 @@ class ShardLink:
         cap = min(self._reconnect_max_s, self._reconnect_min_s * (1 << min(attempt, 30)))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def _serve(self, pubsub: PubSub) -> None:
-        """Serve one connection until it fails."""
-        ping_token = f"eva-ws-watchdog:{self._pod_id}".encode()
-        next_ping = time.monotonic()
+    async def _serve(self, connection: PubSubConnection) -> None:
+        """Serve one connection until it fails.
+
+        Events and replies are handled as they are read (`_deliver`, `_on_reply`); this task
+        sends what the assignment and the watchdog need and waits for work in between.
+        """
+        self._next_ping = time.monotonic()
         self.connected = True
         self._dirty = True  # a new connection has no subscriptions yet
-        changed = True
+        self._changed = True
         while not self._closed:
+            connection.raise_if_lost()
             if self._dirty:
                 self._dirty = False
-                await self._reconcile(pubsub)
-                changed = True
+                await self._reconcile(connection)
+                self._changed = True
             now = time.monotonic()
-            if self._ping_sent_at is None and now >= next_ping:
+            if self._ping_sent_at is None and now >= self._next_ping:
                 self._ping_sent_at = now
-                await pubsub.ping(ping_token)
+                connection.send(encode_command(b"PING", self._ping_token))
+                await connection.drain()
             if self._pong_late():
                 raise SilentConnection(f"no PONG within {self._pong_timeout_s}s")
             # Set comparisons cost O(channels): only after something that can change them,
             # never per delivered event.
-            if changed:
-                changed = False
+            if self._changed:
+                self._changed = False
                 self._reached = self._reached or self._complete
                 self._report_recovered()
             if self._dirty:
                 continue  # changed while we were sending: reconcile before blocking
-            wait_s = (self._ping_sent_at + self._pong_timeout_s if self._ping_sent_at is not None else next_ping) - now
-            message: Mapping[str, Any] | None = None
-            try:
-                async with asyncio.timeout(None) as scope:
-                    self._wake_scope = scope
-                    message = await pubsub.get_message(timeout=max(0.001, wait_s))
-            except TimeoutError:
-                pass  # woken by _wake: the assignment changed
-            finally:
-                self._wake_scope = None
-            if message is None:
+            wait_s = (
+                self._ping_sent_at + self._pong_timeout_s if self._ping_sent_at is not None else self._next_ping
+            ) - now
+            self._attention.clear()
+            if self._dirty or self._changed or connection.failure is not None:
                 continue
-            kind = message["type"]
-            if kind == self._kind.message:
-                self._deliver(message)
-            elif kind == "pong":
-                if message["data"] == ping_token:
-                    self._ping_sent_at = None
-                    next_ping = time.monotonic() + self._ping_interval_s
-                    changed = True
-            else:
-                self._confirm(kind, message)
-                changed = True
+            try:
+                async with asyncio.timeout(max(0.001, wait_s)):
+                    await self._attention.wait()
+            except TimeoutError:
+                pass  # time for the next PING, or for its PONG to be late
 
-    async def _reconcile(self, pubsub: PubSub) -> None:
+    def _on_reply(self, reply: Any) -> None:
+        """A reply other than an event, as it is read: a (S)SUBSCRIBE or (S)UNSUBSCRIBE confirmation, a PONG."""
+        if type(reply) is bytes:
+            pong: Any = reply  # PING outside subscribed mode answers with its argument alone
+        elif type(reply) is list and len(reply) >= 2:
+            if reply[0] != b"pong":
+                self._confirm(reply[0], reply[1])
+                self._changed = True
+                self._attention.set()
+                return
+            pong = reply[1]
+        else:
+            return  # nothing this link asked for
+        if pong == self._ping_token:
+            self._ping_sent_at = None
+            self._next_ping = time.monotonic() + self._ping_interval_s
+            self._changed = True
+            self._attention.set()
+
+    async def _reconcile(self, connection: PubSubConnection) -> None:
         """Send the difference between the assigned channels and what the node will have, batched."""
         to_unsubscribe = self._server - self.wanted
         to_subscribe = self.wanted - self._server - self._displaced
-        unsubscribe = pubsub.sunsubscribe if self._kind.sharded else pubsub.unsubscribe
-        subscribe = pubsub.ssubscribe if self._kind.sharded else pubsub.subscribe
+        kind = self._kind
+        # The state is updated before the write: the confirmations may be read as soon as
+        # this task yields.
         for channels in self._batches(to_unsubscribe):
-            await unsubscribe(*(self._name(self._prefix, c) for c in channels))
             self._server.difference_update(channels)
             for channel in channels:
                 self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
+            connection.send(encode_command(kind.unsubscribed, *(self._name(self._prefix, c) for c in channels)))
         for channels in self._batches(to_subscribe):
-            await subscribe(*(self._name(self._prefix, c) for c in channels))
             self._server.update(channels)
+            connection.send(encode_command(kind.subscribed, *(self._name(self._prefix, c) for c in channels)))
+        await connection.drain()
 
     def _batches(self, channels: set[str]) -> list[list[str]]:
         """Channels in batches of SUBSCRIBE_BATCH_MAX; on a cluster, each batch of one hash slot
@@ -340,8 +364,8 @@ class ShardLink:
             for start in range(0, len(group), SUBSCRIBE_BATCH_MAX)
         ]
 
-    def _confirm(self, kind: str, message: Mapping[str, Any]) -> None:
-        channel = self._by_name.get(message["channel"])
+    def _confirm(self, kind: bytes, name: bytes | None) -> None:
+        channel = self._by_name.get(name) if name is not None else None
         if channel is None:
             return
         if kind == self._kind.subscribed:
@@ -363,8 +387,8 @@ class ShardLink:
                 self._notice.add(channel)
                 log.info("broker_shard_channel_moved", pod_id=self._pod_id, node=_node(self.address), channel=channel)
                 self._on_topology_doubt()
-            if channel not in self.wanted and channel not in self._unsubscribing:
-                self._by_name.pop(message["channel"], None)
+            if channel not in self.wanted and channel not in self._unsubscribing and name is not None:
+                self._by_name.pop(name, None)
 
     def _report_recovered(self) -> None:
         if not self._notice or not self._notice <= self.actual:
@@ -373,19 +397,20 @@ class ShardLink:
         self._notice.clear()
         self._on_recovered(channels)
 
-    def _deliver(self, message: Mapping[str, Any]) -> None:
-        channel = self._by_name.get(message["channel"])
+    def _deliver(self, name: bytes, data: bytes) -> None:
+        """An event of channel `name`, as it is read."""
+        channel = self._by_name.get(name)
         if channel is None or channel not in self.wanted:
             return  # unsubscribed or moved while the message was on its way
         if channel == self._canary_channel:
-            self._on_canary(message["data"])
+            self._on_canary(data)
             return
         try:
-            event = wire.decode_envelope(message["data"])
+            event = wire.decode_envelope(data)
         except wire.MalformedEnvelope as exc:
             metrics.BROKER_INVALID_MESSAGES.inc()
             # The channel name is routing data, not payload; the payload is never logged.
-            log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(message["data"]))
+            log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(data))
             return
         self._on_envelope(Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload))
 

@@ -25,6 +25,7 @@ from service.broker.base import (
     ResubscribedHandler,
 )
 from service.broker.canary import Canary
+from service.broker.redis_pubsub_connection import Endpoint
 from service.broker.redis_shard_link import SHARDED, PubSubKind, ShardLink
 from service.redis_client import Address, cancel_and_wait
 
@@ -246,7 +247,7 @@ class Subscriber:
         if link is None:
             link = ShardLink(
                 address=address,
-                client=self._link_client(address),
+                endpoint=Endpoint.of_client(self._link_client(address)),
                 kind=self._kind,
                 prefix=self._prefix,
                 pod_id=self._pod_id,
