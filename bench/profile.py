@@ -1,7 +1,12 @@
-"""Profile a server with py-spy under a steady fan-out load or a connect storm; print and save the hot spots.
+"""Profile a server with py-spy under a steady fan-out or many-channels load, or a connect storm; save the hot spots.
 
     scripts/bench profile --target eva-ws --subscribers 1000 --rate 40 --seconds 20
+    scripts/bench profile --target eva-ws --channels --rate 2621
     scripts/bench profile --target eva-ws --storm --subscribers 15000 --customers 100
+
+`--channels` is the many-channels workload of `scripts/bench --scenarios channels` held at one
+rate: 10,000 subscribers over 1,000 customer channels, events round-robin over the customers
+(about 10 deliveries each).
 
 Samples come from ``py-spy record --format raw`` (collapsed stacks, non-blocking so the server
 is not paused). Self time is where a sample's innermost Python frame was; inclusive time
@@ -31,6 +36,10 @@ from bench.targets import ROOT, TARGETS, redis_server, start_target
 from bench.workers import Child, LoadGen
 
 SAMPLE_RATE_HZ: Final = 250
+# The many-channels scenario's size (bench/scenarios.py ChannelsSize) and one step of its ladder.
+CHANNELS_SUBSCRIBERS: Final = 10_000
+CHANNELS_CUSTOMERS: Final = 1000
+CHANNELS_RATE: Final = 2621.0
 _LINE: Final = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 # "function (path/to/file.py:123)" -> "function (file.py)": lines split one function into many.
 _FRAME: Final = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
@@ -163,6 +172,8 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> float:
                 await _finish_py_spy(spy, 30)
                 print(f"{result['ok']} handshakes in {result['elapsed_s']:.1f} s", file=sys.stderr)
                 return float(result["elapsed_s"])
+            if args.channels:
+                await bench.restart_sequences()
             await bench.connect(clients)
             publishing = asyncio.create_task(bench.publish(customers, args.rate, args.seconds + 2))
             await asyncio.sleep(1.0)
@@ -182,10 +193,23 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/bench profile", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="eva-ws", choices=[n for n, t in TARGETS.items() if t.name != "node-socketio"])
-    p.add_argument("--subscribers", type=int, default=1000)
-    p.add_argument("--customers", type=int, default=1, help="channels the subscribers are spread over")
+    p.add_argument(
+        "--subscribers", type=int, default=None, help=f"default 1000, {CHANNELS_SUBSCRIBERS} with --channels"
+    )
+    p.add_argument(
+        "--customers",
+        type=int,
+        default=None,
+        help=f"channels the subscribers are spread over (default 1, {CHANNELS_CUSTOMERS} with --channels)",
+    )
     p.add_argument("--native", action="store_true", help="sample C frames too (pauses the server for each sample)")
-    p.add_argument("--rate", type=float, default=20.0, help="events per second on the one channel")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help=f"events per second over all channels (default 20, {CHANNELS_RATE:g} with --channels)",
+    )
+    p.add_argument("--channels", action="store_true", help="the many-channels workload (see above)")
     p.add_argument("--seconds", type=float, default=20.0, help="how long py-spy samples")
     p.add_argument("--storm", action="store_true", help="sample while the subscribers connect instead")
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight with --storm")
@@ -193,8 +217,16 @@ def main() -> None:
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default docs/bench/profile-<target>.md)")
     args = p.parse_args()
+    if args.storm and args.channels:
+        p.error("--storm and --channels exclude each other")
+    if args.subscribers is None:
+        args.subscribers = CHANNELS_SUBSCRIBERS if args.channels else 1000
+    if args.customers is None:
+        args.customers = CHANNELS_CUSTOMERS if args.channels else 1
+    if args.rate is None:
+        args.rate = CHANNELS_RATE if args.channels else 20.0
     if args.out is None:
-        kind = "storm-" if args.storm else ""
+        kind = "storm-" if args.storm else "channels-" if args.channels else ""
         args.out = ROOT / "docs" / "bench" / f"profile-{kind}{args.target}.md"
     out: Path = args.out
     # Collapsed stacks (for flamegraph tools) stay out of the repository.
@@ -207,6 +239,11 @@ def main() -> None:
         title = (
             f"{args.target} connect-storm profile: {args.subscribers} handshakes over {args.customers} channel(s), "
             f"{args.concurrency} in flight"
+        )
+    elif args.channels:
+        title = (
+            f"{args.target} many-channels profile: {args.subscribers} subscribers over {args.customers} channels, "
+            f"{args.rate:g} events/s round-robin"
         )
     else:
         title = (

@@ -3,8 +3,8 @@
 This is the hot path of the fan-out. The hub hands every recipient the same pre-built
 wire frame (service/frames.py); a connection queues it without blocking, and one flush
 per event-loop turn (the `Flusher`) writes everything each client has queued in one
-`transport.write`. Under load the flushes are spaced by a short window, so one syscall
-carries all the frames of that window: the cost per delivery drops with the rate while
+`transport.write`. When writing keeps the pod busy the flushes are spaced, so one syscall
+carries every frame a client got meanwhile: the cost per delivery drops with the rate while
 the added latency stays bounded. Only a client whose socket buffer is full gets a task,
 which waits for the buffer to drain; while it waits, frames pile up in the bounded outbox.
 """
@@ -34,6 +34,10 @@ CLOSE_TIMEOUT_S: Final = 2.0
 # Above this many unsent bytes in the transport, stop writing and wait for the client to read
 # (asyncio's own high-water mark, where it pauses the protocol).
 WRITE_HIGH_WATER_BYTES: Final = 64 * 1024
+# After a flush round that took d, the next starts at least this many times d later (capped by
+# the write window): writing then takes at most about a third of the loop, the rest stays free
+# for reading events and clients, and while rounds are short nothing waits.
+BATCHING_FACTOR: Final = 2.0
 
 
 class Flushable(Protocol):
@@ -44,39 +48,46 @@ class Flushable(Protocol):
 class Flusher:
     """One deferred flush for every connection with queued frames, shared by a pod's connections.
 
-    A flush runs on the next loop turn, but never sooner than `window_s` after the previous
-    one ended: under load each write then carries every frame the client got meanwhile (one
-    syscall for several deliveries), at the cost of at most `window_s` of latency. An event
-    after a quiet spell (the previous flush ended longer ago than the window) is written at
-    once. 0 flushes every turn.
+    A flush round runs on the next loop turn, unless the previous round was long: the next
+    one then starts no sooner than `BATCHING_FACTOR` times that round's duration after it
+    ended, and never later than `window_s` after. A pod that writes a few sockets per event
+    (rounds of tens of microseconds) writes every event at once; a pod kept busy by its
+    writes (a round to a thousand clients takes milliseconds) spaces them, and each write
+    then carries every frame the client got meanwhile (one syscall for several deliveries),
+    at the cost of at most `window_s` of latency. 0 flushes every turn.
     """
 
-    __slots__ = ("_dirty", "_handle", "_last_flush", "_window_s")
+    __slots__ = ("_dirty", "_handle", "_next_round", "_window_s")
 
     def __init__(self, *, window_s: float) -> None:
         self._window_s = window_s
         self._dirty: list[Flushable] = []
         self._handle: asyncio.Handle | None = None
-        self._last_flush = 0.0
+        # perf_counter time before which no round starts (see the class).
+        self._next_round = 0.0
 
     def add(self, conn: Flushable) -> None:
         self._dirty.append(conn)
         if self._handle is None:
             loop = asyncio.get_running_loop()
-            due = self._last_flush + self._window_s
-            if due > loop.time():
-                self._handle = loop.call_at(due, self._run)
+            wait_s = self._next_round - time.perf_counter()
+            if wait_s > 0:
+                self._handle = loop.call_later(wait_s, self._run)
             else:
                 self._handle = loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._handle = None
         dirty, self._dirty = self._dirty, []
+        # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds, and a round
+        # to a few sockets takes microseconds.
+        started = time.perf_counter()
         for conn in dirty:
             conn.flush()
-        # The window counts from the end: a flush to a thousand clients takes milliseconds,
-        # and events that came in meanwhile should wait for the next flush, not trigger it.
-        self._last_flush = asyncio.get_running_loop().time()
+        ended = time.perf_counter()
+        # The pause counts from the end: events that came in during a long round should wait
+        # for the next one, not trigger it.
+        self._next_round = ended + min(self._window_s, (ended - started) * BATCHING_FACTOR)
 
 
 class Connection:
