@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -23,13 +24,46 @@ from service.protocol import (
     EventType,
     is_valid_id,
     subscription_key,
-    utc_now_iso,
 )
 from service.revocations import Revocation, RevocationStore
 
 # Redis kills subscribers whose output buffer overflows; big events must not get that far.
 MAX_EVENT_BYTES: Final = 64 * 1024
 _TRANSACTION_STRING_FIELDS: Final = ("status", "stage", "updatedAt", "updatedBy", "userId")
+
+
+def new_correlation_id() -> str:
+    """A random (version 4) UUID as text, like str(uuid.uuid4()) at a third of its cost (no UUID object)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class _EventClock:
+    """The events' `timestamp` (UTC, milliseconds, as protocol.utc_now_iso), formatted once per millisecond.
+
+    The events of a batch are stamped within the same millisecond or two; formatting a datetime
+    for each one cost more than encoding the event.
+    """
+
+    __slots__ = ("_ms", "_text")
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._text = ""
+
+    def now_iso(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ms:
+            seconds, millis = divmod(ms, 1000)
+            whole = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
+            self._ms, self._text = ms, f"{whole}.{millis:03d}Z"
+        return self._text
+
+
+_CLOCK: Final = _EventClock()
 
 
 class InvalidEvent(ValueError):
@@ -91,7 +125,7 @@ def prepare_event(
         routing_id = user_id  # type: ignore[assignment]  # checked by is_valid_id
 
     if correlation_id is None:
-        correlation_id = str(uuid.uuid4())
+        correlation_id = new_correlation_id()
     elif not (isinstance(correlation_id, str) and 0 < len(correlation_id) <= 128):
         raise InvalidEvent("correlationId must be a string of 1 to 128 characters")
     if idempotency_key is not None and not (
@@ -100,7 +134,7 @@ def prepare_event(
         raise InvalidEvent("idempotencyKey must be a string of 1 to 128 visible ASCII characters")
     try:
         payload = orjson.dumps(
-            {"type": kind.value, "data": data, "timestamp": utc_now_iso(), "correlationId": correlation_id}
+            {"type": kind.value, "data": data, "timestamp": _CLOCK.now_iso(), "correlationId": correlation_id}
         )
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidEvent(f"data cannot be encoded as JSON: {exc}") from None
@@ -117,9 +151,8 @@ def prepare_event_object(item: object) -> PreparedEvent:
     """Validate one event object as POST /api/v1/publish takes it (JSON names); raise InvalidEvent."""
     if not isinstance(item, dict):
         raise InvalidEvent("an event must be an object")
-    unknown = set(item) - PUBLISH_FIELDS
-    if unknown:
-        raise InvalidEvent(f"unknown field {sorted(unknown)[0][:64]!r}")
+    if not PUBLISH_FIELDS.issuperset(item):
+        raise InvalidEvent(f"unknown field {sorted(set(item) - PUBLISH_FIELDS)[0][:64]!r}")
     return prepare_event(
         item.get("type"),  # type: ignore[arg-type]  # validated by prepare_event
         item.get("data"),

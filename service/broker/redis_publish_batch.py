@@ -25,7 +25,6 @@ _SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest().encode()  # noqa: S324  
 # Events per script call: Redis serves nothing else while a script runs (about 15 µs an event),
 # so a large batch becomes several calls, sent together.
 CHUNK_EVENTS: Final = 100
-_KEYS_PER_EVENT: Final = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,31 +37,39 @@ class Limits:
     state_max_items: int
 
 
-def _command(verb: bytes, script_ref: bytes, keys: list[bytes], args: list[bytes]) -> bytes:
-    """`<verb> <script_ref> <numkeys> keys... args...` in RESP."""
-    parts = [verb, script_ref, b"%d" % len(keys), *keys, *args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+_EMPTY: Final = _bulk(b"")
+_SET: Final = _bulk(b"set")
+_DEL: Final = _bulk(b"del")
+_BY_SHA: Final = _bulk(b"EVALSHA") + _bulk(_SHA)
+_BY_TEXT: Final = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
 
 
 class Chunk:
-    """KEYS and ARGV of one publish_batch.lua call."""
+    """KEYS and ARGV of one publish_batch.lua call, each already a RESP bulk string."""
 
-    __slots__ = ("args", "keys")
+    __slots__ = ("args", "events", "keys")
 
     def __init__(self, limits: Limits) -> None:
+        self.events = 0
         self.keys: list[bytes] = []
         self.args: list[bytes] = [
-            new_epoch().encode(),
-            b"%d" % limits.history_ttl_s,
-            b"%d" % limits.history_size,
-            b"%d" % limits.idempotency_window_s,
-            b"%d" % limits.state_max_items,
+            _bulk(new_epoch().encode()),
+            _bulk(b"%d" % limits.history_ttl_s),
+            _bulk(b"%d" % limits.history_size),
+            _bulk(b"%d" % limits.idempotency_window_s),
+            _bulk(b"%d" % limits.state_max_items),
         ]
 
     def command(self, *, by_sha: bool) -> bytes:
-        if by_sha:
-            return _command(b"EVALSHA", _SHA, self.keys, self.args)
-        return _command(b"EVAL", SCRIPT.encode(), self.keys, self.args)
+        """`EVALSHA <sha> <numkeys> keys... args...` (or EVAL with the script's text) in RESP."""
+        head = b"*%d\r\n" % (3 + len(self.keys) + len(self.args))
+        numkeys = _bulk(b"%d" % len(self.keys))
+        return b"".join((head, _BY_SHA if by_sha else _BY_TEXT, numkeys, *self.keys, *self.args))
 
 
 def chunks(
@@ -74,40 +81,42 @@ def chunks(
     limits: Limits,
 ) -> list[Chunk]:
     """The script calls that publish `events` in order; `pubsub_channel(prefix, channel)` names the PUB/SUB channel."""
+    # The names of a channel, encoded once per batch: its events usually come several at a time.
     names: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
     out: list[Chunk] = []
     chunk = Chunk(limits)
     for (channel, payload), idempotency_key in zip(events, idempotency_keys, strict=True):
-        if len(chunk.keys) == CHUNK_EVENTS * _KEYS_PER_EVENT:
+        if chunk.events == CHUNK_EVENTS:
             out.append(chunk)
             chunk = Chunk(limits)
         named = names.get(channel)
         if named is None:
             named = names[channel] = (
-                redis_keys.meta_key(prefix, channel).encode(),
-                redis_keys.stream_key(prefix, channel).encode(),
-                redis_keys.state_key(prefix, channel).encode(),
-                redis_keys.state_order_key(prefix, channel).encode(),
-                pubsub_channel(prefix, channel).encode(),
+                _bulk(redis_keys.meta_key(prefix, channel).encode()),
+                _bulk(redis_keys.stream_key(prefix, channel).encode()),
+                _bulk(redis_keys.state_key(prefix, channel).encode()),
+                _bulk(redis_keys.state_order_key(prefix, channel).encode()),
+                _bulk(pubsub_channel(prefix, channel).encode()),
             )
         meta, stream, state, order, pubsub = named
         idempotency = (
-            b""
+            _EMPTY
             if idempotency_key is None
-            else redis_keys.idempotency_key_name(prefix, channel, idempotency_key).encode()
+            else _bulk(redis_keys.idempotency_key_name(prefix, channel, idempotency_key).encode())
         )
         chunk.keys += (meta, stream, idempotency, state, order)
         change = state_change(payload)
         if change is None:
-            chunk.args += (pubsub, payload, b"", b"", b"")
+            chunk.args += (pubsub, _bulk(payload), _EMPTY, _EMPTY, _EMPTY)
         else:
             chunk.args += (
                 pubsub,
-                payload,
-                b"del" if change.delete else b"set",
-                change.id.encode(),
-                change.version.encode(),
+                _bulk(payload),
+                _DEL if change.delete else _SET,
+                _bulk(change.id.encode()),
+                _bulk(change.version.encode()),
             )
+        chunk.events += 1
     out.append(chunk)
     return out
 
