@@ -1,11 +1,13 @@
 """CPU per event a pod spends taking live events from Redis: PUB/SUB link, envelope decode, handler call.
 
-Run from the repository root: `.venv/bin/python -m bench.ingest_link [--channels N] [--events N] [--runs N]`.
+Run from the repository root:
+`.venv/bin/python -m bench.ingest_link [--channels N] [--events N] [--runs N] [--loop asyncio]`.
 A RedisBroker subscribes N channels of one local redis-server; `redis-cli --pipe`, another
 process, PUBLISHes M envelopes spread over them in one pipeline. The figure is this process's CPU
 time (utime + stime) from the first PUBLISH until the handler saw the last event, per event: the
-ingest cost alone, without websockets or a hub. To compare two versions, run it alternately
-from each checkout (`PYTHONPATH=<checkout> .venv/bin/python <checkout>/bench/ingest_link.py`).
+ingest cost alone, without websockets or a hub, on uvloop as pods run (or asyncio's loop). To
+compare two versions, run it alternately from each checkout
+(`PYTHONPATH=<checkout> .venv/bin/python bench/ingest_link.py`, this file from either).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import uvloop
 
 from fleet.redis_server import REDIS_CLI, RedisServer
 from service import redis_keys
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--payload-bytes", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     options = parser.parse_args()
     payload = b'{"type":"transaction_update","data":"%s"}' % (b"x" * max(0, options.payload_bytes - 40))
     with tempfile.TemporaryDirectory() as directory:
@@ -85,7 +90,9 @@ def main() -> None:
         server.start()
         try:
             results = [
-                asyncio.run(measure(server, channels=options.channels, events=options.events, payload=payload))
+                (uvloop.run if options.loop == "uvloop" else asyncio.run)(
+                    measure(server, channels=options.channels, events=options.events, payload=payload)
+                )
                 for _ in range(options.runs)
             ]
         finally:

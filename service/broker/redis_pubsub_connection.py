@@ -54,7 +54,8 @@ class Endpoint:
 
         Read from the connection redis-py would build (no I/O), so the URL's TLS query
         options, credentials and the options of `redis_client.client_options` mean the same
-        to this connection as to every other Redis connection of the pod.
+        to this connection as to every other Redis connection of the pod. The URL's database
+        is not selected: PUB/SUB channels are the same in every database.
         """
         pool = client.connection_pool
         connection = pool.connection_class(**pool.connection_kwargs)
