@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class Subscription:
 
     __slots__ = (
         "closed",
+        "enqueue",
         "epoch",
         "filtered",
         "filters",
@@ -104,6 +106,8 @@ class Subscription:
 
     def __init__(self, recipient: Recipient, key: str, filters: Filters, *, filter_in_pod: bool) -> None:
         self.recipient = recipient
+        # Bound once: the fan-out calls it for every event.
+        self.enqueue = recipient.enqueue
         self.key = key
         self.filters = filters
         # Only transactions carry filters finer than the channel; user channels are exact.
@@ -124,10 +128,14 @@ class Subscription:
         self.replay_versions: Versions | None = None
 
     def matches(self, data: dict[str, Any]) -> bool:
-        if self.transaction_ids is not None and data.get("id") not in self.transaction_ids:
+        return self.matches_fields(data.get("id"), data.get("userId"), data.get("updatedBy"))
+
+    def matches_fields(self, txn_id: Any, user_id: Any, updated_by: Any) -> bool:
+        """`matches` on the fields the filters read, taken from an event once for all its subscribers."""
+        if self.transaction_ids is not None and txn_id not in self.transaction_ids:
             return False
-        user_id = self.user_id
-        return user_id is None or data.get("userId") == user_id or data.get("updatedBy") == user_id
+        own = self.user_id
+        return own is None or user_id == own or updated_by == own
 
 
 class Versions:
@@ -151,9 +159,10 @@ class Versions:
             newest.pop(txn_id, None)
             return True
         newest[txn_id] = version
-        newest.move_to_end(txn_id)
-        if len(newest) > _VERSIONS_PER_CHANNEL:
-            newest.popitem(last=False)
+        if seen is not None:
+            newest.move_to_end(txn_id)
+        elif len(newest) > _VERSIONS_PER_CHANNEL:
+            newest.popitem(last=False)  # a new transaction came in last: the least recently changed goes
         return True
 
     def accepts(self, decoded: _Decoded) -> bool:
@@ -599,17 +608,24 @@ class Hub:
         if not state.versions.accepts(decoded):
             return None  # older than a version this channel sent: superseded, like a conflated update
         # The hot loop: per recipient a few attribute reads and one non-blocking enqueue.
-        offset, data, key = envelope.offset, decoded.data, decoded.conflation_key
+        offset, key = envelope.offset, decoded.conflation_key
         frame = b""  # encoded for the first recipient the filters let through
+        # What the filters read, taken from the event for the first filtered subscriber.
+        fields: tuple[Any, Any, Any] | None = None
         sent = 0
         for sub in state.subs:
             if sub.live and offset > sub.last_offset:
                 sub.last_offset = offset
-                if not sub.filtered or sub.matches(data):
-                    if not frame:
-                        frame = decoded.frame
-                    sub.recipient.enqueue(frame, key)
-                    sent += 1
+                if sub.filtered:
+                    if fields is None:
+                        data = decoded.data
+                        fields = (data.get("id"), data.get("userId"), data.get("updatedBy"))
+                    if not sub.matches_fields(*fields):
+                        continue
+                if not frame:
+                    frame = decoded.frame
+                sub.enqueue(frame, key)
+                sent += 1
         if sent:
             decoded.sent_counter.inc(sent)
             if not live:
@@ -717,7 +733,7 @@ def _decode(envelope: Envelope, *, measure_lag: bool = False) -> _Decoded | None
             raise ValueError(kind)
         if measure_lag:
             published = datetime.fromisoformat(timestamp).timestamp()
-            metrics.DELIVERY_LAG.observe(max(0.0, datetime.now().timestamp() - published))
+            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - published))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         metrics.BROKER_INVALID_MESSAGES.inc()
         log.warning("invalid_event_dropped", channel=envelope.channel, offset=envelope.offset)

@@ -7,7 +7,7 @@ once and the same bytes go to every recipient.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -92,12 +92,16 @@ def refreshed(expires_at: str, correlation_id: str | None) -> bytes:
     )
 
 
+# A subscription key's prefix -> the channel's name; a lookup instead of an Enum call per event.
+_CHANNEL_NAMES: Final = {channel.value: channel.value for channel in Channel}
+
+
 def event(envelope: Envelope, kind: str, data: dict[str, Any], timestamp: str, correlation_id: Any) -> bytes:
     """An event as every subscriber of its channel gets it: built once per event on each pod (see Hub)."""
     return orjson.dumps(
         {
             "type": kind,
-            "channel": channel_of_key(envelope.channel).value,
+            "channel": _CHANNEL_NAMES[envelope.channel.partition(":")[0]],
             "subscription": envelope.channel,
             "offset": envelope.offset,
             "epoch": envelope.epoch,

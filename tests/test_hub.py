@@ -10,7 +10,7 @@ import orjson
 from service.broker.base import Envelope, Position
 from service.broker.memory import MemoryBroker
 from service.frames import text_frame
-from service.hub import Hub, SubscribeResult, Subscription
+from service.hub import Hub, SubscribeResult, Subscription, Versions
 from service.protocol import Filters
 from service.publisher import prepare_event
 from tests.test_frames import payload_of
@@ -169,3 +169,13 @@ async def test_a_foreign_malformed_message_is_dropped_and_later_events_flow():
     await _publish(broker, 1)
     await _settle()
     assert inbox.offsets() == [3]
+
+
+def test_versions_forget_the_least_recently_changed_transaction_first() -> None:
+    versions = Versions()
+    for i in range(1000):
+        assert versions.is_current(f"t{i}", "n:5")
+    assert versions.is_current("t0", "n:6")  # changed again: now the most recently changed
+    assert versions.is_current("t1000", "n:5")  # one over the bound: t1 is forgotten, not t0
+    assert not versions.is_current("t0", "n:1")
+    assert versions.is_current("t1", "n:1")

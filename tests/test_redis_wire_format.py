@@ -9,6 +9,7 @@ import pytest
 
 from service import redis_keys
 from service.broker import redis_wire as wire
+from service.broker.base import Envelope
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "redis-wire-format.md"
 
@@ -77,3 +78,13 @@ def test_document_gives_the_cluster_publish_script_sha_and_its_only_difference()
 def test_cluster_names_share_the_channel_hash_tag() -> None:
     assert redis_keys.shard_channel("app1:", "transactions:C1") == "app1:{transactions:C1}"
     assert "`app1:{transactions:C1}`" in DOC.read_text()
+
+
+def test_an_envelope_decodes_straight_into_the_channels_envelope() -> None:
+    data = wire.encode_envelope(7, "9f3c2a1be0d4c5f6", b"{}")
+    for _ in range(2):  # the second time with the epoch already known
+        assert wire.decode_envelope_of("transactions:C1", data) == Envelope(
+            channel="transactions:C1", offset=7, epoch="9f3c2a1be0d4c5f6", payload=b"{}"
+        )
+    with pytest.raises(wire.MalformedEnvelope):
+        wire.decode_envelope_of("transactions:C1", b"e1:7:9f3c2a1be0d4c5f6:x\n{}")

@@ -56,22 +56,45 @@ class MalformedEnvelope(ValueError):
     """A PUBLISHed message that does not follow the envelope format."""
 
 
+# Epochs already checked and decoded: a pod sees one per channel, for a long time, so the check
+# and the decode run once per epoch instead of once per event. Cleared when full (rare: only
+# epochs that keep changing, or a pod that follows more channels than this, miss it).
+_EPOCHS_KNOWN_MAX: Final = 65_536
+_epochs_known: dict[bytes, str] = {}
+
+
 def decode_envelope(data: bytes) -> WireEvent:
     """Parse a PUBLISHed message; raise MalformedEnvelope for anything else on the channel."""
+    offset, epoch, payload = _decode_parts(data)
+    return WireEvent(offset=offset, epoch=epoch, payload=payload)
+
+
+def decode_envelope_of(channel: str, data: bytes) -> Envelope:
+    """`decode_envelope` straight into the broker's Envelope of `channel`: one object per event."""
+    offset, epoch, payload = _decode_parts(data)
+    return Envelope(channel=channel, offset=offset, epoch=epoch, payload=payload)
+
+
+def _decode_parts(data: bytes) -> tuple[int, str, bytes]:
     header, newline, payload = data.partition(b"\n")
     if not newline:
         raise MalformedEnvelope("no header line")
-    parts = header.split(b":")
-    if len(parts) != 3 or parts[0] != ENVELOPE_VERSION:
+    version, _, rest = header.partition(b":")
+    raw_offset, colon, raw_epoch = rest.partition(b":")
+    if version != ENVELOPE_VERSION or not colon or b":" in raw_epoch:
         raise MalformedEnvelope("unknown header")
-    raw_offset, raw_epoch = parts[1], parts[2]
     if not raw_offset.isdigit() or len(raw_offset) > _OFFSET_MAX_DIGITS or raw_offset.startswith(b"0"):
         raise MalformedEnvelope("bad offset")
-    if _EPOCH_RE.fullmatch(raw_epoch) is None:
-        raise MalformedEnvelope("bad epoch")
+    epoch = _epochs_known.get(raw_epoch)
+    if epoch is None:
+        if _EPOCH_RE.fullmatch(raw_epoch) is None:
+            raise MalformedEnvelope("bad epoch")
+        if len(_epochs_known) >= _EPOCHS_KNOWN_MAX:
+            _epochs_known.clear()
+        epoch = _epochs_known[raw_epoch] = raw_epoch.decode()
     if not payload:
         raise MalformedEnvelope("empty payload")
-    return WireEvent(offset=int(raw_offset), epoch=raw_epoch.decode(), payload=payload)
+    return int(raw_offset), epoch, payload
 
 
 # The scripts, each in its own file under service/redis_lua/ (quoted in docs/redis-wire-format.md,
