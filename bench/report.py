@@ -53,7 +53,32 @@ METHOD: Final = """## Method
   the readers' p99 in both phases and the server's RSS growth. Whether a server closed the stalled
   clients is not yet seen from the client side (a paused socket does not report the close even once
   it reads again); the servers' own logs tell it: eva-ws logs `slow_consumer_closed` and closes with 4008.
+- Ingest: the per-event cost when events are spread thin. Events go round-robin over 10,000 channels;
+  5,000 clients each subscribe to a channel of their own, the other 5,000 channels have no subscriber
+  on the pod (so Redis never sends their events to it: a pod subscribes only to channels it has
+  listeners for). Publishing is split over several publisher processes (`ingest.publishers`), each
+  pacing its own share of the channels in pipelined batches, through the same publish path as the
+  other scenarios. The rate doubles per step (a ladder as in many-channels) and the ladder also stops
+  once the publishers fall a whole step behind: then they, or Redis behind them on the shared core, are
+  the limit, not the server. *Events per core-second* = events the pod took from Redis, decoded, routed
+  and wrote to their one subscriber / server CPU seconds, from the busiest step; latency, lost and dup
+  are those of the subscribed half. eva-ws publishes through its Lua script (offset, history, state),
+  which costs Redis several times a bare `PUBLISH`: at the top steps Redis, on the client core with
+  the load generator and publishers, may be what stops the ladder.
+- Publish (eva-ws only: the peers have no publish API that assigns offsets, keeps history and honours
+  idempotency keys). Batches of `publish.batch` transaction updates, each with its own idempotency key,
+  `publish.concurrency` calls in flight, for `publish.duration_s`, once through `POST /api/v1/publish`
+  and once through the Python `Publisher` (`publish_prepared`), alternating, `publish.runs` times each
+  (medians reported). Every event does the whole publish: validation, encoding, state change,
+  idempotency check, offset, history append, PUBLISH. *Events per core-second* = events accepted
+  (answered 202, or given a position) / CPU seconds of whoever did the publishing work: the pod for the
+  HTTP API, the calling process for the library. Redis CPU per event is reported beside it, since the
+  script's work is Redis's, not the caller's. Every accepted event is checked against the offsets in
+  Redis (`offsets_total` equals `events` in the raw results).
 """
+# The issue's goals for the two scenarios that measure the per-event path.
+INGEST_TARGET_PER_CORE_S: Final = 100_000
+PUBLISH_TARGET_PER_CORE_S: Final = 50_000
 
 
 def _version(argv: list[str]) -> str:
@@ -197,8 +222,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
-    panels = {"fanout": "fan-out: one channel", "channels": "many channels"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 5), dpi=110, sharey=True)
+    panels = {"fanout": "fan-out: one channel", "channels": "many channels", "ingest": "ingest: 10,000 channels"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), dpi=110, sharey=True)
     colours = [f"C{i}" for i in range(10)]  # matplotlib's default cycle
     drawn = 0
     for ax, (key, title) in zip(axes, panels.items(), strict=True):
@@ -235,23 +260,106 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def _steps_table(name: str, key: str, result: dict[str, Any]) -> list[str]:
+    if "channels" in result:
+        spread = f" on {result['channels']} channels, one subscriber each on the first {result.get('subscribers')}"
+    elif "customers" in result:
+        spread = f" over {result['customers']} customers"
+    else:
+        spread = " on one channel"
     lines = [
-        f"**{name} — {key}** ({result.get('subscribers')} clients"
-        + (f" over {result['customers']} customers" if "customers" in result else " on one channel")
-        + ")",
+        f"**{name} — {key}** ({result.get('subscribers')} clients{spread})",
         "",
-        "| events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU (of a core) | CPU µs/delivery "
-        "| load-gen CPU (of a core) | other processes' CPU | lost | dup |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| events/s asked | events/s published | delivered/s | p50 ms | p99 ms | p99.9 ms | server CPU (of a core) "
+        "| CPU µs/delivery | load-gen CPU (of a core) | other processes' CPU | lost | dup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result["steps"]:
         lines.append(
-            f"| {_f(s['rate'], 0)} | {_f(s['deliveries_per_s'], 0)} | {_f(s['p50_ms'], 2)} | {_f(s['p99_ms'], 2)} "
+            f"| {_f(s['rate'], 0)} | {_f(s.get('published_per_s'), 0)} | {_f(s['deliveries_per_s'], 0)} "
+            f"| {_f(s['p50_ms'], 2)} | {_f(s['p99_ms'], 2)} "
             f"| {_f(s['p999_ms'], 2)} | {s['server_cpu_util']:.0%} | {_f(s['cpu_us_per_delivery'], 2)} "
             f"| {s['loadgen_cpu_util']:.0%} | {s.get('other_cpu_util', 0.0):.0%} "
             f"| {s['lost_total']} | {s['dups_total']} |"
         )
     return [*lines, ""]
+
+
+def _ingest_section(results: dict[str, Any]) -> list[str]:
+    """Events per core-second over many thinly subscribed channels, per system."""
+    rows = []
+    for name, target in results["targets"].items():
+        r = target.get("scenarios", {}).get("ingest")
+        if not r:
+            continue
+        if "steps" not in r:
+            rows.append(f"| {name} | {r.get('skipped') or 'failed: ' + str(r.get('error', '?'))[:120]} |" + " |" * 6)
+            continue
+        busiest = max(r["steps"], key=lambda s: s["delivered"]) if r["steps"] else None
+        best = _best_step(r)
+        rows.append(
+            f"| {name} | {_f(_per_cpu_s(busiest), 0)} | {_f(busiest['cpu_us_per_delivery'] if busiest else None, 2)} "
+            f"| {_f(busiest['published_per_s'] if busiest else None, 0)} "
+            f"| {_f(best['deliveries_per_s'] if best else None, 0)} "
+            f"| {_f(best['p50_ms'] if best else None, 2)} / {_f(best['p99_ms'] if best else None, 2)} "
+            f"| {r.get('lost', '-')} / {r.get('dups', '-')} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"### Ingest: events over many channels, 0 or 1 subscriber each (target: at least "
+        f"{INGEST_TARGET_PER_CORE_S:,} events per core-second)",
+        "",
+        "| system | events per core-second* | server CPU µs/event* | events/s published* "
+        "| delivered/s (p99 ≤ limit) | p50 / p99 ms (p99 ≤ limit) | lost / dup |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "\\* from the step with the most deliveries. Only events on subscribed channels reach a pod, so these",
+        "are the subscribed half's events: taken from Redis, decoded, routed and written to one socket each.",
+        "",
+    ]
+
+
+def _publish_section(results: dict[str, Any]) -> list[str]:
+    """Events accepted into Redis per core-second through the HTTP API and the library (eva-ws only)."""
+    rows, skipped = [], []
+    for name, target in results["targets"].items():
+        r = target.get("scenarios", {}).get("publish")
+        if not r:
+            continue
+        if "runs" not in r:
+            skipped.append(f"- {name}: {r.get('skipped') or 'failed: ' + str(r.get('error', '?'))[:200]}")
+            continue
+        for via, label in (("http", "`POST /api/v1/publish`"), ("library", "`Publisher` (Python library)")):
+            m = r[via]
+            runs = ", ".join(_f(x["events_per_core_s"], 0) for x in r["runs"] if x["via"] == via)
+            cpu_of = "pod" if via == "http" else "publishing process"
+            rows.append(
+                f"| {name} | {label} | {r['batch']} | {_f(m['events_per_s'], 0)} | {_f(m['events_per_core_s'], 0)} "
+                f"({runs}) | {_f(m['publishing_cpu_us_per_event'], 1)} ({cpu_of}) "
+                f"| {_f(m['redis_cpu_us_per_event'], 1)} | {_f(m['publisher_cpu_us_per_event'], 1)} |"
+            )
+    if not rows and not skipped:
+        return []
+    out = [
+        f"### Publish: keyed events accepted into Redis (target: at least {PUBLISH_TARGET_PER_CORE_S:,} "
+        "events per core-second)",
+        "",
+    ]
+    if rows:
+        out += [
+            "| system | way | events per call | events/s | events per core-second (each run) "
+            "| publishing CPU µs/event | Redis CPU µs/event | publisher process CPU µs/event |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Medians over the runs. Redis CPU is the script's work (idempotency check, offset, history, state,",
+            "PUBLISH); it runs on the client core and is what bounds events/s on this machine.",
+            "",
+        ]
+    if skipped:
+        out += ["Not measured:", "", *skipped, ""]
+    return out
 
 
 def markdown(results: dict[str, Any], plot_rel: str | None, analysis: str | None = None) -> str:
@@ -342,6 +450,7 @@ def markdown(results: dict[str, Any], plot_rel: str | None, analysis: str | None
                 f"| {_ratio(ref['idle_kib'], p['idle_kib'], higher_is_better=False)} |"
             )
         out.append("")
+    out += _ingest_section(results) + _publish_section(results)
     if analysis:
         out += [analysis.strip(), ""]
     if plot_rel:
@@ -354,7 +463,7 @@ def markdown(results: dict[str, Any], plot_rel: str | None, analysis: str | None
     out += ["## Details", ""]
     for name in names:
         sc = results["targets"][name].get("scenarios", {})
-        for key in ("fanout", "channels"):
+        for key in ("fanout", "channels", "ingest"):
             if "steps" in sc.get(key, {}):
                 out += _steps_table(name, key, sc[key])
     detail_rows = []

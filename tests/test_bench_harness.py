@@ -21,6 +21,7 @@ FANOUT_SUBSCRIBERS = 10
 CHANNEL_CLIENTS, CHANNEL_CUSTOMERS = 20, 5
 STORM_CLIENTS = 30
 IDLE_CLIENTS = 40
+INGEST_CHANNELS, INGEST_CLIENTS = 20, 10
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "channels.step_s=1.0",
         f"storm.clients={STORM_CLIENTS}",
         f"idle.clients={IDLE_CLIENTS}",
+        f"ingest.channels={INGEST_CHANNELS}",
+        f"ingest.clients={INGEST_CLIENTS}",
+        "ingest.start_rate=100",
+        "ingest.max_steps=1",
+        "ingest.step_s=1.0",
+        "publish.duration_s=0.5",
+        "publish.runs=1",
     ]
     cmd = [
         sys.executable,
@@ -45,7 +53,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "bench",
         "--size=tiny",
         "--targets=eva-ws,raw-aiohttp",
-        "--scenarios=fanout,channels,storm,idle",
+        "--scenarios=fanout,channels,storm,idle,ingest,publish",
         # The project's virtualenv has aiohttp but not the benchmark's faster client.
         "--client=aiohttp",
         "--loadgen-processes=1",
@@ -58,7 +66,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         *(f"--set={k}" for k in knobs),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVA_WS_")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     data: dict[str, Any] = json.loads((out / "results.json").read_text())
     return data
@@ -115,3 +123,34 @@ def test_every_started_server_is_stopped(target: dict[str, Any]) -> None:
     for port in target["ports"]:
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", port))
+
+
+def test_ingest_delivers_each_event_to_its_channels_one_subscriber(target: dict[str, Any]) -> None:
+    r = target["scenarios"]["ingest"]
+    assert "error" not in r, r.get("error")
+    sent = sum(s["sent"] for s in r["steps"])
+    # Round-robin over every channel; only the first INGEST_CLIENTS channels have a subscriber.
+    assert sent % INGEST_CHANNELS == 0
+    assert r["expected"] == sent * INGEST_CLIENTS // INGEST_CHANNELS
+    assert r["unique"] == r["expected"]
+    assert (r["lost"], r["dups"]) == (0, 0)
+    assert r["server_cpu_s"] > 0
+    assert all(s["published_per_s"] > 0 for s in r["steps"])
+
+
+def test_publish_counts_every_event_redis_accepted_through_both_ways(target: dict[str, Any]) -> None:
+    r = target["scenarios"]["publish"]
+    assert "error" not in r, r.get("error")
+    if "skipped" in r:
+        assert not target["description"].startswith("eva-ws")
+        assert "eva-ws only" in r["skipped"]
+        return
+    assert {run["via"] for run in r["runs"]} == {"http", "library"}
+    for run in r["runs"]:
+        assert run["events"] > 0
+        assert not run["errors"]
+        assert run["duplicates"] == 0
+        assert run["events_per_core_s"] > 0
+        assert run["redis_cpu_s"] >= 0
+    # Every event carried its own idempotency key, so each accepted one took exactly one offset.
+    assert r["offsets_total"] == r["events"]
