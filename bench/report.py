@@ -66,14 +66,15 @@ METHOD: Final = """## Method
   which costs Redis several times a bare `PUBLISH`: at the top steps Redis, on the client core with
   the load generator and publishers, may be what stops the ladder.
 - Publish (eva-ws only: the peers have no publish API that assigns offsets, keeps history and honours
-  idempotency keys). Batches of `publish.batch` transaction updates, each with its own idempotency key,
-  `publish.concurrency` calls in flight, for `publish.duration_s`, once through `POST /api/v1/publish`
-  and once through the Python `Publisher` (`publish_prepared`), alternating, `publish.runs` times each
-  (medians reported). Every event does the whole publish: validation, encoding, state change,
-  idempotency check, offset, history append, PUBLISH. *Events per core-second* = events accepted
-  (answered 202, or given a position) / CPU seconds of whoever did the publishing work: the pod for the
-  HTTP API, the calling process for the library. Redis CPU per event is reported beside it, since the
-  script's work is Redis's, not the caller's. Every accepted event is checked against the offsets in
+  idempotency keys). Transaction updates, each with its own idempotency key, in batches of each size of
+  `publish.batches` (100 and 1,000, the API's largest), `publish.concurrency` calls in flight, for
+  `publish.duration_s`, once through `POST /api/v1/publish` and once through the Python `Publisher`
+  (`publish_prepared`), alternating, `publish.runs` times each (medians reported, every run listed).
+  Every event does the whole publish: validation, encoding, state change, idempotency check, offset,
+  history append, PUBLISH. *Events per core-second* = events accepted (answered 202, or given a
+  position) / CPU seconds of whoever did the publishing work: the pod for the HTTP API, the calling
+  process for the library. Redis CPU per event is reported beside it, since the script's work is
+  Redis's, not the caller's. Every accepted event is checked against the offsets in
   Redis (`offsets_total` equals `events` in the raw results).
 """
 # The issue's goals for the two scenarios that measure the per-event path.
@@ -330,13 +331,16 @@ def _publish_section(results: dict[str, Any]) -> list[str]:
         if "runs" not in r:
             skipped.append(f"- {name}: {r.get('skipped') or 'failed: ' + str(r.get('error', '?'))[:200]}")
             continue
-        for via, label in (("http", "`POST /api/v1/publish`"), ("library", "`Publisher` (Python library)")):
-            m = r[via]
-            runs = ", ".join(_f(x["events_per_core_s"], 0) for x in r["runs"] if x["via"] == via)
+        labels = {"http": "`POST /api/v1/publish`", "library": "`Publisher` (Python library)"}
+        for m in r["ways"]:
+            via = m["via"]
+            runs = ", ".join(
+                _f(x["events_per_core_s"], 0) for x in r["runs"] if x["via"] == via and x["batch"] == m["batch"]
+            )
             cpu_of = "pod" if via == "http" else "publishing process"
             rows.append(
-                f"| {name} | {label} | {r['batch']} | {_f(m['events_per_s'], 0)} | {_f(m['events_per_core_s'], 0)} "
-                f"({runs}) | {_f(m['publishing_cpu_us_per_event'], 1)} ({cpu_of}) "
+                f"| {name} | {labels[via]} | {m['batch']} | {_f(m['events_per_s'], 0)} "
+                f"| {_f(m['events_per_core_s'], 0)} ({runs}) | {_f(m['publishing_cpu_us_per_event'], 1)} ({cpu_of}) "
                 f"| {_f(m['redis_cpu_us_per_event'], 1)} | {_f(m['publisher_cpu_us_per_event'], 1)} |"
             )
     if not rows and not skipped:

@@ -88,6 +88,9 @@ class IngestSize:
     clients: int = 5_000
     # Publisher processes, each with its own share of the channels (a channel's events stay in order).
     publishers: int = 2
+    # Handshakes in flight while connecting: each one subscribes a channel of its own, so a burst is
+    # thousands of SUBSCRIBEs at once, and on a busy shared machine some outlast the subscribe timeout.
+    connect_concurrency: int = 50
     start_rate: float = 4000.0
     rate_factor: float = 2.0
     max_steps: int = 6
@@ -97,8 +100,9 @@ class IngestSize:
 
 @dataclass(slots=True)
 class PublishSize:
-    # Events per POST /api/v1/publish and per Publisher.publish_prepared call (the API takes up to 1,000).
-    batch: int = 100
+    # Events per POST /api/v1/publish and per Publisher.publish_prepared call (the API takes up to 1,000),
+    # comma-separated: each size is measured, since every request and call also has a fixed cost.
+    batches: str = "100,1000"
     # Requests (or library calls) in flight at once.
     concurrency: int = 4
     channels: int = 1000
@@ -126,7 +130,7 @@ class Sizes:
             idle=IdleSize(clients=50, customers=5, settle_s=0.5),
             slow=SlowSize(readers=4, slow=1, rate=100, calm_s=1.0, stalled_s=1.0, resume_s=0.5),
             ingest=IngestSize(channels=40, clients=20, publishers=2, start_rate=200, max_steps=1, step_s=1.0),
-            publish=PublishSize(batch=20, concurrency=2, channels=10, duration_s=0.5, runs=1),
+            publish=PublishSize(batches="20", concurrency=2, channels=10, duration_s=0.5, runs=1),
         )
 
     def override(self, assignment: str) -> None:
@@ -489,7 +493,7 @@ async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
     async with bench.more_publishers(s.publishers - 1):
         await bench.restart_sequences()
         # Client i subscribes to channel i: channels past `clients` have no subscriber on the pod.
-        await bench.connect(bench.tokens(channels[: s.clients]))
+        await bench.connect(bench.tokens(channels[: s.clients]), concurrency=s.connect_concurrency)
         try:
             result = await _ladder(
                 bench, channels, s.clients, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms,
@@ -514,7 +518,7 @@ PUBLISH_FIGURES: Final = (
 )
 
 
-async def _publish_run(bench: Bench, s: PublishSize, via: str, run: int) -> dict[str, Any]:
+async def _publish_run(bench: Bench, s: PublishSize, via: str, batch: int, run: int) -> dict[str, Any]:
     """One timed burst of batches through one way of publishing, with the CPU of the pod, Redis and publisher."""
     setup = bench.publisher_setup
     pids = [bench.server.pid, bench.redis_pid, bench.publisher.pid]
@@ -527,11 +531,11 @@ async def _publish_run(bench: Bench, s: PublishSize, via: str, run: int) -> dict
             "http_url": setup.get("http_url", ""),
             "secret": setup.get("secret", ""),
             "redis_url": setup.get("redis_url", ""),
-            "batch": s.batch,
+            "batch": batch,
             "concurrency": s.concurrency,
             "channels": s.channels,
             "duration_s": s.duration_s,
-            "key_prefix": f"{via}-{run}",
+            "key_prefix": f"{via}-{batch}-{run}",
         },
         timeout_s=s.duration_s * 3 + 60,
     )
@@ -543,6 +547,7 @@ async def _publish_run(bench: Bench, s: PublishSize, via: str, run: int) -> dict
     publishing_cpu_s = pod_cpu_s if via == "http" else client_cpu_s
     return {
         "via": via,
+        "batch": batch,
         "run": run,
         "events": events,
         "calls": reply["calls"],
@@ -567,28 +572,34 @@ async def publish(bench: Bench, size: Sizes) -> dict[str, Any]:
     if bench.target.name != "eva-ws":
         return {"skipped": PUBLISH_SKIPPED}
     s = size.publish
+    batches = [int(b) for b in s.batches.split(",") if b.strip()]
     runs: list[dict[str, Any]] = []
     # Alternating, so a disturbance of the shared machine does not fall on one way only.
     for run in range(s.runs):
-        for via in ("http", "library"):
-            runs.append(await _publish_run(bench, s, via, run))
+        for batch in batches:
+            for via in ("http", "library"):
+                runs.append(await _publish_run(bench, s, via, batch, run))
     offsets = await bench.publisher.call(
         {"op": "offsets_total", "redis_url": bench.publisher_setup.get("redis_url", ""), "channels": s.channels},
         timeout_s=30.0,
     )
-    result: dict[str, Any] = {
-        "batch": s.batch,
+    ways = []
+    for batch in batches:
+        for via in ("http", "library"):
+            mine = [r for r in runs if r["via"] == via and r["batch"] == batch]
+            ways.append(
+                {"via": via, "batch": batch} | {k: statistics.median(r[k] for r in mine) for k in PUBLISH_FIGURES}
+            )
+    return {
         "concurrency": s.concurrency,
         "channels": s.channels,
         "runs": runs,
+        # Medians over the runs, per way of publishing and batch size.
+        "ways": ways,
         "events": sum(r["events"] for r in runs),
         # Every accepted event has its own key, so each took one offset: the two totals agree.
         "offsets_total": offsets["total"],
     }
-    for via in ("http", "library"):
-        mine = [r for r in runs if r["via"] == via]
-        result[via] = {key: statistics.median(r[key] for r in mine) for key in PUBLISH_FIGURES}
-    return result
 
 
 ScenarioFn = Callable[[Bench, Sizes], Awaitable[dict[str, Any]]]
