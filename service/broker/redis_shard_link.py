@@ -406,13 +406,13 @@ class ShardLink:
             self._on_canary(data)
             return
         try:
-            event = wire.decode_envelope(data)
+            envelope = wire.decode_envelope_of(channel, data)
         except wire.MalformedEnvelope as exc:
             metrics.BROKER_INVALID_MESSAGES.inc()
             # The channel name is routing data, not payload; the payload is never logged.
             log.warning("broker_invalid_message", channel=channel, reason=str(exc), size=len(data))
             return
-        self._on_envelope(Envelope(channel=channel, offset=event.offset, epoch=event.epoch, payload=event.payload))
+        self._on_envelope(envelope)
 
 
 def _node(address: Address) -> str:
