@@ -30,7 +30,7 @@ class ResumeRefused(Exception):
 class UserBudget:
     """One user's token bucket of history events; reads are taken one at a time (`turn`)."""
 
-    __slots__ = ("_tokens", "_updated", "turn", "users")
+    __slots__ = ("_tokens", "_updated", "in_use", "turn")
 
     def __init__(self, *, burst: int, now: float) -> None:
         self._tokens = float(burst)
@@ -40,7 +40,7 @@ class UserBudget:
         # more than one read (at most a whole history, or a channel's state).
         self.turn = asyncio.Lock()
         # Resumes waiting or reading on it: an entry in use is never forgotten.
-        self.users = 0
+        self.in_use = 0
 
     def tokens(self, now: float, *, rate_per_s: float, burst: int) -> float:
         self._tokens = min(float(burst), self._tokens + (now - self._updated) * rate_per_s)
@@ -96,7 +96,7 @@ class ResumeBudgets:
         budget = self._users.get(user_id)
         if budget is None:
             budget = self._users[user_id] = UserBudget(burst=self._burst, now=now)
-        budget.users += 1
+        budget.in_use += 1
         try:
             await self._wait(budget, deadline=now + self._max_wait_s)
             try:
@@ -106,7 +106,7 @@ class ResumeBudgets:
             finally:
                 budget.turn.release()
         finally:
-            budget.users -= 1
+            budget.in_use -= 1
 
     async def _wait(self, budget: UserBudget, *, deadline: float) -> None:
         """Return holding the user's turn with the bucket out of debt, or raise ResumeRefused."""
@@ -141,7 +141,7 @@ class ResumeBudgets:
         full = [
             user
             for user, budget in self._users.items()
-            if not budget.users and budget.tokens(now, rate_per_s=self._rate_per_s, burst=self._burst) >= self._burst
+            if not budget.in_use and budget.tokens(now, rate_per_s=self._rate_per_s, burst=self._burst) >= self._burst
         ]
         for user in full:
             del self._users[user]

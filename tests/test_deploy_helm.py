@@ -406,6 +406,8 @@ CONFIG_FIELDS: Final = {
     "presenceTtlS": "presence_ttl_s",
     "jwksCooldownS": "jwks_cooldown_s",
     "jwksMaxAgeS": "jwks_max_age_s",
+    "resumeEventsPerUserS": "resume_events_per_user_s",
+    "resumeEventsPerUserBurst": "resume_events_per_user_burst",
     "maxConnectionsPerUser": "max_connections_per_user",
     "maxConnectionsPerIp": "max_connections_per_ip",
     "handshakeTimeoutS": "handshake_timeout_s",
