@@ -10,7 +10,10 @@ then while one user holds `--sockets` sockets, each resuming a channel's whole h
 (`subscribe` with `since` at offset 0, then `unsubscribe`) as often as the rate limit lets
 it: the attacker keeps the server's token bucket in step on its side, charging a resume
 1 message plus one per `--replay-events-per-message` events read (0: one message, as a
-server that does not charge replays counts it), so it is never refused or closed.
+server that does not charge replays counts it), so its messages are never refused and it is
+never closed. Above that, the user's resume budget (EVA_WS_RESUME_EVENTS_PER_USER_S, shared by
+all the user's sockets) makes a resume wait or refuses it with `rate_limited`: the socket then
+asks again at once, so every socket always has a resume waiting or reading.
 """
 
 from __future__ import annotations
@@ -200,6 +203,8 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     env = {"history_size": str(args.history), "log_level": "warning", "demo_publisher": "false"}
     if args.write_window_ms is not None:
         env["write_window_ms"] = str(args.write_window_ms)
+    if args.resume_events_per_user_s is not None:
+        env["resume_events_per_user_s"] = str(args.resume_events_per_user_s)
     if redis is not None:
         redis.start()
         env["redis_url"] = redis.url
@@ -262,6 +267,8 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "replay_events_per_message": args.replay_events_per_message,
         "delivered": args.deliver,
         "write_window_ms": settings.write_window_ms,
+        "resume_events_per_user_s": settings.resume_events_per_user_s,
+        "resume_events_per_user_burst": settings.resume_events_per_user_burst,
         "idle": asdict(idle),
         "idle_server_cpu": round(idle_cpu, 3),
         "flood": asdict(flooded),
@@ -288,6 +295,12 @@ def main() -> None:
         type=float,
         help="EVA_WS_WRITE_WINDOW_MS for the server (default: its default, 8): a pong waits for the window "
         "as soon as anything else is being written",
+    )
+    parser.add_argument(
+        "--resume-events-per-user-s",
+        type=float,
+        help="EVA_WS_RESUME_EVENTS_PER_USER_S for the server (default: its default, 5000); 10000000 leaves only "
+        "the per-socket limit",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument(
