@@ -322,3 +322,16 @@ def test_the_endpoint_takes_the_pods_timeouts_and_keepalive_from_the_client_opti
     assert (endpoint.connect_timeout_s, endpoint.command_timeout_s) == (2.0, 2.0)
     assert endpoint.keepalive  # TCP keepalive on, with the pod's idle time
     assert endpoint.ssl_context is None
+
+
+def test_a_server_certificate_that_does_not_verify_fails_the_open(
+    run: Runner, tls_server: tuple[RedisServer, int, Path]
+) -> None:
+    _, tls_port, _ = tls_server
+
+    async def scenario() -> None:
+        # Self-signed and not in the system's CAs: refused, as redis-py's own connections refuse it.
+        with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await Received().connection(endpoint_of(f"rediss://localhost:{tls_port}/0")).open()
+
+    run(scenario())

@@ -148,7 +148,13 @@ class PubSubConnection(asyncio.BufferedProtocol):
         except TimeoutError:
             raise RedisTimeoutError(f"Timeout connecting to {endpoint.node}") from None
         except OSError as exc:
-            raise RedisConnectionError(f"Error {exc.errno} connecting to {endpoint.node}. {exc.strerror}.") from exc
+            # Worded as redis-py words it; a TLS failure has no errno, its text says what failed.
+            reason = (
+                f"{exc.errno} connecting to {endpoint.node}. {exc.strerror}."
+                if exc.errno
+                else f"connecting to {endpoint.node}: {exc}"
+            )
+            raise RedisConnectionError(f"Error {reason}") from exc
         try:
             self._set_keepalive()
             await self._authenticate()
