@@ -4,7 +4,11 @@ and one user's sockets together read at most the user's resume budget."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
+from asyncio.subprocess import PIPE
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +23,7 @@ from service.resume_budget import ResumeBudgets, ResumeRefused
 from tests.conftest import AppClient, connect, make_settings, publish, receive_json, token_for, txn, wait_closed
 from tests.test_broker_redis import redis_factory
 
+ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD_BYTES = 1000
 WINDOW = 100
 
@@ -225,3 +230,48 @@ async def test_the_resume_budgets_forget_a_user_once_their_bucket_is_full_again(
     now[0] = 11.0
     async with budgets.read("f"):
         assert len(budgets) == 1  # only the one reading
+
+
+# The JavaScript client, on Node's own WebSocket: three snapshot subscriptions at once, then what it saw.
+JS_SUBSCRIBER = """
+import { EvaWsClient } from './clients/js/eva-ws-client.js';
+const client = new EvaWsClient({ url: process.env.URL, token: process.env.TOKEN, pingIntervalMs: 0 });
+const errors = [];
+client.on('error', (detail) => errors.push(detail.code));
+const subscribe = (customerId) => client.subscribe('transactions', { customerId }, { snapshot: true });
+const subs = ['C1', 'C2', 'C3'].map(subscribe);
+const ready = await Promise.all(subs.map((sub) => sub.ready));
+console.log(JSON.stringify({ errors, snapshots: ready.map((r) => r.transactions.length) }));
+client.close();
+"""
+
+
+async def test_the_js_client_refused_by_its_users_budget_asks_again_until_it_is_subscribed(
+    app_client: AppClient,
+) -> None:
+    node = shutil.which("node")
+    assert node is not None, "node (>= 20) is required for the JavaScript client tests: apt-get install nodejs"
+    state = 100
+    # Two snapshots of 100 transactions leave the user 5 s in debt: the third is refused at first.
+    settings = make_settings(resume_events_per_user_s="20", resume_events_per_user_burst=str(state))
+    client = await app_client(settings)
+    for customer in ("C1", "C2", "C3"):
+        events = [{"type": "transaction_new", "data": txn(f"{customer}-{i}", customer)} for i in range(state)]
+        assert (await publish(client, settings, {"events": events})).status == 202
+
+    url = str(client.make_url("/ws/transactions")).replace("http://", "ws://")
+    env = {**os.environ, "URL": url, "TOKEN": token_for(settings, customers=["C1", "C2", "C3"])}
+    flags = ["--experimental-websocket"] if await _node_needs_websocket_flag(node) else []
+    process = await asyncio.create_subprocess_exec(
+        node, *flags, "--input-type=module", "-e", JS_SUBSCRIBER, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    seen = orjson.loads(stdout.splitlines()[-1])
+    assert "rate_limited" in seen["errors"]
+    assert seen["snapshots"] == [state] * 3
+
+
+async def _node_needs_websocket_flag(node: str) -> bool:
+    check = await asyncio.create_subprocess_exec(node, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)")
+    return await check.wait() != 0
