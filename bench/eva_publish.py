@@ -3,7 +3,7 @@
 With a Redis broker configured, `service.publisher` validates and encodes each event and the
 broker's Lua script assigns offsets, appends history and PUBLISHes, all in this process, so
 the pod under test only pays for fan-out. When the service has no cross-process broker
-(`create_broker` gives the in-process one), events go through POST /api/v1/publish in batches
+(no Redis URL), events go through POST /api/v1/publish in batches
 and the pod pays for publishing too; `mode` says which path was taken.
 """
 
@@ -20,6 +20,7 @@ import orjson
 EVENT_TYPE: Final = "transaction_update"
 # The endpoint takes up to 1,000 events per request; smaller batches keep latency low.
 HTTP_BATCH_MAX: Final = 256
+COMMAND_TIMEOUT_S: Final = 10.0
 
 
 class EvaPublisher:
@@ -36,8 +37,7 @@ class EvaPublisher:
         self._headers: dict[str, str] = {}
 
     async def start(self) -> None:
-        from service.broker import create_broker
-        from service.broker.memory import MemoryBroker
+        from service.broker.redis import RedisBroker
         from service.config import load_settings
         from service.publisher import Publisher
 
@@ -49,14 +49,17 @@ class EvaPublisher:
                 "EVA_WS_POD_ID": "bench-publisher",
             }
         )
-        broker = create_broker(settings)
-        if isinstance(broker, MemoryBroker):
+        if settings.redis_url is None:
+            # Without Redis the pod's broker is in-process: only its HTTP API reaches it.
             now = int(time.time())
             claims = {"sub": "bench-publisher", "roles": ["publisher"], "iat": now, "exp": now + 24 * 3600}
             self._headers = {"Authorization": "Bearer " + jwt.encode(claims, self._secret, "HS256")}
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
             self.mode = "http"
             return
+        # On a machine shared with other work Redis may stall for a few seconds: the publisher
+        # waits for it rather than failing the scenario (the pods keep their own default).
+        broker = RedisBroker.from_settings(settings, command_timeout_s=COMMAND_TIMEOUT_S)
         await broker.start()
         self._broker = broker
         self._publisher = Publisher(broker)
