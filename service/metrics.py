@@ -91,8 +91,14 @@ EVENTS_REPLAYED: Final = Counter(
 )
 RESUMES: Final = Counter(
     "resumes_total",
-    "Subscribe requests carrying a position, by outcome (recovered, unrecovered).",
+    "Subscribe requests carrying a position, by outcome (recovered, unrecovered, refused by the user's resume budget).",
     ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+RESUME_BUDGET_WAITS: Final = Counter(
+    "resume_budget_waits_total",
+    "Resumes and snapshots that waited for their user's resume budget before reading.",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

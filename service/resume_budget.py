@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final
 
+from service import metrics
+
 # The longest a resume waits for its user's budget. A browser back after a pod drain gets its
 # replay this much later at worst instead of an error; beyond it the resume is refused at once
 # (`rate_limited`) and the client retries with backoff. Long enough to cover one whole-history
@@ -123,6 +125,7 @@ class ResumeBudgets:
             budget.turn.release()
             raise ResumeRefused(wait_s)
         if wait_s > 0:
+            metrics.RESUME_BUDGET_WAITS.inc()
             try:
                 await asyncio.sleep(wait_s)
             except BaseException:

@@ -196,7 +196,9 @@ class Session:
                     await join()
             except ResumeRefused as refused:
                 # Not logged: an attacker's sockets would write a line per refusal. Counted in
-                # eva_ws_errors_total{code="rate_limited"}; not a violation, so never a close.
+                # eva_ws_errors_total{code="rate_limited"} and eva_ws_resumes_total{outcome="refused"};
+                # not a violation, so never a close.
+                metrics.RESUMES.labels("refused").inc()
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED,
                     f"this user's resumes read too much history on this pod; retry in {refused.retry_after_s:.1f} s",

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from fleet.redis_server import RedisServer
+from service import metrics
 from service.broker.base import Position
 from service.protocol import CloseCode
 from service.resume_budget import ResumeBudgets, ResumeRefused
@@ -26,6 +27,10 @@ from tests.test_broker_redis import redis_factory
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD_BYTES = 1000
 WINDOW = 100
+
+
+def _sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def _bytes_sent(raw: Redis) -> int:
@@ -145,6 +150,7 @@ async def test_one_users_sockets_resuming_in_a_loop_make_redis_send_at_most_the_
     }
 
     sockets = [await connect(client, token_for(settings, sub="mallory")) for _ in range(10)]
+    refusals_before = _sample("eva_ws_resumes_total", outcome="refused")
     before = await _bytes_sent(raw)
     started = time.monotonic()
     replies = [r for rs in await asyncio.gather(*(_resume_until_refused(ws, resume, 3) for ws in sockets)) for r in rs]
@@ -162,6 +168,7 @@ async def test_one_users_sockets_resuming_in_a_loop_make_redis_send_at_most_the_
     assert refused
     assert {r["code"] for r in refused} == {"rate_limited"}
     assert all(r["correlationId"].startswith("resume-") and "retry in" in r["message"] for r in refused)
+    assert _sample("eva_ws_resumes_total", outcome="refused") - refusals_before == len(refused)
     for ws in sockets:
         await ws.send_json({"type": "ping", "correlationId": "alive"})
         assert (await receive_json(ws))["type"] == "pong"
@@ -193,8 +200,10 @@ async def test_a_resume_waits_for_its_users_budget_and_then_replays(app_client: 
         "since": {"offset": 0, "epoch": epoch},
     }
     sockets = [await connect(client, token_for(settings)) for _ in range(3)]
+    waits_before = _sample("eva_ws_resume_budget_waits_total")
     replies = await asyncio.gather(*(_resume_until_refused(ws, resume, 3) for ws in sockets))
     assert [r["type"] for rs in replies for r in rs] == ["subscribed"] * 9
+    assert _sample("eva_ws_resume_budget_waits_total") > waits_before
     assert {r["replayed"] for rs in replies for r in rs} == {history}
 
 
