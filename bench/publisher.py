@@ -8,6 +8,8 @@ Sinks, one per target kind:
 - python-socketio: ``AsyncRedisManager(url, write_only=True).emit`` as python-socketio documents.
 - node: the @socket.io/redis-emitter wire format (msgpack of [uid, packet, opts] on
   ``socket.io#/#<room>#``), which the Redis adapter of every Socket.IO server consumes.
+The ingest scenario sets eva-ws's and the raw reference's publishers up with ``setup_ingest``
+instead: the same messages pre-encoded in pipelined plain PUBLISH (see bench.ingest_publisher).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from bench import publish_load
+from bench.ingest_publisher import IngestPublisher
 from bench.payload import event_payload
 from bench.workers import reply_channel
 
@@ -134,6 +137,12 @@ class Publisher:
         self.sink = sink
         self.seq: dict[str, int] = {}
 
+    def restart_sequences(self) -> None:
+        self.seq = {}
+
+    async def close(self) -> None:
+        await self.sink.close()
+
     async def run(self, customers: Sequence[str], rate: float, duration_s: float) -> dict[str, Any]:
         """Publish `rate` events/s round-robin over `customers` for `duration_s` (open loop)."""
         total = max(1, int(rate * duration_s))
@@ -176,7 +185,7 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    publisher: Publisher | None = None
+    publisher: Publisher | IngestPublisher | None = None
     try:
         while line := await reader.readline():
             cmd = json.loads(line)
@@ -188,16 +197,24 @@ async def serve() -> None:
                 reply = {"pong": True}
             elif op == "setup":
                 if publisher is not None:
-                    await publisher.sink.close()
+                    await publisher.close()
+                    publisher = None
                 sink = make_sink(
                     cmd["kind"], cmd["redis_url"], http_url=cmd.get("http_url", ""), secret=cmd.get("secret", "")
                 )
                 await sink.start()
                 publisher = Publisher(sink)
                 reply = {"ready": True, "mode": getattr(sink, "mode", "redis")}
+            elif op == "setup_ingest":
+                if publisher is not None:
+                    await publisher.close()
+                    publisher = None
+                publisher = IngestPublisher(cmd["redis_url"], cmd["wire"])
+                await publisher.start()
+                reply = {"ready": True, "mode": f"pipelined PUBLISH ({cmd['wire']})"}
             elif op == "restart_sequences":
                 assert publisher is not None
-                publisher.seq = {}
+                publisher.restart_sequences()
                 reply = {"restarted": True}
             elif op == "run":
                 assert publisher is not None
@@ -211,7 +228,7 @@ async def serve() -> None:
             send(reply)
     finally:
         if publisher is not None:
-            await publisher.sink.close()
+            await publisher.close()
 
 
 def main() -> None:

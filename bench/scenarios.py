@@ -16,6 +16,7 @@ import jwt
 
 from bench import procstat
 from bench.histogram import Histogram
+from bench.ingest_publisher import WIRE_OF_SINK
 from bench.targets import Running, Target
 from bench.workers import Child, LoadGen
 
@@ -486,10 +487,44 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
     }
 
 
+# What tells that an eva-ws pod repaired or resynced a channel, or dropped a message, during ingest:
+# with the publish script left out, these must not move (see bench.ingest_publisher).
+INGEST_POD_COUNTERS: Final = (
+    "eva_ws_events_replayed_total",
+    'eva_ws_resumes_total{outcome="unrecovered"}',
+    "eva_ws_broker_invalid_messages_total",
+    'eva_ws_broker_connects_total{outcome="ok"}',
+)
+
+
+async def _pod_counters(bench: Bench) -> dict[str, float]:
+    """INGEST_POD_COUNTERS as the eva-ws pod's /metrics reports them now (missing ones as 0)."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{bench.server.port}/metrics") as response,
+    ):
+        text = await response.text()
+    values = dict.fromkeys(INGEST_POD_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
 async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
     """Events round-robin over many channels, one subscriber on some, none on the rest: the per-event cost."""
     s = size.ingest
     channels = [f"I{i}" for i in range(s.channels)]
+    wire = WIRE_OF_SINK.get(bench.target.sink)
+    if wire is not None:
+        # Pre-encoded messages in pipelined PUBLISH, so Redis can offer what a pod takes.
+        bench.publisher_setup = {"op": "setup_ingest", "wire": wire, "redis_url": bench.publisher_setup["redis_url"]}
+        await bench.publisher.call(bench.publisher_setup, timeout_s=30.0)
+    is_eva_ws = bench.target.name == "eva-ws"
+    counters_before = await _pod_counters(bench) if is_eva_ws else {}
     async with bench.more_publishers(s.publishers - 1):
         await bench.restart_sequences()
         # Client i subscribes to channel i: channels past `clients` have no subscriber on the pod.
@@ -505,6 +540,12 @@ async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
             await bench.loadgen.close_all()
     result["channels"] = s.channels
     result["publishers"] = s.publishers
+    result["publisher_wire"] = wire or bench.target.sink
+    if is_eva_ws:
+        after = await _pod_counters(bench)
+        # Repairs, resyncs, invalid messages and reconnects during the ladder: 0 each when the
+        # pod took every pre-encoded envelope as the next event of its channel.
+        result["pod_counters"] = {k: after[k] - counters_before[k] for k in INGEST_POD_COUNTERS}
     return result
 
 
