@@ -94,8 +94,8 @@ class Settings:
 
     max_message_bytes: int = 65_536
     send_queue_size: int = 256
-    # Longest pause between rounds of socket writes while writing keeps the pod busy (see
-    # connection.Flusher); 0 writes every loop turn.
+    # Longest wait of a client written in a long round (a busy fan-out) before its next write
+    # (see connection.Flusher); 0 writes every loop turn.
     write_window_ms: float = 8.0
     heartbeat_s: float = 25.0
     rate_limit_per_s: float = 20.0

@@ -3,10 +3,11 @@
 This is the hot path of the fan-out. The hub hands every recipient the same pre-built
 wire frame (service/frames.py); a connection queues it without blocking, and one flush
 per event-loop turn (the `Flusher`) writes everything each client has queued in one
-`transport.write`. When writing keeps the pod busy the flushes are spaced, so one syscall
-carries every frame a client got meanwhile: the cost per delivery drops with the rate while
-the added latency stays bounded. Only a client whose socket buffer is full gets a task,
-which waits for the buffer to drain; while it waits, frames pile up in the bounded outbox.
+`transport.write`. A client just written in a long round (a busy fan-out) waits a little
+before its next write, so one syscall carries every frame it got meanwhile: the cost per
+delivery drops with the rate while the added latency stays bounded. Only a client whose
+socket buffer is full gets a task, which waits for the buffer to drain; while it waits,
+frames pile up in the bounded outbox.
 """
 
 from __future__ import annotations
@@ -34,60 +35,94 @@ CLOSE_TIMEOUT_S: Final = 2.0
 # Above this many unsent bytes in the transport, stop writing and wait for the client to read
 # (asyncio's own high-water mark, where it pauses the protocol).
 WRITE_HIGH_WATER_BYTES: Final = 64 * 1024
-# After a flush round that took d, the next starts at least this many times d later (capped by
-# the write window): writing then takes at most about a third of the loop, the rest stays free
-# for reading events and clients, and while rounds are short nothing waits.
+# A connection written in a round that took d waits until this many times d after the round
+# ended before its next write (capped by the write window): a pod spends at most about a third
+# of its time in such rounds, the rest stays free for reading events and clients.
 BATCHING_FACTOR: Final = 2.0
+# Shorter pauses are not taken: below the event loop's timer resolution (uvloop counts whole
+# milliseconds), and a round that short holds no write worth batching.
+_MIN_PAUSE_S: Final = 0.0005
+
+
+class FlushRound:
+    """One round of writes by the Flusher; see Flusher for how it holds its connections back."""
+
+    __slots__ = ("hold_until",)
+
+    def __init__(self) -> None:
+        # perf_counter time before which its connections are not written again; 0: no hold.
+        self.hold_until = 0.0
 
 
 class Flushable(Protocol):
+    # The round that last wrote it (None: none yet); set by the Flusher.
+    flush_round: FlushRound | None
+
     def flush(self) -> None:
         """Write whatever is queued; called by the Flusher once per `add`."""
 
 
 class Flusher:
-    """One deferred flush for every connection with queued frames, shared by a pod's connections.
+    """Writes every connection with queued frames in rounds, shared by a pod's connections.
 
-    A flush round runs on the next loop turn, unless the previous round was long: the next
-    one then starts no sooner than `BATCHING_FACTOR` times that round's duration after it
-    ended, and never later than `window_s` after. A pod that writes a few sockets per event
-    (rounds of tens of microseconds) writes every event at once; a pod kept busy by its
-    writes (a round to a thousand clients takes milliseconds) spaces them, and each write
-    then carries every frame the client got meanwhile (one syscall for several deliveries),
-    at the cost of at most `window_s` of latency. 0 flushes every turn.
+    A connection is written on the next loop turn, unless the round that last wrote it was
+    long: it then waits until `BATCHING_FACTOR` times that round's duration after the round
+    ended, never more than `window_s`. A client of a busy fan-out (a round to a thousand
+    clients takes milliseconds) thus gets every frame of that pause in one write (one syscall
+    for several deliveries, at most `window_s` of added latency), while an event for a client
+    that was not just written, or whose last round was short, goes out at once. 0 writes
+    every connection on the next turn.
     """
 
-    __slots__ = ("_dirty", "_handle", "_next_round", "_window_s")
+    __slots__ = ("_held", "_held_handle", "_soon", "_soon_handle", "_window_s")
 
     def __init__(self, *, window_s: float) -> None:
         self._window_s = window_s
-        self._dirty: list[Flushable] = []
-        self._handle: asyncio.Handle | None = None
-        # perf_counter time before which no round starts (see the class).
-        self._next_round = 0.0
+        # Connections for the next loop turn, and those waiting out their last round's pause.
+        self._soon: list[Flushable] = []
+        self._soon_handle: asyncio.Handle | None = None
+        self._held: list[Flushable] = []
+        self._held_handle: asyncio.Handle | None = None
 
     def add(self, conn: Flushable) -> None:
-        self._dirty.append(conn)
-        if self._handle is None:
-            loop = asyncio.get_running_loop()
-            wait_s = self._next_round - time.perf_counter()
+        last = conn.flush_round
+        if last is not None and last.hold_until:
+            wait_s = last.hold_until - time.perf_counter()
             if wait_s > 0:
-                self._handle = loop.call_later(wait_s, self._run)
-            else:
-                self._handle = loop.call_soon(self._run)
+                self._held.append(conn)
+                if self._held_handle is None:
+                    # Held connections come from the same long round, or from one after it: the
+                    # first one's time serves all (a later one is at most written a little early).
+                    self._held_handle = asyncio.get_running_loop().call_later(wait_s, self._write_held)
+                return
+        self._soon.append(conn)
+        if self._soon_handle is None:
+            self._soon_handle = asyncio.get_running_loop().call_soon(self._write_soon)
 
-    def _run(self) -> None:
-        self._handle = None
-        dirty, self._dirty = self._dirty, []
+    def _write_soon(self) -> None:
+        self._soon_handle = None
+        dirty, self._soon = self._soon, []
+        self._write(dirty)
+
+    def _write_held(self) -> None:
+        self._held_handle = None
+        dirty, self._held = self._held, []
+        self._write(dirty)
+
+    def _write(self, dirty: list[Flushable]) -> None:
+        this_round = FlushRound()
         # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds, and a round
         # to a few sockets takes microseconds.
         started = time.perf_counter()
         for conn in dirty:
+            conn.flush_round = this_round
             conn.flush()
         ended = time.perf_counter()
         # The pause counts from the end: events that came in during a long round should wait
         # for the next one, not trigger it.
-        self._next_round = ended + min(self._window_s, (ended - started) * BATCHING_FACTOR)
+        pause_s = min(self._window_s, (ended - started) * BATCHING_FACTOR)
+        if pause_s >= _MIN_PAUSE_S:
+            this_round.hold_until = ended + pause_s
 
 
 class Connection:
@@ -116,6 +151,7 @@ class Connection:
         "close_code",
         "conn_id",
         "deadline_slot",
+        "flush_round",
         "heartbeat_missed",
         "last_seen",
         "opened_at",
@@ -149,6 +185,7 @@ class Connection:
         self._flusher = flusher
         self._outbox = Outbox(send_queue_size)
         self._flush_scheduled = False
+        self.flush_round: FlushRound | None = None
         self._drain: asyncio.Task[None] | None = None
         self._closing = False
         self._deadlines = deadlines

@@ -1,4 +1,4 @@
-"""The pod-wide flusher: writes on the next turn while rounds are short, spaces long rounds up to its window."""
+"""The pod-wide flusher: writes on the next turn, and holds back only the clients of a long round, up to its window."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 import time
 
 from fleet.waiting import eventually
-from service.connection import Flusher
+from service.connection import Flusher, FlushRound
 
-# Long enough for the round that flushes it to stand for a pod busy writing.
+# Long enough for the round that flushes it to stand for a round to many clients.
 _SLOW_FLUSH_S = 0.05
 
 
@@ -17,6 +17,7 @@ class _Recipient:
 
     def __init__(self, *, flush_s: float = 0.0) -> None:
         self.flushes = 0
+        self.flush_round: FlushRound | None = None
         self._flush_s = flush_s
 
     def flush(self) -> None:
@@ -38,26 +39,37 @@ async def test_a_connection_is_flushed_on_the_next_turn_after_a_quiet_spell() ->
     assert conn.flushes == 1
 
 
-async def test_a_connection_queued_right_after_a_short_round_does_not_wait_for_the_window() -> None:
+async def test_a_connection_queued_again_right_after_a_short_round_does_not_wait_for_the_window() -> None:
     flusher = Flusher(window_s=60.0)
-    first, second = _Recipient(), _Recipient()
-    flusher.add(first)
+    conn = _Recipient()
+    flusher.add(conn)
     await _turns(2)
-    flusher.add(second)
-    # The deadline of `eventually` is far shorter than the window.
-    await eventually(lambda: second.flushes == 1, "flushed long before the window passed")
+    flusher.add(conn)
+    await _turns(2)
+    assert conn.flushes == 2
 
 
-async def test_a_connection_queued_right_after_a_long_round_waits() -> None:
+async def test_a_connection_queued_again_right_after_a_long_round_waits() -> None:
     flusher = Flusher(window_s=0.3)
     first, second = _Recipient(flush_s=_SLOW_FLUSH_S), _Recipient()
     flusher.add(first)
+    flusher.add(second)
     await _turns(2)
-    assert first.flushes == 1
+    assert (first.flushes, second.flushes) == (1, 1)
     flusher.add(second)
     await _turns(5)
-    assert second.flushes == 0, "flushed right after a long round"
-    await eventually(lambda: second.flushes == 1, "flushed once the pause passed")
+    assert second.flushes == 1, "written again right after a long round"
+    await eventually(lambda: second.flushes == 2, "written once the pause passed")
+
+
+async def test_a_connection_not_in_the_long_round_is_written_at_once() -> None:
+    flusher = Flusher(window_s=60.0)
+    slow, other = _Recipient(flush_s=_SLOW_FLUSH_S), _Recipient()
+    flusher.add(slow)
+    await _turns(2)
+    flusher.add(other)
+    await _turns(2)
+    assert other.flushes == 1
 
 
 async def test_every_connection_queued_during_a_pause_is_flushed_once() -> None:
@@ -65,12 +77,14 @@ async def test_every_connection_queued_during_a_pause_is_flushed_once() -> None:
     slow = _Recipient(flush_s=_SLOW_FLUSH_S)
     conns = [_Recipient() for _ in range(10)]
     flusher.add(slow)
+    for conn in conns:
+        flusher.add(conn)
     await _turns(2)
     for conn in conns:
         flusher.add(conn)
-    await eventually(lambda: all(c.flushes == 1 for c in conns), "every connection flushed")
+    await eventually(lambda: all(c.flushes == 2 for c in conns), "every connection flushed again")
     await asyncio.sleep(0.1)
-    assert [c.flushes for c in conns] == [1] * 10
+    assert [c.flushes for c in conns] == [2] * 10
 
 
 async def test_a_zero_window_flushes_every_turn_however_long_the_rounds() -> None:
