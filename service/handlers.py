@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -45,11 +45,15 @@ async def publish(request: web.Request) -> web.Response:
     items = [body] if single else body.get("events") if isinstance(body, dict) else None
     if not isinstance(items, list) or not 0 < len(items) <= MAX_PUBLISH_BATCH:
         return _json_error(400, "invalid_event", f"send an event object or {{'events': [1..{MAX_PUBLISH_BATCH}]}}")
+    events: list[PreparedEvent] = []
     try:
-        events = [_prepare(item, index) for index, item in enumerate(items)]
+        for item in items:
+            events.append(prepare_event_object(item))
     except InvalidEvent as error:
         metrics.PUBLISHED.labels("invalid").inc()
-        return _json_error(400, "invalid_event", str(error))
+        # The refused event is the one after those prepared.
+        where = f"events[{len(events)}]: " if events else ""
+        return _json_error(400, "invalid_event", f"{where}{error}")
     try:
         published = await request.app[keys.PUBLISHER].publish_prepared(events)
     except BrokerUnavailable as error:
@@ -68,13 +72,6 @@ async def publish(request: web.Request) -> web.Response:
     # orjson: the standard library's encoder cost more per event than the rest of the answer.
     body = orjson.dumps(results[0] if single else {"events": results})
     return web.Response(body=body, status=202, content_type="application/json")
-
-
-def _prepare(item: Any, index: int) -> PreparedEvent:
-    try:
-        return prepare_event_object(item)
-    except InvalidEvent as error:
-        raise InvalidEvent(f"{'' if index == 0 else f'events[{index}]: '}{error}") from None
 
 
 async def presence(request: web.Request) -> web.Response:

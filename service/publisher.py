@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -16,6 +16,7 @@ import orjson
 from service import metrics
 from service.auth import MAX_JTI_LENGTH
 from service.broker.base import IDEMPOTENCY_KEY_RE, Broker, Position
+from service.broker.state import StateChange
 from service.control_commands import Command, Disconnect, Revoke, check_reason, send
 from service.protocol import (
     EVENTS_BY_CHANNEL,
@@ -33,12 +34,33 @@ _TRANSACTION_STRING_FIELDS: Final = ("status", "stage", "updatedAt", "updatedBy"
 
 
 def new_correlation_id() -> str:
-    """A random (version 4) UUID as text, like str(uuid.uuid4()) at a third of its cost (no UUID object)."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID as text, like str(uuid.uuid4()) at a fraction of its cost."""
+    try:
+        return next(_correlation_ids)
+    except StopIteration:
+        _refill_correlation_ids()
+        return next(_correlation_ids)
+
+
+# Correlation ids made CORRELATION_IDS_AT_ONCE at a time from one read of os.urandom: reading
+# 16 bytes per id cost more than the rest of the id. A list iterator hands each id out once,
+# even to several threads.
+CORRELATION_IDS_AT_ONCE: Final = 256
+# The variant nibble of a version 4 UUID: 10xx, from the random nibble's two low bits.
+_VARIANT: Final = {f"{n:x}": "89ab"[n & 3] for n in range(16)}
+_correlation_ids: Iterator[str] = iter(())
+
+
+def _refill_correlation_ids() -> None:
+    global _correlation_ids
+    pool = os.urandom(16 * CORRELATION_IDS_AT_ONCE).hex()
+    _correlation_ids = iter(
+        [
+            f"{pool[i : i + 8]}-{pool[i + 8 : i + 12]}-4{pool[i + 13 : i + 16]}-"
+            f"{_VARIANT[pool[i + 16]]}{pool[i + 17 : i + 20]}-{pool[i + 20 : i + 32]}"
+            for i in range(0, len(pool), 32)
+        ]
+    )
 
 
 class _EventClock:
@@ -87,6 +109,14 @@ class PreparedEvent:
     correlation_id: str
     # Names the event within its channel; see Broker.publish.
     idempotency_key: str | None = None
+    # What the event changes in its channel's state (state.state_change of `payload`), known
+    # from the event before it was encoded, so the broker need not parse the payload again.
+    state: StateChange | None = None
+
+
+# Lookups by text: constructing the enums (Channel(text), EventType(text)) cost more per event.
+_CHANNELS: Final = {c.value: c for c in Channel}
+_EVENT_TYPES: Final = {t.value: t for t in EventType}
 
 
 def prepare_event(
@@ -99,14 +129,12 @@ def prepare_event(
     idempotency_key: str | None = None,
 ) -> PreparedEvent:
     """Validate an event and encode the payload every pod will fan out; raise InvalidEvent."""
-    try:
-        chan = Channel(channel)
-    except ValueError:
-        raise InvalidEvent(f"unknown channel {str(channel)[:64]!r}") from None
-    try:
-        kind = EventType(event_type)
-    except ValueError:
-        raise InvalidEvent(f"unknown event type {str(event_type)[:64]!r}") from None
+    chan = _CHANNELS.get(channel) if isinstance(channel, str) else None
+    if chan is None:
+        raise InvalidEvent(f"unknown channel {str(channel)[:64]!r}")
+    kind = _EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
+    if kind is None:
+        raise InvalidEvent(f"unknown event type {str(event_type)[:64]!r}")
     if kind not in EVENTS_BY_CHANNEL[chan]:
         raise InvalidEvent(f"{kind} events cannot be published on {chan}")
     if not isinstance(data, dict):
@@ -140,7 +168,30 @@ def prepare_event(
         raise InvalidEvent(f"data cannot be encoded as JSON: {exc}") from None
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}")
-    return PreparedEvent(subscription_key(chan, routing_id), payload, correlation_id, idempotency_key)
+    return PreparedEvent(
+        subscription_key(chan, routing_id),
+        payload,
+        correlation_id,
+        idempotency_key,
+        _state_change(kind, data) if kind in TRANSACTION_EVENTS else None,
+    )
+
+
+def _state_change(kind: EventType, data: dict[str, Any]) -> StateChange:
+    """state.state_change of the payload of a checked transaction event, from its `data` in hand.
+
+    The payload holds `data` as orjson encoded it, and the transaction checks leave only
+    values that read back the same: `id` a valid id, `updatedAt` a string or absent.
+    """
+    version = data.get("version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        # int(): an int subclass is encoded as its number (the payload does not keep the type).
+        order = f"n:{int(version)}"
+    else:
+        updated_at = data.get("updatedAt")
+        # str + str: a str subclass is encoded as its text.
+        order = "s:" + updated_at if isinstance(updated_at, str) and "\n" not in updated_at else ""
+    return StateChange(kind is EventType.TRANSACTION_DELETE, "" + data["id"], order)
 
 
 # The fields of one event object of POST /api/v1/publish (and of an outbox row's event).
@@ -311,6 +362,7 @@ class Publisher:
             positions = await self._broker.publish_many(
                 [(e.subscription, e.payload) for e in events],
                 idempotency_keys=[e.idempotency_key for e in events],
+                states=[e.state for e in events],
             )
         except Exception:
             metrics.PUBLISHED.labels("unavailable").inc(len(events))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 from service.backend_errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from service.broker.state import Snapshot
+    from service.broker.state import Snapshot, StateChange
 
 # What an idempotency key may be: visible ASCII, so it can be part of a Redis key name as it is.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
@@ -151,11 +151,18 @@ class Broker(abc.ABC):
         channel; None publishes without deduplication."""
 
     async def publish_many(
-        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+        self,
+        items: Iterable[tuple[str, bytes]],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        states: Sequence[StateChange | None] | None = None,
     ) -> list[Position]:
         """Publish several events, in order; implementations may pipeline.
 
-        `idempotency_keys` has one entry per item (None for an item without); None: no keys."""
+        `idempotency_keys` has one entry per item (None for an item without); None: no keys.
+        `states` has one entry per item: what it changes in the state, exactly what
+        state.state_change(payload) says (a publisher that built the payload knows it without
+        parsing it again); None: the broker works it out from the payloads."""
         batch = list(items)
         keys = idempotency_keys_for(batch, idempotency_keys)
         return [

@@ -26,7 +26,7 @@ from service.broker.canary import CANARY_CHANNEL_PART, Canary, new_instance
 from service.broker.readiness import ReadinessLog
 from service.broker.redis_shard_link import CLASSIC, SHARDED
 from service.broker.redis_subscriber import Subscriber
-from service.broker.state import Snapshot, state_change
+from service.broker.state import Snapshot, StateChange, state_change
 from service.config import Settings
 from service.redis_client import (
     REDIS_ERRORS,
@@ -266,7 +266,9 @@ class RedisBroker(Broker):
         the Hub `listen`s to) without offset or history, for a caller's own script to PUBLISH."""
         return self._channel_name(self._prefix, channel), wire.encode_live(payload)
 
-    def _script_args(self, channel: str, payload: bytes, idempotency_key: str | None) -> tuple[list[str], list[Any]]:
+    def _script_args(
+        self, channel: str, payload: bytes, idempotency_key: str | None, state: StateChange | None
+    ) -> tuple[list[str], list[Any]]:
         return wire.publish_keys_and_args(
             self._prefix,
             channel,
@@ -276,8 +278,7 @@ class RedisBroker(Broker):
             history_ttl_s=self._history_ttl_s,
             idempotency_key=idempotency_key,
             idempotency_window_s=self._idempotency_window_s,
-            # Parsed here, not in the script: the script stays cheap and payload-agnostic.
-            state=state_change(payload),
+            state=state,
             state_max_items=self._state_max_items,
         )
 
@@ -285,7 +286,13 @@ class RedisBroker(Broker):
         """See Broker.publish. On BrokerUnavailable after a timeout the event may have been
         published: a retry with the same idempotency key is answered with its position."""
         check_idempotency_key(idempotency_key)
-        keys, args = self._script_args(channel, payload, idempotency_key)
+        # Parsed here, not in the script: the script stays cheap and payload-agnostic.
+        return await self._publish_one(channel, payload, idempotency_key, state_change(payload))
+
+    async def _publish_one(
+        self, channel: str, payload: bytes, idempotency_key: str | None, state: StateChange | None
+    ) -> Position:
+        keys, args = self._script_args(channel, payload, idempotency_key, state)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -296,24 +303,32 @@ class RedisBroker(Broker):
         return wire.decode_published(reply)
 
     async def publish_many(
-        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+        self,
+        items: Iterable[tuple[str, bytes]],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        states: Sequence[StateChange | None] | None = None,
     ) -> list[Position]:
         """See Broker.publish_many. One Redis: one round trip of batch script calls (see
         redis_publish_batch). A cluster: channels in parallel (each on its own slot), one
         channel's events in order."""
-        batch = list(items)
+        batch = items if isinstance(items, list) else list(items)
         if not batch:
             return []
         keys_of_events = idempotency_keys_for(batch, idempotency_keys)
+        if states is None:
+            states = [state_change(payload) for _, payload in batch]
+        elif len(states) != len(batch):
+            raise ValueError("one state change (or None) per event")
         if len(batch) == 1:
             # publish.lua, the script other publishers call too.
             [(channel, payload)] = batch
-            return [await self.publish(channel, payload, idempotency_key=keys_of_events[0])]
+            return [await self._publish_one(channel, payload, keys_of_events[0], states[0])]
         if isinstance(self._client, RedisCluster):
-            return await self._publish_per_channel(batch, keys_of_events)
+            return await self._publish_per_channel(batch, keys_of_events, states)
         started = time.perf_counter()
         calls = redis_publish_batch.chunks(
-            self._prefix, batch, keys_of_events, pubsub_channel=self._channel_name, limits=self._limits
+            self._prefix, batch, keys_of_events, states, pubsub_channel=self._channel_name, limits=self._limits
         )
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -324,7 +339,10 @@ class RedisBroker(Broker):
         return positions
 
     async def _publish_per_channel(
-        self, batch: list[tuple[str, bytes]], keys_of_events: Sequence[str | None]
+        self,
+        batch: list[tuple[str, bytes]],
+        keys_of_events: Sequence[str | None],
+        states: Sequence[StateChange | None],
     ) -> list[Position]:
         by_channel: dict[str, list[int]] = {}
         for index, (channel, _) in enumerate(batch):
@@ -338,7 +356,7 @@ class RedisBroker(Broker):
             async with in_flight:
                 for index in indexes:
                     channel, payload = batch[index]
-                    positions[index] = await self.publish(channel, payload, idempotency_key=keys_of_events[index])
+                    positions[index] = await self._publish_one(channel, payload, keys_of_events[index], states[index])
 
         # Not a TaskGroup: one unavailable master must not cancel the other channels' publishes
         # half-way (their outcome would be unknown), and the caller expects BrokerUnavailable.

@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from service import redis_keys, redis_lua
 from service.broker.base import Position
 from service.broker.redis_wire import new_epoch
-from service.broker.state import state_change
+from service.broker.state import StateChange
 
 SCRIPT: Final = redis_lua.PUBLISH_BATCH
 _SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest().encode()  # noqa: S324  # Redis names scripts by SHA1
@@ -43,81 +43,120 @@ def _bulk(value: bytes) -> bytes:
 
 
 _EMPTY: Final = _bulk(b"")
+_NO_STATE: Final = _EMPTY * 3
 _SET: Final = _bulk(b"set")
 _DEL: Final = _bulk(b"del")
 _BY_SHA: Final = _bulk(b"EVALSHA") + _bulk(_SHA)
 _BY_TEXT: Final = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
 
 
+class _Names:
+    """A channel's keys and PUB/SUB channel, as RESP bulk strings, made once per batch."""
+
+    __slots__ = ("idempotency_prefix", "keys_after", "keys_before", "keys_without_idempotency", "pubsub")
+
+    def __init__(self, prefix: str, channel: str, pubsub: str) -> None:
+        # An event's five KEYS are: meta, stream, idempotency key, state, state order.
+        self.keys_before = _bulk(redis_keys.meta_key(prefix, channel).encode()) + _bulk(
+            redis_keys.stream_key(prefix, channel).encode()
+        )
+        self.keys_after = _bulk(redis_keys.state_key(prefix, channel).encode()) + _bulk(
+            redis_keys.state_order_key(prefix, channel).encode()
+        )
+        self.keys_without_idempotency = self.keys_before + _EMPTY + self.keys_after
+        # The idempotency key's name is this prefix and the key (visible ASCII: one byte a character).
+        self.idempotency_prefix = redis_keys.idempotency_key_name(prefix, channel, "").encode()
+        self.pubsub = _bulk(pubsub.encode())
+
+
 class Chunk:
-    """KEYS and ARGV of one publish_batch.lua call, each already a RESP bulk string."""
+    """One publish_batch.lua call: its KEYS and ARGV in RESP, after the script's name."""
 
-    __slots__ = ("args", "events", "keys")
+    __slots__ = ("body", "events")
 
-    def __init__(self, limits: Limits) -> None:
-        self.events = 0
-        self.keys: list[bytes] = []
-        self.args: list[bytes] = [
-            _bulk(new_epoch().encode()),
-            _bulk(b"%d" % limits.history_ttl_s),
-            _bulk(b"%d" % limits.history_size),
-            _bulk(b"%d" % limits.idempotency_window_s),
-            _bulk(b"%d" % limits.state_max_items),
-        ]
+    def __init__(self, events: int, body: bytes) -> None:
+        self.events = events
+        # `<numkeys> keys... args...`, each a bulk string.
+        self.body = body
 
     def command(self, *, by_sha: bool) -> bytes:
         """`EVALSHA <sha> <numkeys> keys... args...` (or EVAL with the script's text) in RESP."""
-        head = b"*%d\r\n" % (3 + len(self.keys) + len(self.args))
-        numkeys = _bulk(b"%d" % len(self.keys))
-        return b"".join((head, _BY_SHA if by_sha else _BY_TEXT, numkeys, *self.keys, *self.args))
+        head = b"*%d\r\n" % (3 + 10 * self.events + LIMIT_ARGS)
+        return b"".join((head, _BY_SHA if by_sha else _BY_TEXT, self.body))
+
+
+# ARGV before the events': epoch candidate, ttl, history size, idempotency window, state max items.
+LIMIT_ARGS: Final = 5
 
 
 def chunks(
     prefix: str,
     events: Sequence[tuple[str, bytes]],
     idempotency_keys: Sequence[str | None],
+    states: Sequence[StateChange | None],
     *,
     pubsub_channel: Callable[[str, str], str],
     limits: Limits,
 ) -> list[Chunk]:
-    """The script calls that publish `events` in order; `pubsub_channel(prefix, channel)` names the PUB/SUB channel."""
+    """The script calls that publish `events` in order; `pubsub_channel(prefix, channel)` names the PUB/SUB channel.
+
+    `states[i]` is what event i changes in its channel's state (state.state_change of its payload).
+    Each event's KEYS and ARGV are formatted as one bytes object each: per-argument objects
+    and calls cost more than the event's own bytes.
+    """
     # The names of a channel, encoded once per batch: its events usually come several at a time.
-    names: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
-    out: list[Chunk] = []
-    chunk = Chunk(limits)
-    for (channel, payload), idempotency_key in zip(events, idempotency_keys, strict=True):
-        if chunk.events == CHUNK_EVENTS:
-            out.append(chunk)
-            chunk = Chunk(limits)
+    names: dict[str, _Names] = {}
+    event_keys: list[bytes] = []
+    event_args: list[bytes] = []
+    for (channel, payload), idempotency_key, change in zip(events, idempotency_keys, states, strict=True):
         named = names.get(channel)
         if named is None:
-            named = names[channel] = (
-                _bulk(redis_keys.meta_key(prefix, channel).encode()),
-                _bulk(redis_keys.stream_key(prefix, channel).encode()),
-                _bulk(redis_keys.state_key(prefix, channel).encode()),
-                _bulk(redis_keys.state_order_key(prefix, channel).encode()),
-                _bulk(pubsub_channel(prefix, channel).encode()),
-            )
-        meta, stream, state, order, pubsub = named
-        idempotency = (
-            _EMPTY
-            if idempotency_key is None
-            else _bulk(redis_keys.idempotency_key_name(prefix, channel, idempotency_key).encode())
-        )
-        chunk.keys += (meta, stream, idempotency, state, order)
-        change = state_change(payload)
-        if change is None:
-            chunk.args += (pubsub, _bulk(payload), _EMPTY, _EMPTY, _EMPTY)
+            named = names[channel] = _Names(prefix, channel, pubsub_channel(prefix, channel))
+        if idempotency_key is None:
+            event_keys.append(named.keys_without_idempotency)
         else:
-            chunk.args += (
-                pubsub,
-                _bulk(payload),
-                _DEL if change.delete else _SET,
-                _bulk(change.id.encode()),
-                _bulk(change.version.encode()),
+            key = named.idempotency_prefix + idempotency_key.encode()
+            event_keys.append(b"%b$%d\r\n%b\r\n%b" % (named.keys_before, len(key), key, named.keys_after))
+        if change is None:
+            event_args.append(b"%b$%d\r\n%b\r\n%b" % (named.pubsub, len(payload), payload, _NO_STATE))
+        else:
+            txn = change.id.encode()
+            version = change.version.encode()
+            event_args.append(
+                b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                % (
+                    named.pubsub,
+                    len(payload),
+                    payload,
+                    _DEL if change.delete else _SET,
+                    len(txn),
+                    txn,
+                    len(version),
+                    version,
+                )
             )
-        chunk.events += 1
-    out.append(chunk)
+    limit_args = b"".join(
+        (
+            _bulk(b"%d" % limits.history_ttl_s),
+            _bulk(b"%d" % limits.history_size),
+            _bulk(b"%d" % limits.idempotency_window_s),
+            _bulk(b"%d" % limits.state_max_items),
+        )
+    )
+    out: list[Chunk] = []
+    for start in range(0, len(event_keys), CHUNK_EVENTS):
+        end = start + CHUNK_EVENTS
+        count = min(end, len(event_keys)) - start
+        body = b"".join(
+            (
+                _bulk(b"%d" % (5 * count)),
+                *event_keys[start:end],
+                _bulk(new_epoch().encode()),
+                limit_args,
+                *event_args[start:end],
+            )
+        )
+        out.append(Chunk(count, body))
     return out
 
 
@@ -151,8 +190,15 @@ async def publish(client: Redis, chunks_to_send: list[Chunk]) -> list[Position]:
         raise
     finally:
         await pool.release(connection)
+    # A batch's channels mostly share one epoch (every channel of a Redis that never lost its
+    # data): decoded once each.
+    epochs: dict[bytes, str] = {}
     return [
-        Position(offset=int(offset), epoch=epoch.decode(), duplicate=bool(duplicate))
+        Position(
+            int(offset),
+            epochs.get(epoch) or epochs.setdefault(epoch, epoch.decode()),
+            duplicate == 1,
+        )
         for reply in replies
         for offset, epoch, duplicate in reply
     ]
