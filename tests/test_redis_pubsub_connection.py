@@ -24,6 +24,7 @@ from service.broker.redis_pubsub_connection import (
     PubSubConnection,
     encode_command,
 )
+from service.broker.redis_shard_link import CLASSIC, ShardLink
 from service.redis_client import client_options
 from tests.certificates import self_signed
 
@@ -333,5 +334,176 @@ def test_a_server_certificate_that_does_not_verify_fails_the_open(
         # Self-signed and not in the system's CAs: refused, as redis-py's own connections refuse it.
         with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             await Received().connection(endpoint_of(f"rediss://localhost:{tls_port}/0")).open()
+
+    run(scenario())
+
+
+class CommandGate:
+    """Forwards 127.0.0.1:<port> to a Redis port, holding the client's SUBSCRIBE and UNSUBSCRIBE
+    commands (and whatever follows them) until `let_through`, and the server's bytes while
+    `hold_replies` is on: a slow network, at the moments a test chooses."""
+
+    GATED = (b"SUBSCRIBE", b"UNSUBSCRIBE")
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.held: list[bytes] = []
+        self._replies_held = False
+        self._replies: list[bytes] = []
+        self._upstream: asyncio.StreamWriter | None = None
+        self._client: asyncio.StreamWriter | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CommandGate:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def let_through(self, commands: int) -> None:
+        assert self._upstream is not None
+        for _ in range(commands):
+            self._upstream.write(self.held.pop(0))
+
+    def hold_replies(self) -> None:
+        self._replies_held = True
+
+    def release_replies(self) -> None:
+        assert self._client is not None
+        self._replies_held = False
+        self._client.write(b"".join(self._replies))
+        self._replies.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, self._upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._client = writer
+        for task in (asyncio.create_task(self._commands(reader)), asyncio.create_task(self._answers(upstream_reader))):
+            self._tasks.add(task)
+
+    async def _commands(self, reader: asyncio.StreamReader) -> None:
+        assert self._upstream is not None
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while header := await reader.readline():
+                command = [header]
+                for _ in range(int(header[1:])):
+                    length = await reader.readline()
+                    command += [length, await reader.readexactly(int(length[1:]) + 2)]
+                if self.held or command[2][:-2].upper() in self.GATED:
+                    self.held.append(b"".join(command))
+                else:
+                    self._upstream.write(b"".join(command))
+
+    async def _answers(self, reader: asyncio.StreamReader) -> None:
+        assert self._client is not None
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if self._replies_held:
+                    self._replies.append(data)
+                else:
+                    self._client.write(data)
+
+
+def gated_link(gate: CommandGate, journal: list[Any]) -> ShardLink:
+    """A link through `gate` to channel `x` (as `p:x`), writing what it reports to `journal`."""
+    return ShardLink(
+        address=("127.0.0.1", gate.port),
+        endpoint=endpoint_of(f"redis://127.0.0.1:{gate.port}/0"),
+        kind=CLASSIC,
+        prefix="p:",
+        pod_id="pod",
+        on_envelope=lambda envelope: None,
+        on_confirmed=lambda link, channel: journal.append(f"confirmed {channel}"),
+        on_recovered=lambda channels: journal.append(f"recovered {channels}"),
+        on_topology_doubt=lambda: None,
+        ping_interval_s=60.0,  # no PING but the first one: the gate holds nothing else
+        pong_timeout_s=30.0,
+        subscribe_timeout_s=5.0,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.5,
+        canary_channel="x",  # delivered undecoded: any payload will do
+        on_canary=journal.append,
+    )
+
+
+async def subscribers_are(client: Redis, count: int) -> bool:
+    return bool((await client.pubsub_numsub("p:x"))[0][1] == count)
+
+
+def test_a_confirmation_that_a_pending_unsubscribe_undoes_confirms_nothing(
+    run: Runner, redis_server: RedisServer
+) -> None:
+    """Subscribe, unsubscribe and subscribe again, each sent before the first confirmation is read:
+    that confirmation is of a subscription the node drops next, so it must not tell a waiting
+    client the channel is live (an event published in between would be lost unreported)."""
+    journal: list[Any] = []
+
+    async def scenario() -> None:
+        async with CommandGate(redis_server.port) as gate:
+            link = gated_link(gate, journal)
+            client = Redis.from_url(redis_server.url)
+            link.start()
+            try:
+                await eventually(lambda: link.connected, "the link did not connect")
+                link.assign("x", notice=False)
+                await eventually(lambda: len(gate.held) == 1, "no SUBSCRIBE")
+                gate.hold_replies()
+                gate.let_through(1)
+                await eventually(lambda: subscribers_are(client, 1), "the SUBSCRIBE did not reach Redis")
+                link.drop("x")
+                await eventually(lambda: len(gate.held) == 1, "no UNSUBSCRIBE")
+                link.assign("x", notice=False)
+                await eventually(lambda: len(gate.held) == 2, "no second SUBSCRIBE")
+                gate.release_replies()  # the link reads the first confirmation
+                gate.let_through(1)  # the node drops the channel
+                await eventually(lambda: subscribers_are(client, 0), "the UNSUBSCRIBE did not reach Redis")
+                assert await client.publish("p:x", b"unseen") == 0
+                journal.append("published while unsubscribed")
+                gate.let_through(1)
+                await eventually(lambda: subscribers_are(client, 1), "the second SUBSCRIBE did not reach Redis")
+                await client.publish("p:x", b"seen")
+                await eventually(lambda: b"seen" in journal, lambda: f"journal: {journal}")
+                assert journal == ["published while unsubscribed", "confirmed x", b"seen"]
+            finally:
+                await link.close()
+                await client.aclose()
+
+    run(scenario())
+
+
+def test_a_channel_with_an_unsubscribe_on_its_way_is_not_confirmed(run: Runner, redis_server: RedisServer) -> None:
+    """Unsubscribed and subscribed again while the UNSUBSCRIBE has not reached the node: until the
+    new SUBSCRIBE is confirmed, a client asking for the channel must wait (the node drops it first)."""
+    journal: list[Any] = []
+
+    async def scenario() -> None:
+        async with CommandGate(redis_server.port) as gate:
+            link = gated_link(gate, journal)
+            client = Redis.from_url(redis_server.url)
+            link.start()
+            try:
+                await eventually(lambda: link.connected, "the link did not connect")
+                link.assign("x", notice=False)
+                await eventually(lambda: len(gate.held) == 1, "no SUBSCRIBE")
+                gate.let_through(1)
+                await eventually(lambda: link.confirmed("x"), "the first SUBSCRIBE was not confirmed")
+                link.drop("x")
+                await eventually(lambda: len(gate.held) == 1, "no UNSUBSCRIBE")
+                link.assign("x", notice=False)
+                await eventually(lambda: len(gate.held) == 2, "no second SUBSCRIBE")
+                assert not link.confirmed("x")
+                gate.let_through(2)
+                await eventually(lambda: link.confirmed("x"), "the second SUBSCRIBE was not confirmed")
+                assert journal == ["confirmed x", "confirmed x"]
+            finally:
+                await link.close()
+                await client.aclose()
 
     run(scenario())

@@ -343,6 +343,8 @@ class ShardLink:
         # this task yields.
         for channels in self._batches(to_unsubscribe):
             self._server.difference_update(channels)
+            # Not live from now on: a SUBSCRIBE sent next is confirmed only after the node applied it.
+            self.actual.difference_update(channels)
             for channel in channels:
                 self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
             connection.send(encode_command(kind.unsubscribed, *(self._name(self._prefix, c) for c in channels)))
@@ -369,6 +371,8 @@ class ShardLink:
         if channel is None:
             return
         if kind == self._kind.subscribed:
+            if channel in self._unsubscribing:
+                return  # of a SUBSCRIBE sent before an UNSUBSCRIBE the node has yet to apply
             self.actual.add(channel)
             self._unconfirmed_since.pop(channel, None)
             if channel in self.wanted and channel in self._server:
