@@ -16,7 +16,7 @@ import orjson
 from service import metrics
 from service.auth import MAX_JTI_LENGTH
 from service.broker.base import IDEMPOTENCY_KEY_RE, Broker, Position
-from service.broker.state import StateChange
+from service.broker.state import STATE_DELETE_TYPE, StateChange
 from service.control_commands import Command, Disconnect, Revoke, check_reason, send
 from service.protocol import (
     EVENTS_BY_CHANNEL,
@@ -24,7 +24,6 @@ from service.protocol import (
     Channel,
     EventType,
     is_valid_id,
-    subscription_key,
 )
 from service.revocations import Revocation, RevocationStore
 
@@ -114,9 +113,12 @@ class PreparedEvent:
     state: StateChange | None = None
 
 
-# Lookups by text: constructing the enums (Channel(text), EventType(text)) cost more per event.
-_CHANNELS: Final = {c.value: c for c in Channel}
-_EVENT_TYPES: Final = {t.value: t for t in EventType}
+# Lookups by text, with what each event needs: constructing and hashing the enums (Channel(text),
+# kind in TRANSACTION_EVENTS) cost more per event than encoding it.
+# A channel's text -> the channel, the start of its subscription keys, the event types it carries.
+_CHANNELS: Final = {c.value: (c, f"{c.value}:", frozenset(t.value for t in EVENTS_BY_CHANNEL[c])) for c in Channel}
+# An event type's text -> the type, its text, whether it is about one transaction.
+_EVENT_TYPES: Final = {t.value: (t, t.value, t in TRANSACTION_EVENTS) for t in EventType}
 
 
 def prepare_event(
@@ -129,17 +131,19 @@ def prepare_event(
     idempotency_key: str | None = None,
 ) -> PreparedEvent:
     """Validate an event and encode the payload every pod will fan out; raise InvalidEvent."""
-    chan = _CHANNELS.get(channel) if isinstance(channel, str) else None
-    if chan is None:
+    found = _CHANNELS.get(channel) if isinstance(channel, str) else None
+    if found is None:
         raise InvalidEvent(f"unknown channel {str(channel)[:64]!r}")
-    kind = _EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
-    if kind is None:
+    chan, key_start, carried = found
+    typed = _EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
+    if typed is None:
         raise InvalidEvent(f"unknown event type {str(event_type)[:64]!r}")
-    if kind not in EVENTS_BY_CHANNEL[chan]:
+    kind, kind_text, about_a_transaction = typed
+    if kind_text not in carried:
         raise InvalidEvent(f"{kind} events cannot be published on {chan}")
     if not isinstance(data, dict):
         raise InvalidEvent("data must be an object")
-    if kind in TRANSACTION_EVENTS:
+    if about_a_transaction:
         _check_transaction(data)
 
     if chan is Channel.TRANSACTIONS:
@@ -162,22 +166,23 @@ def prepare_event(
         raise InvalidEvent("idempotencyKey must be a string of 1 to 128 visible ASCII characters")
     try:
         payload = orjson.dumps(
-            {"type": kind.value, "data": data, "timestamp": _CLOCK.now_iso(), "correlationId": correlation_id}
+            {"type": kind_text, "data": data, "timestamp": _CLOCK.now_iso(), "correlationId": correlation_id}
         )
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidEvent(f"data cannot be encoded as JSON: {exc}") from None
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}")
     return PreparedEvent(
-        subscription_key(chan, routing_id),
+        # As protocol.subscription_key(chan, routing_id); str + str, since a str subclass is its text.
+        key_start + routing_id,
         payload,
         correlation_id,
         idempotency_key,
-        _state_change(kind, data) if kind in TRANSACTION_EVENTS else None,
+        _state_change(kind_text, data) if about_a_transaction else None,
     )
 
 
-def _state_change(kind: EventType, data: dict[str, Any]) -> StateChange:
+def _state_change(kind: str, data: dict[str, Any]) -> StateChange:
     """state.state_change of the payload of a checked transaction event, from its `data` in hand.
 
     The payload holds `data` as orjson encoded it, and the transaction checks leave only
@@ -191,7 +196,7 @@ def _state_change(kind: EventType, data: dict[str, Any]) -> StateChange:
         updated_at = data.get("updatedAt")
         # str + str: a str subclass is encoded as its text.
         order = "s:" + updated_at if isinstance(updated_at, str) and "\n" not in updated_at else ""
-    return StateChange(kind is EventType.TRANSACTION_DELETE, "" + data["id"], order)
+    return StateChange(kind == STATE_DELETE_TYPE, "" + data["id"], order)
 
 
 # The fields of one event object of POST /api/v1/publish (and of an outbox row's event).
@@ -222,8 +227,12 @@ def _check_transaction(data: dict[str, Any]) -> None:
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(f"data.{name} must be a string")
     changed = data.get("changedFields")
-    if changed is not None and not (isinstance(changed, list) and all(isinstance(f, str) for f in changed)):
-        raise InvalidEvent("data.changedFields must be a list of strings")
+    if changed is not None:
+        if not isinstance(changed, list):
+            raise InvalidEvent("data.changedFields must be a list of strings")
+        for field_name in changed:
+            if not isinstance(field_name, str):
+                raise InvalidEvent("data.changedFields must be a list of strings")
 
 
 class Publisher:

@@ -125,6 +125,7 @@ class RedisBroker(Broker):
             idempotency_window_s=idempotency_window_s,
             state_max_items=state_max_items,
         )
+        self._names = redis_publish_batch.ChannelNames(prefix, self._channel_name)
         # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
         canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
         self._canary_channel = self._channel_name(prefix, canary_part)
@@ -327,9 +328,7 @@ class RedisBroker(Broker):
         if isinstance(self._client, RedisCluster):
             return await self._publish_per_channel(batch, keys_of_events, states)
         started = time.perf_counter()
-        calls = redis_publish_batch.chunks(
-            self._prefix, batch, keys_of_events, states, pubsub_channel=self._channel_name, limits=self._limits
-        )
+        calls = redis_publish_batch.chunks(batch, keys_of_events, states, names=self._names, limits=self._limits)
         try:
             async with asyncio.timeout(self._timeout_s):
                 positions = await redis_publish_batch.publish(self._client, calls)

@@ -51,7 +51,7 @@ _BY_TEXT: Final = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
 
 
 class _Names:
-    """A channel's keys and PUB/SUB channel, as RESP bulk strings, made once per batch."""
+    """A channel's keys and PUB/SUB channel, as RESP bulk strings."""
 
     __slots__ = ("idempotency_prefix", "keys_after", "keys_before", "keys_without_idempotency", "pubsub")
 
@@ -67,6 +67,33 @@ class _Names:
         # The idempotency key's name is this prefix and the key (visible ASCII: one byte a character).
         self.idempotency_prefix = redis_keys.idempotency_key_name(prefix, channel, "").encode()
         self.pubsub = _bulk(pubsub.encode())
+
+
+# Channels whose names ChannelNames keeps (about 0.5 KB each); more, and it starts again.
+CACHED_CHANNELS: Final = 10_000
+
+
+class ChannelNames:
+    """The RESP names of the channels published to, kept from batch to batch.
+
+    A batch's events are mostly on different channels (one per customer), but the same
+    customers come back batch after batch: making their five key names each time cost more
+    than the rest of the event's command.
+    """
+
+    __slots__ = ("_prefix", "_pubsub_channel", "known")
+
+    def __init__(self, prefix: str, pubsub_channel: Callable[[str, str], str]) -> None:
+        """`pubsub_channel(prefix, channel)` names a channel's PUB/SUB channel."""
+        self._prefix = prefix
+        self._pubsub_channel = pubsub_channel
+        self.known: dict[str, _Names] = {}
+
+    def add(self, channel: str) -> _Names:
+        if len(self.known) >= CACHED_CHANNELS:
+            self.known.clear()
+        named = self.known[channel] = _Names(self._prefix, channel, self._pubsub_channel(self._prefix, channel))
+        return named
 
 
 class Chunk:
@@ -90,28 +117,24 @@ LIMIT_ARGS: Final = 5
 
 
 def chunks(
-    prefix: str,
     events: Sequence[tuple[str, bytes]],
     idempotency_keys: Sequence[str | None],
     states: Sequence[StateChange | None],
     *,
-    pubsub_channel: Callable[[str, str], str],
+    names: ChannelNames,
     limits: Limits,
 ) -> list[Chunk]:
-    """The script calls that publish `events` in order; `pubsub_channel(prefix, channel)` names the PUB/SUB channel.
+    """The script calls that publish `events` in order.
 
     `states[i]` is what event i changes in its channel's state (state.state_change of its payload).
     Each event's KEYS and ARGV are formatted as one bytes object each: per-argument objects
     and calls cost more than the event's own bytes.
     """
-    # The names of a channel, encoded once per batch: its events usually come several at a time.
-    names: dict[str, _Names] = {}
+    known = names.known
     event_keys: list[bytes] = []
     event_args: list[bytes] = []
     for (channel, payload), idempotency_key, change in zip(events, idempotency_keys, states, strict=True):
-        named = names.get(channel)
-        if named is None:
-            named = names[channel] = _Names(prefix, channel, pubsub_channel(prefix, channel))
+        named = known.get(channel) or names.add(channel)
         if idempotency_key is None:
             event_keys.append(named.keys_without_idempotency)
         else:
