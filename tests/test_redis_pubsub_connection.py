@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -343,10 +345,9 @@ class CommandGate:
     commands (and whatever follows them) until `let_through`, and the server's bytes while
     `hold_replies` is on: a slow network, at the moments a test chooses."""
 
-    GATED = (b"SUBSCRIBE", b"UNSUBSCRIBE")
-
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, gated: tuple[bytes, ...] = (b"SUBSCRIBE", b"UNSUBSCRIBE")) -> None:
         self.target_port = target_port
+        self.gated = gated
         self.port = 0
         self.held: list[bytes] = []
         self._replies_held = False
@@ -382,6 +383,12 @@ class CommandGate:
         self._client.write(b"".join(self._replies))
         self._replies.clear()
 
+    def reset_client(self) -> None:
+        """End the client's connection with a TCP reset, as a peer or middlebox that lost it does."""
+        assert self._client is not None
+        self._client.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._client.transport.abort()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, self._upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._client = writer
@@ -396,7 +403,7 @@ class CommandGate:
                 for _ in range(int(header[1:])):
                     length = await reader.readline()
                     command += [length, await reader.readexactly(int(length[1:]) + 2)]
-                if self.held or command[2][:-2].upper() in self.GATED:
+                if self.held or command[2][:-2].upper() in self.gated:
                     self.held.append(b"".join(command))
                 else:
                     self._upstream.write(b"".join(command))
@@ -505,5 +512,21 @@ def test_a_channel_with_an_unsubscribe_on_its_way_is_not_confirmed(run: Runner, 
             finally:
                 await link.close()
                 await client.aclose()
+
+    run(scenario())
+
+
+def test_a_connection_lost_with_an_error_says_which(run: Runner, redis_server: RedisServer) -> None:
+    """The error the kernel gave (a reset, a keepalive timeout) is what an operator reads in
+    broker_disconnected, not "closed by server", which it was not."""
+
+    async def scenario() -> None:
+        async with CommandGate(redis_server.port, gated=()) as gate:
+            connection, received = await subscribed(endpoint_of(f"redis://127.0.0.1:{gate.port}/0"), "x")
+            gate.reset_client()
+            await asyncio.wait_for(received.lost.wait(), 10)
+            assert isinstance(connection.failure, RedisConnectionError)
+            assert "reset" in str(connection.failure).lower(), str(connection.failure)
+            assert f"127.0.0.1:{gate.port}" in str(connection.failure)
 
     run(scenario())

@@ -265,8 +265,12 @@ class PubSubConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.failure is None:
-            self.failure = RedisConnectionError("Connection closed by server.")
-            if exc is not None:
+            if exc is None:
+                self.failure = RedisConnectionError("Connection closed by server.")
+            else:
+                # Worded as redis-py words a failed read: the kernel's reason (a reset, a keepalive
+                # timeout) tells an operator more than "closed by server", which it was not.
+                self.failure = RedisConnectionError(f"Error while reading from {self.endpoint.node} : {exc.args}")
                 self.failure.__cause__ = exc
         if self._handshake is not None:
             self._handshake.put_nowait(self.failure)
