@@ -57,15 +57,30 @@ METHOD: Final = """## Method
   5,000 clients each subscribe to a channel of their own, the other 5,000 channels have no subscriber
   on the pod (so Redis never sends their events to it: a pod subscribes only to channels it has
   listeners for). Publishing is split over several publisher processes (`ingest.publishers`), each
-  pacing its own share of the channels in pipelined batches, through the same publish path as the
-  other scenarios. The rate doubles per step; unlike the other ladders this one does not stop at the
+  pacing its own share of the channels. For eva-ws and the raw reference the publishers use no
+  publish API: each writes pre-encoded messages as pipelined plain `PUBLISH` commands (hand-packed
+  RESP on one connection per process, replies counted, not parsed), so Redis spends a few µs per
+  event instead of the 25-50 µs of eva-ws's publish script (offset, history, idempotency), and Redis,
+  the publishers and the load generator on the client core can offer a pod more than it takes
+  (through the script they topped out at 13,000-17,000 events/s, where per-wakeup costs, not
+  per-event ones, dominate the pod's CPU). For eva-ws each message is the exact envelope the script
+  would publish: `e1:<offset>:<epoch>\n` and the event as `service.publisher` encodes it (type, data,
+  timestamp, a correlation id of its own), with consecutive offsets per channel starting after the
+  position the pod read through the history script when the channel's subscriber joined. So the pod
+  sees every event as the next one of its channel and does exactly what it does for an event the
+  script published: decode, route, write; no gap repair, no history read. The raw results record the
+  pod's counters over the ladder (`pod_counters`: events replayed from history, resyncs, invalid
+  messages, Redis reconnects), 0 when that held. Nothing is appended to history (the pod reads none)
+  and the meta hash keeps the position the pod read. The script's own cost is the publish
+  scenario's. The raw reference gets the bare payload, as from its own publisher; python-socketio and
+  Node Socket.IO keep their own publish paths (the library's emit, the emitter's format). The rate
+  grows by `ingest.rate_factor` per step; unlike the other ladders this one does not stop at the
   p99 limit (CPU per event is the point, and it is lowest where the pod is busiest) but once events
-  are lost or the publishers fall a whole step behind: then they, or Redis behind them on the shared
-  core, are the limit, not the server. *Events per core-second* = events the pod took from Redis, decoded, routed
-  and wrote to their one subscriber / server CPU seconds, from the busiest step; latency, lost and dup
-  are those of the subscribed half. eva-ws publishes through its Lua script (offset, history, state),
-  which costs Redis several times a bare `PUBLISH`: at the top steps Redis, on the client core with
-  the load generator and publishers, may be what stops the ladder.
+  are lost (a pod that falls far enough behind is cut off by Redis's output-buffer limit for PUB/SUB
+  clients) or the publishers fall a whole step behind: then they, or Redis behind them on the shared
+  core, are the limit, not the server. *Events per core-second* = events the pod took from Redis,
+  decoded, routed and wrote to their one subscriber / server CPU seconds, from the busiest step;
+  latency, lost and dup are those of the subscribed half.
 - Publish (eva-ws only: the peers have no publish API that assigns offsets, keeps history and honours
   idempotency keys). Transaction updates, each with its own idempotency key, in batches of each size of
   `publish.batches` (100 and 1,000, the API's largest), `publish.concurrency` calls in flight, for
@@ -295,16 +310,19 @@ def _ingest_section(results: dict[str, Any]) -> list[str]:
         if not r:
             continue
         if "steps" not in r:
-            rows.append(f"| {name} | {r.get('skipped') or 'failed: ' + str(r.get('error', '?'))[:120]} |" + " |" * 6)
+            rows.append(f"| {name} | {r.get('skipped') or 'failed: ' + str(r.get('error', '?'))[:120]} |" + " |" * 8)
             continue
         busiest = max(r["steps"], key=lambda s: s["delivered"]) if r["steps"] else None
         best = _best_step(r)
+        counters = r.get("pod_counters")
         rows.append(
             f"| {name} | {_f(_per_cpu_s(busiest), 0)} | {_f(busiest['cpu_us_per_delivery'] if busiest else None, 2)} "
+            f"| {busiest['server_cpu_util'] if busiest else 0.0:.0%} "
             f"| {_f(busiest['published_per_s'] if busiest else None, 0)} "
             f"| {_f(best['deliveries_per_s'] if best else None, 0)} "
             f"| {_f(best['p50_ms'] if best else None, 2)} / {_f(best['p99_ms'] if best else None, 2)} "
-            f"| {r.get('lost', '-')} / {r.get('dups', '-')} |"
+            f"| {r.get('lost', '-')} / {r.get('dups', '-')} "
+            f"| {r.get('publisher_wire', '-')} | {_counters_text(counters) if counters else '-'} |"
         )
     if not rows:
         return []
@@ -312,15 +330,24 @@ def _ingest_section(results: dict[str, Any]) -> list[str]:
         f"### Ingest: events over many channels, 0 or 1 subscriber each (target: at least "
         f"{INGEST_TARGET_PER_CORE_S:,} events per core-second)",
         "",
-        "| system | events per core-second* | server CPU µs/event* | events/s published* "
-        "| delivered/s (p99 ≤ limit) | p50 / p99 ms (p99 ≤ limit) | lost / dup |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | events per core-second* | server CPU µs/event* | server CPU (of a core)* | events/s published* "
+        "| delivered/s (p99 ≤ limit) | p50 / p99 ms (p99 ≤ limit) | lost / dup | published as "
+        "| pod: replayed / resyncs / invalid / reconnects |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
         "",
         "\\* from the step with the most deliveries. Only events on subscribed channels reach a pod, so these",
         "are the subscribed half's events: taken from Redis, decoded, routed and written to one socket each.",
+        "*published as*: `envelope`, the publish script's envelopes pre-encoded in pipelined `PUBLISH`; `bare`,",
+        "the bare payload the same way; otherwise the target's own publisher (see Method). The pod's counters",
+        "cover the whole ladder, the step that lost events included.",
         "",
     ]
+
+
+def _counters_text(counters: dict[str, float]) -> str:
+    """The eva-ws pod's replayed / resyncs / invalid / reconnects counts (bench.scenarios.INGEST_POD_COUNTERS)."""
+    return " / ".join(f"{v:.0f}" for v in counters.values())
 
 
 def _publish_section(results: dict[str, Any]) -> list[str]:
