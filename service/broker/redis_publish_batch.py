@@ -42,6 +42,18 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+def _head(size: int) -> bytes:
+    """The start of a bulk string of `size` bytes, kept for the sizes events usually have."""
+    head = b"$%d\r\n" % size
+    if size < _CACHED_HEADS:
+        _HEADS[size] = head
+    return head
+
+
+# Bulk string heads by size, up to _CACHED_HEADS bytes: formatting the size was a good part of an event's cost.
+_CACHED_HEADS: Final = 8192
+_HEADS: Final[dict[int, bytes]] = {}
+_CRLF: Final = b"\r\n"
 _EMPTY: Final = _bulk(b"")
 _NO_STATE: Final = _EMPTY * 3
 _SET: Final = _bulk(b"set")
@@ -53,7 +65,14 @@ _BY_TEXT: Final = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
 class _Names:
     """A channel's keys and PUB/SUB channel, as RESP bulk strings."""
 
-    __slots__ = ("idempotency_prefix", "keys_after", "keys_before", "keys_without_idempotency", "pubsub")
+    __slots__ = (
+        "idempotency_prefix",
+        "idempotency_prefix_length",
+        "keys_after",
+        "keys_before",
+        "keys_without_idempotency",
+        "pubsub",
+    )
 
     def __init__(self, prefix: str, channel: str, pubsub: str) -> None:
         # An event's five KEYS are: meta, stream, idempotency key, state, state order.
@@ -66,6 +85,7 @@ class _Names:
         self.keys_without_idempotency = self.keys_before + _EMPTY + self.keys_after
         # The idempotency key's name is this prefix and the key (visible ASCII: one byte a character).
         self.idempotency_prefix = redis_keys.idempotency_key_name(prefix, channel, "").encode()
+        self.idempotency_prefix_length = len(self.idempotency_prefix)
         self.pubsub = _bulk(pubsub.encode())
 
 
@@ -127,37 +147,10 @@ def chunks(
     """The script calls that publish `events` in order.
 
     `states[i]` is what event i changes in its channel's state (state.state_change of its payload).
-    Each event's KEYS and ARGV are formatted as one bytes object each: per-argument objects
-    and calls cost more than the event's own bytes.
+    Each call's KEYS and ARGV are joined once from the events' pieces: per-argument objects,
+    calls and formatting cost more than the event's own bytes.
     """
     known = names.known
-    event_keys: list[bytes] = []
-    event_args: list[bytes] = []
-    for (channel, payload), idempotency_key, change in zip(events, idempotency_keys, states, strict=True):
-        named = known.get(channel) or names.add(channel)
-        if idempotency_key is None:
-            event_keys.append(named.keys_without_idempotency)
-        else:
-            key = named.idempotency_prefix + idempotency_key.encode()
-            event_keys.append(b"%b$%d\r\n%b\r\n%b" % (named.keys_before, len(key), key, named.keys_after))
-        if change is None:
-            event_args.append(b"%b$%d\r\n%b\r\n%b" % (named.pubsub, len(payload), payload, _NO_STATE))
-        else:
-            txn = change.id.encode()
-            version = change.version.encode()
-            event_args.append(
-                b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                % (
-                    named.pubsub,
-                    len(payload),
-                    payload,
-                    _DEL if change.delete else _SET,
-                    len(txn),
-                    txn,
-                    len(version),
-                    version,
-                )
-            )
     limit_args = b"".join(
         (
             _bulk(b"%d" % limits.history_ttl_s),
@@ -167,20 +160,55 @@ def chunks(
         )
     )
     out: list[Chunk] = []
-    for start in range(0, len(event_keys), CHUNK_EVENTS):
-        end = start + CHUNK_EVENTS
-        count = min(end, len(event_keys)) - start
-        body = b"".join(
-            (
-                _bulk(b"%d" % (5 * count)),
-                *event_keys[start:end],
-                _bulk(new_epoch().encode()),
-                limit_args,
-                *event_args[start:end],
+    # The pieces of the current call's KEYS and ARGV, joined once per call.
+    keys: list[bytes] = []
+    args: list[bytes] = []
+    count = 0
+    for (channel, payload), idempotency_key, change in zip(events, idempotency_keys, states, strict=True):
+        if count == CHUNK_EVENTS:
+            out.append(_chunk(count, keys, args, limit_args))
+            keys, args, count = [], [], 0
+        count += 1
+        named = known.get(channel) or names.add(channel)
+        if idempotency_key is None:
+            keys.append(named.keys_without_idempotency)
+        else:
+            key = idempotency_key.encode()
+            keys += (
+                named.keys_before,
+                _HEADS.get(named.idempotency_prefix_length + len(key))
+                or _head(named.idempotency_prefix_length + len(key)),
+                named.idempotency_prefix,
+                key,
+                _CRLF,
+                named.keys_after,
             )
-        )
-        out.append(Chunk(count, body))
+        size = len(payload)
+        if change is None:
+            args += (named.pubsub, _HEADS.get(size) or _head(size), payload, _CRLF, _NO_STATE)
+        else:
+            txn = change.id.encode()
+            version = change.version.encode()
+            args += (
+                named.pubsub,
+                _HEADS.get(size) or _head(size),
+                payload,
+                _CRLF,
+                _DEL if change.delete else _SET,
+                _HEADS.get(len(txn)) or _head(len(txn)),
+                txn,
+                _CRLF,
+                _HEADS.get(len(version)) or _head(len(version)),
+                version,
+                _CRLF,
+            )
+    out.append(_chunk(count, keys, args, limit_args))
     return out
+
+
+def _chunk(count: int, keys: list[bytes], args: list[bytes], limit_args: bytes) -> Chunk:
+    """The call of `count` events with these pieces of KEYS and ARGV (the limits come before the events' ARGV)."""
+    return Chunk(count, b"".join((_bulk(b"%d" % (5 * count)), *keys, _bulk(new_epoch().encode()), limit_args, *args)))
 
 
 async def publish(client: Redis, chunks_to_send: list[Chunk]) -> list[Position]:
