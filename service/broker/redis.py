@@ -126,6 +126,9 @@ class RedisBroker(Broker):
             state_max_items=state_max_items,
         )
         self._names = redis_publish_batch.ChannelNames(prefix, self._channel_name)
+        # The client of one Redis, None on a cluster; asked once, since isinstance against
+        # redis-py's client classes goes through a Protocol check.
+        self._one_redis = None if isinstance(self._client, RedisCluster) else self._client
         # A pod-private channel, like the broker channels (pubsub_channel or shard_channel).
         canary_part = CANARY_CHANNEL_PART + client_name_part(new_instance(pod_id))
         self._canary_channel = self._channel_name(prefix, canary_part)
@@ -325,13 +328,13 @@ class RedisBroker(Broker):
             # publish.lua, the script other publishers call too.
             [(channel, payload)] = batch
             return [await self._publish_one(channel, payload, keys_of_events[0], states[0])]
-        if isinstance(self._client, RedisCluster):
+        if self._one_redis is None:
             return await self._publish_per_channel(batch, keys_of_events, states)
         started = time.perf_counter()
         calls = redis_publish_batch.chunks(batch, keys_of_events, states, names=self._names, limits=self._limits)
         try:
             async with asyncio.timeout(self._timeout_s):
-                positions = await redis_publish_batch.publish(self._client, calls)
+                positions = await redis_publish_batch.publish(self._one_redis, calls)
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from exc
         metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
