@@ -70,8 +70,11 @@ METHOD: Final = """## Method
   sees every event as the next one of its channel and does exactly what it does for an event the
   script published: decode, route, write; no gap repair, no history read. The raw results record the
   pod's counters over the ladder (`pod_counters`: events replayed from history, resyncs, invalid
-  messages, Redis reconnects), 0 when that held. Nothing is appended to history (the pod reads none)
-  and the meta hash keeps the position the pod read. The script's own cost is the publish
+  messages, Redis reconnects, and the log's channel resyncs; per step as `server_counters`), 0 when
+  that held. Nothing is appended to history (the pod reads none) and the meta hash keeps the position
+  the pod read, so a pod that falls so far behind that Redis cuts it off (its output-buffer limit
+  for PUB/SUB clients) cannot repair from history as it would after the script: that step's events
+  count as lost and the ladder ends there, as it would anyway. The script's own cost is the publish
   scenario's. The raw reference gets the bare payload, as from its own publisher; python-socketio and
   Node Socket.IO keep their own publish paths (the library's emit, the emitter's format). The rate
   grows by `ingest.rate_factor` per step; unlike the other ladders this one does not stop at the
@@ -314,7 +317,8 @@ def _ingest_section(results: dict[str, Any]) -> list[str]:
             continue
         busiest = max(r["steps"], key=lambda s: s["delivered"]) if r["steps"] else None
         best = _best_step(r)
-        counters = r.get("pod_counters")
+        # The busiest step's own counts when recorded, else the whole ladder's.
+        counters = (busiest or {}).get("server_counters") or r.get("pod_counters")
         rows.append(
             f"| {name} | {_f(_per_cpu_s(busiest), 0)} | {_f(busiest['cpu_us_per_delivery'] if busiest else None, 2)} "
             f"| {busiest['server_cpu_util'] if busiest else 0.0:.0%} "
@@ -332,21 +336,22 @@ def _ingest_section(results: dict[str, Any]) -> list[str]:
         "",
         "| system | events per core-second* | server CPU µs/event* | server CPU (of a core)* | events/s published* "
         "| delivered/s (p99 ≤ limit) | p50 / p99 ms (p99 ≤ limit) | lost / dup | published as "
-        "| pod: replayed / resyncs / invalid / reconnects |",
+        "| pod*: replayed / resyncs / invalid / reconnects / channel resyncs |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
         "",
         "\\* from the step with the most deliveries. Only events on subscribed channels reach a pod, so these",
         "are the subscribed half's events: taken from Redis, decoded, routed and written to one socket each.",
         "*published as*: `envelope`, the publish script's envelopes pre-encoded in pipelined `PUBLISH`; `bare`,",
-        "the bare payload the same way; otherwise the target's own publisher (see Method). The pod's counters",
-        "cover the whole ladder, the step that lost events included.",
+        "the bare payload the same way; otherwise the target's own publisher (see Method). *pod*: eva-ws's events",
+        "replayed from history, unrecovered resumes, invalid messages, Redis reconnects (metrics) and channel",
+        "resyncs (log) during that step; all 0 when it took every envelope as the next event of its channel.",
         "",
     ]
 
 
 def _counters_text(counters: dict[str, float]) -> str:
-    """The eva-ws pod's replayed / resyncs / invalid / reconnects counts (bench.scenarios.INGEST_POD_COUNTERS)."""
+    """The eva-ws pod's counts, in bench.scenarios' INGEST_POD_METRICS and INGEST_POD_LOG_EVENTS order."""
     return " / ".join(f"{v:.0f}" for v in counters.values())
 
 

@@ -165,6 +165,9 @@ class Bench:
     client_cpus: str | None = None
     # Publishers besides `publisher`; `publish` spreads the channels over all of them.
     extra_publishers: list[Child] = field(default_factory=list)
+    # Counters the server reports about itself, read before and after each measured step (outside
+    # its CPU window); the step records how much each moved. None: nothing to read.
+    server_counters: Callable[[], Awaitable[dict[str, float]]] | None = None
 
     def tokens(self, customers: list[str]) -> list[tuple[str, str, bool]]:
         """(customer, token, slow=False) per client; one user per client, like browsers."""
@@ -291,12 +294,14 @@ async def _measured_step(
 ) -> dict[str, Any]:
     """Publish at `rate`, wait for delivery, and account latency, losses and CPU for this step alone."""
     await bench.loadgen.reset()
+    counters0 = await bench.server_counters() if bench.server_counters else {}
     server0, lg0, t0 = bench.server_sample(), bench.loadgen_cpu_s(), time.perf_counter()
     machine0, own0 = procstat.machine_busy_s(), bench.own_cpu_s()
     pub = await bench.publish(customers, rate, duration_s)
     drained = await bench.loadgen.drain(pub["published"], timeout_s=duration_s * 2 + 5)
     server1, lg1, t1 = bench.server_sample(), bench.loadgen_cpu_s(), time.perf_counter()
     machine1, own1 = procstat.machine_busy_s(), bench.own_cpu_s()
+    counters1 = await bench.server_counters() if bench.server_counters else {}
     delivered = drained["unique"] - unique_before
     cpu_s = server1.cpu_s - server0.cpu_s
     wall_s = t1 - t0
@@ -323,6 +328,7 @@ async def _measured_step(
         "dups_total": drained["dups"],
         "closed_total": drained["closed_reading"],
         "close_codes": drained["close_codes"],
+        **({"server_counters": {k: counters1[k] - counters0[k] for k in counters1}} if counters1 else {}),
     }
 
 
@@ -490,17 +496,21 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
 
 
 # What tells that an eva-ws pod repaired or resynced a channel, or dropped a message, during ingest:
-# with the publish script left out, these must not move (see bench.ingest_publisher).
-INGEST_POD_COUNTERS: Final = (
+# with the publish script left out, these must not move (see bench.ingest_publisher). Metrics, then
+# the log's channel resyncs (warnings, so logged at the benchmark's level): a resync that finds the
+# subscribers already past the restart position moves no metric.
+INGEST_POD_METRICS: Final = (
     "eva_ws_events_replayed_total",
     'eva_ws_resumes_total{outcome="unrecovered"}',
     "eva_ws_broker_invalid_messages_total",
     'eva_ws_broker_connects_total{outcome="ok"}',
 )
+INGEST_POD_LOG_EVENTS: Final = ("channel_resync",)
 
 
 async def _pod_counters(bench: Bench) -> dict[str, float]:
-    """INGEST_POD_COUNTERS as the eva-ws pod's /metrics reports them now (missing ones as 0)."""
+    """INGEST_POD_METRICS as the eva-ws pod's /metrics reports them now (missing ones as 0), and
+    how many times its log holds each of INGEST_POD_LOG_EVENTS."""
     import aiohttp
 
     async with (
@@ -508,11 +518,14 @@ async def _pod_counters(bench: Bench) -> dict[str, float]:
         session.get(f"http://127.0.0.1:{bench.server.port}/metrics") as response,
     ):
         text = await response.text()
-    values = dict.fromkeys(INGEST_POD_COUNTERS, 0.0)
+    values = dict.fromkeys(INGEST_POD_METRICS, 0.0)
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
         if name in values:
             values[name] = float(value)
+    log = bench.server.log_path.read_text(errors="replace")
+    for event in INGEST_POD_LOG_EVENTS:
+        values[event] = float(log.count(f'"event": "{event}"'))
     return values
 
 
@@ -527,6 +540,8 @@ async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
         await bench.publisher.call(bench.publisher_setup, timeout_s=30.0)
     is_eva_ws = bench.target.name == "eva-ws"
     counters_before = await _pod_counters(bench) if is_eva_ws else {}
+    if is_eva_ws:
+        bench.server_counters = lambda: _pod_counters(bench)
     async with bench.more_publishers(s.publishers - 1):
         await bench.restart_sequences()
         # Client i subscribes to channel i: channels past `clients` have no subscriber on the pod.
@@ -545,9 +560,10 @@ async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
     result["publisher_wire"] = wire or bench.target.sink
     if is_eva_ws:
         after = await _pod_counters(bench)
-        # Repairs, resyncs, invalid messages and reconnects during the ladder: 0 each when the
-        # pod took every pre-encoded envelope as the next event of its channel.
-        result["pod_counters"] = {k: after[k] - counters_before[k] for k in INGEST_POD_COUNTERS}
+        # Repairs, resyncs, invalid messages and reconnects during the ladder (each step has its
+        # own as `server_counters`): 0 each when the pod took every pre-encoded envelope as the
+        # next event of its channel.
+        result["pod_counters"] = {k: after[k] - counters_before[k] for k in after}
     return result
 
 

@@ -146,6 +146,7 @@ def test_ingest_publishes_pipelined_messages_the_eva_ws_pod_takes_without_repair
     assert r["publisher_wire"] == "envelope"
     # Each pre-encoded envelope was the next offset of its channel: nothing repaired, resynced or dropped.
     assert set(r["pod_counters"].values()) == {0}
+    assert all(set(s["server_counters"].values()) == {0} for s in r["steps"])
 
 
 def test_publish_counts_every_event_redis_accepted_through_both_ways(target: dict[str, Any]) -> None:
