@@ -11,6 +11,7 @@ import pytest
 from service import presence_events
 from service.broker.base import Position
 from service.broker.memory import MemoryBroker
+from service.broker.state import StateChange
 from service.presence import MemoryPresence, PresenceEntry
 from service.presence_events import AnnouncingPresence
 from tests.conftest import connect, make_settings, metric_value, receive_type, subscribe, token_for
@@ -63,7 +64,11 @@ class _CancelLosingBroker(MemoryBroker):
         self.writer: asyncio.Task[Any] | None = None
 
     async def publish_many(
-        self, items: Iterable[tuple[str, bytes]], *, idempotency_keys: Sequence[str | None] | None = None
+        self,
+        items: Iterable[tuple[str, bytes]],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        states: Sequence[StateChange | None] | None = None,
     ) -> list[Position]:
         self.publishing.set()
         self.writer = asyncio.current_task()
