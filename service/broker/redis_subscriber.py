@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Collection
+from operator import attrgetter
 from typing import Any, Final
 
 import structlog
@@ -104,8 +106,8 @@ class Subscriber:
         self._topology: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # links of nodes that left the slot map
         self._map_source: tuple[Address, Redis] | None = None
-        self._metrics_due = False
         self._closed = False
+        self._count_subscriptions_when_scraped()
 
     async def start(self, *, timeout_s: float) -> None:
         """Read the slot map and connect to every master; raise BrokerUnavailable if no node
@@ -139,7 +141,6 @@ class Subscriber:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("broker closed"))
         self._waiters.clear()
-        self._write_metrics()
 
     def not_ready_reasons(self) -> list[str]:
         """`broker_not_ready` without a slot map, with a wanted channel no node serves, or with a
@@ -183,11 +184,9 @@ class Subscriber:
             self._assign(channel, notice=False)
         # Also after an unsubscribe whose SUNSUBSCRIBE was never sent: no new confirmation will come.
         if self._confirmed(channel):
-            self._update_metrics()
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(waiter)
-        self._update_metrics()
         try:
             async with asyncio.timeout(self._subscribe_timeout_s):
                 await waiter
@@ -211,7 +210,6 @@ class Subscriber:
         address = self._assigned.pop(channel, None)
         if address is not None and address in self._links:
             self._links[address].drop(channel)
-        self._update_metrics()
 
     def _confirmed(self, channel: str) -> bool:
         address = self._assigned.get(channel)
@@ -282,11 +280,9 @@ class Subscriber:
             for waiter in self._waiters.pop(channel, []):
                 if not waiter.done():
                     waiter.set_result(None)
-        self._update_metrics()
 
     def _link_recovered(self, channels: list[str]) -> None:
         channels = [c for c in channels if c in self._wanted]
-        self._update_metrics()
         if not channels:
             return
         log.info("broker_resubscribed", pod_id=self._pod_id, channels=len(channels))
@@ -297,25 +293,34 @@ class Subscriber:
 
     def _topology_doubt(self) -> None:
         self._doubt.set()
-        self._update_metrics()
 
-    def _update_metrics(self) -> None:
-        # Coalesced: computing them costs O(channels), and a resubscribe confirms thousands at once.
-        if not self._metrics_due:
-            self._metrics_due = True
-            asyncio.get_running_loop().call_soon(self._write_metrics)
+    def _count_subscriptions_when_scraped(self) -> None:
+        """Point the subscription gauges at this subscriber's channels, counted at each scrape.
 
-    def _write_metrics(self) -> None:
-        self._metrics_due = False
-        # By kind, so the client channels can be checked against eva_ws_hub_channels while a
-        # lost internal subscription still shows as wanted > actual.
-        for gauge, channels in (
-            (metrics.BROKER_SUBSCRIPTIONS_WANTED, self._wanted),
-            (metrics.BROKER_SUBSCRIPTIONS_ACTUAL, self.subscribed_channels),
+        Counting costs O(channels): done on every change, a pod whose clients subscribe
+        10,000 channels paid O(n²). By kind, so the client channels can be checked against
+        eva_ws_hub_channels while a lost internal subscription still shows as wanted >
+        actual. Scrapes run on the event loop (service/ops.py), so the sets hold still.
+        """
+        this = weakref.ref(self)  # a closed subscriber must not be kept alive by the registry
+
+        def counter(channels_of: Callable[[Subscriber], Collection[str]], *, internal: bool) -> Callable[[], float]:
+            def count() -> float:
+                subscriber = this()
+                if subscriber is None:
+                    return 0.0
+                channels = channels_of(subscriber)
+                internal_count = sum(1 for channel in channels if channel.startswith(INTERNAL_CHANNEL_PREFIX))
+                return float(internal_count if internal else len(channels) - internal_count)
+
+            return count
+
+        for gauge, channels_of in (
+            (metrics.BROKER_SUBSCRIPTIONS_WANTED, attrgetter("_wanted")),
+            (metrics.BROKER_SUBSCRIPTIONS_ACTUAL, attrgetter("subscribed_channels")),
         ):
-            internal = sum(1 for channel in channels if channel.startswith(INTERNAL_CHANNEL_PREFIX))
-            gauge.labels(kind="client").set(len(channels) - internal)
-            gauge.labels(kind="internal").set(internal)
+            gauge.labels(kind="client").set_function(counter(channels_of, internal=False))
+            gauge.labels(kind="internal").set_function(counter(channels_of, internal=True))
 
     # -- the slot map ----------------------------------------------------------------------
 
@@ -379,7 +384,6 @@ class Subscriber:
             log.info("broker_slot_map", pod_id=self._pod_id, masters=len(masters), moved_channels=moved)
         if changed and not first:
             self._on_slot_map_changed()
-        self._update_metrics()
 
     async def _fetch_slots(self) -> SlotMap:
         """CLUSTER SLOTS from the node asked last time if it answers, else from the first that does;
