@@ -170,6 +170,8 @@ class Rebalancer:
 
         async def close_later(conn: Connection) -> None:
             await asyncio.sleep(random.uniform(0, spread_s))
+            if conn.closing:
+                return  # closed for another reason while it waited: not shed
             metrics.REBALANCE_SHED.inc()
             await conn.close(CloseCode.REBALANCE, "rebalance")
 
