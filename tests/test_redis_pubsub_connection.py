@@ -8,7 +8,7 @@ import socket
 import struct
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import uvloop
@@ -92,9 +92,9 @@ async def publish(url: str, *messages: tuple[str, bytes]) -> None:
         await client.aclose()
 
 
-class BytewiseProxy:
-    """Forwards 127.0.0.1:<port> to a Redis port, the server's bytes one write at a time with a pause
-    between them, so the client reads every reply split at every byte boundary."""
+class LocalProxy:
+    """A listener on 127.0.0.1:<port> in front of a Redis port; subclasses say what `_accept` forwards.
+    Leaving it stops the listener and every task it started."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -102,7 +102,7 @@ class BytewiseProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> BytewiseProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -113,6 +113,14 @@ class BytewiseProxy:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class BytewiseProxy(LocalProxy):
+    """Forwards to Redis the server's bytes one write at a time with a pause between them, so the
+    client reads every reply split at every byte boundary."""
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -340,34 +348,19 @@ def test_a_server_certificate_that_does_not_verify_fails_the_open(
     run(scenario())
 
 
-class CommandGate:
-    """Forwards 127.0.0.1:<port> to a Redis port, holding the client's SUBSCRIBE and UNSUBSCRIBE
+class CommandGate(LocalProxy):
+    """Forwards to Redis, holding the client's SUBSCRIBE and UNSUBSCRIBE
     commands (and whatever follows them) until `let_through`, and the server's bytes while
     `hold_replies` is on: a slow network, at the moments a test chooses."""
 
     def __init__(self, target_port: int, *, gated: tuple[bytes, ...] = (b"SUBSCRIBE", b"UNSUBSCRIBE")) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.gated = gated
-        self.port = 0
         self.held: list[bytes] = []
         self._replies_held = False
         self._replies: list[bytes] = []
         self._upstream: asyncio.StreamWriter | None = None
         self._client: asyncio.StreamWriter | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> CommandGate:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def let_through(self, commands: int) -> None:
         assert self._upstream is not None
