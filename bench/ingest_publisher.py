@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
+from bench.pacing import open_loop
 from bench.payload import PAYLOAD_BYTES
 
 Wire = Literal["envelope", "bare"]
@@ -134,33 +135,20 @@ class IngestPublisher:
         """Publish `rate` events/s round-robin over `customers` for `duration_s` (open loop)."""
         await self._know(customers)
         channels = [self._channels[c] for c in customers]
-        total = max(1, int(rate * duration_s))
-        # If Redis cannot keep up, stop anyway: the run stays bounded in time.
-        deadline_s = duration_s * 3 + 5
-        sent = 0
-        behind_max_s = 0.0
-        start = time.perf_counter()
-        while sent < total:
-            now = time.perf_counter() - start
-            if now > deadline_s:
-                break
-            due = min(total, int(now * rate) + 1) - sent
-            if due <= 0:
-                await asyncio.sleep(max(0.0, min(0.001, sent / rate - now)))
-                continue
-            behind_max_s = max(behind_max_s, now - sent / rate)
-            due = min(due, CHUNK_MAX)
-            self._write(self._encode(channels, sent, due), due)
-            sent += due
+
+        async def publish(first: int, count: int) -> None:
+            self._write(self._encode(channels, first, count), count)
             await self._wait_answered(IN_FLIGHT_MAX)
+
+        paced = await open_loop(rate, duration_s, CHUNK_MAX, publish)
         # Every command answered: Redis has sent each message on before the caller counts deliveries.
         await self._wait_answered(0)
-        elapsed_s = time.perf_counter() - start
+        elapsed_s = time.perf_counter() - paced.started
         assert self._replies is not None
         return {
-            "sent": sent,
+            "sent": paced.sent,
             "elapsed_s": elapsed_s,
-            "behind_max_s": behind_max_s,
+            "behind_max_s": paced.behind_max_s,
             "published": {c: self._channels[c].seq for c in customers},
             "errors": self._replies.errors,
         }

@@ -29,6 +29,7 @@ import uvloop
 
 from bench import publish_load
 from bench.ingest_publisher import IngestPublisher
+from bench.pacing import open_loop
 from bench.payload import event_payload
 from bench.workers import reply_channel
 
@@ -145,31 +146,23 @@ class Publisher:
 
     async def run(self, customers: Sequence[str], rate: float, duration_s: float) -> dict[str, Any]:
         """Publish `rate` events/s round-robin over `customers` for `duration_s` (open loop)."""
-        total = max(1, int(rate * duration_s))
-        # If the sink cannot keep up, stop anyway: the run stays bounded in time.
-        deadline_s = duration_s * 3 + 5
-        sent = 0
-        behind_max_s = 0.0
-        start = time.perf_counter()
-        while sent < total:
-            now = time.perf_counter() - start
-            if now > deadline_s:
-                break
-            due = min(total, int(now * rate) + 1) - sent
-            if due <= 0:
-                await asyncio.sleep(max(0.0, min(0.001, sent / rate - now)))
-                continue
-            behind_max_s = max(behind_max_s, now - sent / rate)
-            due = min(due, BATCH_MAX)
+
+        async def publish(first: int, count: int) -> None:
             batch = []
-            for i in range(sent, sent + due):
+            for i in range(first, first + count):
                 customer = customers[i % len(customers)]
                 seq = self.seq[customer] = self.seq.get(customer, 0) + 1
                 batch.append((customer, event_payload(customer_id=customer, seq=seq)))
             await self.sink.publish(batch)
-            sent += due
-        elapsed_s = time.perf_counter() - start
-        return {"sent": sent, "elapsed_s": elapsed_s, "behind_max_s": behind_max_s, "published": dict(self.seq)}
+
+        paced = await open_loop(rate, duration_s, BATCH_MAX, publish)
+        elapsed_s = time.perf_counter() - paced.started
+        return {
+            "sent": paced.sent,
+            "elapsed_s": elapsed_s,
+            "behind_max_s": paced.behind_max_s,
+            "published": dict(self.seq),
+        }
 
 
 async def throughput(cmd: dict[str, Any]) -> dict[str, Any]:
