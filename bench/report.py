@@ -351,7 +351,7 @@ def _ingest_section(results: dict[str, Any]) -> list[str]:
 
 
 def _counters_text(counters: dict[str, float]) -> str:
-    """The eva-ws pod's counts, in bench.scenarios' INGEST_POD_METRICS and INGEST_POD_LOG_EVENTS order."""
+    """The eva-ws pod's counts, in bench.scenarios' POD_COUNTER_METRICS and POD_COUNTER_LOG_EVENTS order."""
     return " / ".join(f"{v:.0f}" for v in counters.values())
 
 

@@ -391,6 +391,7 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
     """Clients spread over many customer channels; events round-robin over the customers."""
     s = size.channels
     customers = [f"C{i}" for i in range(s.customers)]
+    wire = await _publish_pre_encoded(bench)
     await bench.restart_sequences()
     await bench.connect(bench.tokens([customers[i % s.customers] for i in range(s.clients)]))
     try:
@@ -398,6 +399,7 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
             bench, customers, s.clients, s.start_rate, s.rate_factor, s.max_steps, s.step_s, s.p99_limit_ms
         )
         result["customers"] = s.customers
+        result["publisher_wire"] = wire or bench.target.sink
         return result
     finally:
         await bench.loadgen.close_all()
@@ -495,22 +497,23 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
     }
 
 
-# What tells that an eva-ws pod repaired or resynced a channel, or dropped a message, during ingest:
-# with the publish script left out, these must not move (see bench.ingest_publisher). Metrics, then
+# What tells that an eva-ws pod repaired or resynced a channel, or dropped a message, while it took
+# pre-encoded envelopes (ingest, many-channels): with the publish script left out, these must not
+# move (see bench.ingest_publisher). Metrics, then
 # the log's channel resyncs (warnings, so logged at the benchmark's level): a resync that finds the
 # subscribers already past the restart position moves no metric.
-INGEST_POD_METRICS: Final = (
+POD_COUNTER_METRICS: Final = (
     "eva_ws_events_replayed_total",
     'eva_ws_resumes_total{outcome="unrecovered"}',
     "eva_ws_broker_invalid_messages_total",
     'eva_ws_broker_connects_total{outcome="ok"}',
 )
-INGEST_POD_LOG_EVENTS: Final = ("channel_resync",)
+POD_COUNTER_LOG_EVENTS: Final = ("channel_resync",)
 
 
 async def _pod_counters(bench: Bench) -> dict[str, float]:
-    """INGEST_POD_METRICS as the eva-ws pod's /metrics reports them now (missing ones as 0), and
-    how many times its log holds each of INGEST_POD_LOG_EVENTS."""
+    """POD_COUNTER_METRICS as the eva-ws pod's /metrics reports them now (missing ones as 0), and
+    how many times its log holds each of POD_COUNTER_LOG_EVENTS."""
     import aiohttp
 
     async with (
@@ -518,30 +521,43 @@ async def _pod_counters(bench: Bench) -> dict[str, float]:
         session.get(f"http://127.0.0.1:{bench.server.port}/metrics") as response,
     ):
         text = await response.text()
-    values = dict.fromkeys(INGEST_POD_METRICS, 0.0)
+    values = dict.fromkeys(POD_COUNTER_METRICS, 0.0)
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
         if name in values:
             values[name] = float(value)
     log = bench.server.log_path.read_text(errors="replace")
-    for event in INGEST_POD_LOG_EVENTS:
+    for event in POD_COUNTER_LOG_EVENTS:
         values[event] = float(log.count(f'"event": "{event}"'))
     return values
+
+
+async def _publish_pre_encoded(bench: Bench) -> str | None:
+    """Set the publisher up for pre-encoded messages in pipelined PUBLISH (bench.ingest_publisher) where
+    the target has such a wire; return it (None: the target keeps its own publish path). An eva-ws
+    pod's steps then record its counters (POD_COUNTER_METRICS): all 0 when it took every envelope as
+    the next event of its channel.
+
+    Through eva-ws's publish script Redis spends tens of µs per event on the client core, which the
+    load generator shares: at thousands of events a second that core, not the pod, sets the latency.
+    """
+    wire = WIRE_OF_SINK.get(bench.target.sink)
+    if wire is not None:
+        bench.publisher_setup = {"op": "setup_ingest", "wire": wire, "redis_url": bench.publisher_setup["redis_url"]}
+        await bench.publisher.call(bench.publisher_setup, timeout_s=30.0)
+    if bench.target.name == "eva-ws":
+        # Each step records whether the pod repaired, resynced or dropped anything meanwhile.
+        bench.server_counters = lambda: _pod_counters(bench)
+    return wire
 
 
 async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
     """Events round-robin over many channels, one subscriber on some, none on the rest: the per-event cost."""
     s = size.ingest
     channels = [f"I{i}" for i in range(s.channels)]
-    wire = WIRE_OF_SINK.get(bench.target.sink)
-    if wire is not None:
-        # Pre-encoded messages in pipelined PUBLISH, so Redis can offer what a pod takes.
-        bench.publisher_setup = {"op": "setup_ingest", "wire": wire, "redis_url": bench.publisher_setup["redis_url"]}
-        await bench.publisher.call(bench.publisher_setup, timeout_s=30.0)
+    wire = await _publish_pre_encoded(bench)
     is_eva_ws = bench.target.name == "eva-ws"
     counters_before = await _pod_counters(bench) if is_eva_ws else {}
-    if is_eva_ws:
-        bench.server_counters = lambda: _pod_counters(bench)
     async with bench.more_publishers(s.publishers - 1):
         await bench.restart_sequences()
         # Client i subscribes to channel i: channels past `clients` have no subscriber on the pod.
