@@ -22,7 +22,12 @@ METHOD: Final = """## Method
   on the Redis broker: one Lua script assigns the offset, appends history and PUBLISHes; see
   `publish_path` in the raw results), python-socketio through `AsyncRedisManager(write_only=True).emit`,
   Node Socket.IO through the `@socket.io/redis-emitter` wire format, the raw reference through a bare
-  `PUBLISH`.
+  `PUBLISH`. Many-channels and ingest are the exception for eva-ws and the raw reference: their
+  publishers write the same messages pre-encoded (see Ingest below), because at thousands of events a
+  second eva-ws's script costs Redis, on the load generator's core, enough to put that core's queue
+  into eva-ws's latency (a step at 4,194 events/s had p50 65 ms with the pod 69% busy and the load
+  generator's sockets holding megabytes unread; pre-encoded, 3 ms). The script's cost is measured on
+  its own in Publish.
 - Every event carries the same 250-byte JSON object with a per-channel sequence number and its publish
   time (`time.time_ns()`; every process runs on this machine). Latency = receive time - publish time.
   Lost = events published on a client's channel that it never received; dup = a sequence number not
