@@ -391,7 +391,7 @@ async def channels(bench: Bench, size: Sizes) -> dict[str, Any]:
     """Clients spread over many customer channels; events round-robin over the customers."""
     s = size.channels
     customers = [f"C{i}" for i in range(s.customers)]
-    wire = await _publish_pre_encoded(bench)
+    wire = await publish_pre_encoded(bench)
     await bench.restart_sequences()
     await bench.connect(bench.tokens([customers[i % s.customers] for i in range(s.clients)]))
     try:
@@ -532,7 +532,7 @@ async def _pod_counters(bench: Bench) -> dict[str, float]:
     return values
 
 
-async def _publish_pre_encoded(bench: Bench) -> str | None:
+async def publish_pre_encoded(bench: Bench) -> str | None:
     """Set the publisher up for pre-encoded messages in pipelined PUBLISH (bench.ingest_publisher) where
     the target has such a wire; return it (None: the target keeps its own publish path). An eva-ws
     pod's steps then record its counters (POD_COUNTER_METRICS): all 0 when it took every envelope as
@@ -555,7 +555,7 @@ async def ingest(bench: Bench, size: Sizes) -> dict[str, Any]:
     """Events round-robin over many channels, one subscriber on some, none on the rest: the per-event cost."""
     s = size.ingest
     channels = [f"I{i}" for i in range(s.channels)]
-    wire = await _publish_pre_encoded(bench)
+    wire = await publish_pre_encoded(bench)
     is_eva_ws = bench.target.name == "eva-ws"
     counters_before = await _pod_counters(bench) if is_eva_ws else {}
     async with bench.more_publishers(s.publishers - 1):
