@@ -17,7 +17,7 @@ from typing import Any
 import uvloop
 
 from bench import report
-from bench.scenarios import SCENARIOS, Bench, Sizes, wait_for_quiet
+from bench.scenarios import SCENARIOS, Bench, Sizes, publisher_setup, wait_for_quiet
 from bench.targets import ROOT, TARGETS, Target, redis_server, start_target
 from bench.workers import Child, LoadGen
 
@@ -95,13 +95,7 @@ async def run_scenario(
         out["ports"] += [server.port, redis.port]
         publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=client_cpus)
         try:
-            setup = {
-                "op": "setup",
-                "kind": target.sink,
-                "redis_url": redis.url,
-                "http_url": f"http://127.0.0.1:{server.port}",
-                "secret": secret,
-            }
+            setup = publisher_setup(target, server, redis_url=redis.url, secret=secret)
             out["publish_path"] = (await publisher.call(setup, timeout_s=30.0))["mode"]
             bench = Bench(
                 target=target,

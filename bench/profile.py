@@ -34,7 +34,7 @@ from typing import Final
 
 import uvloop
 
-from bench.scenarios import Bench, publish_pre_encoded
+from bench.scenarios import Bench, publish_pre_encoded, publisher_setup
 from bench.targets import ROOT, TARGETS, redis_server, start_target
 from bench.workers import Child, LoadGen
 
@@ -166,13 +166,7 @@ async def profile_target(args: argparse.Namespace, raw_path: Path) -> float:
         publisher = await Child.spawn("publisher", [sys.executable, "-m", "bench.publisher"], cpus=args.client_cpus)
         loadgen = await LoadGen.start(processes=1, client="picows", cpus=args.client_cpus or None)
         try:
-            setup = {
-                "op": "setup",
-                "kind": target.sink,
-                "redis_url": redis.url,
-                "http_url": f"http://127.0.0.1:{server.port}",
-                "secret": secret,
-            }
+            setup = publisher_setup(target, server, redis_url=redis.url, secret=secret)
             await publisher.call(setup, timeout_s=30.0)
             bench = Bench(
                 target=target,

@@ -148,6 +148,17 @@ class Sizes:
         setattr(section, knob, type(current)(raw))
 
 
+def publisher_setup(target: Target, server: Running, *, redis_url: str, secret: str) -> dict[str, Any]:
+    """The command that sets a bench.publisher process up for `target`'s own publish path."""
+    return {
+        "op": "setup",
+        "kind": target.sink,
+        "redis_url": redis_url,
+        "http_url": f"http://127.0.0.1:{server.port}",
+        "secret": secret,
+    }
+
+
 @dataclass(slots=True)
 class Bench:
     """Everything a scenario drives for one target."""
