@@ -41,7 +41,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         f"idle.clients={IDLE_CLIENTS}",
         f"ingest.channels={INGEST_CHANNELS}",
         f"ingest.clients={INGEST_CLIENTS}",
-        "ingest.start_rate=100",
+        # Enough events that the server's CPU time, read from /proc in 10 ms ticks, cannot stay 0.
+        "ingest.start_rate=2000",
         "ingest.max_steps=1",
         "ingest.step_s=1.0",
         "publish.duration_s=0.5",
