@@ -510,9 +510,9 @@ async def slow(bench: Bench, size: Sizes) -> dict[str, Any]:
 
 # What tells that an eva-ws pod repaired or resynced a channel, or dropped a message, while it took
 # pre-encoded envelopes (ingest, many-channels): with the publish script left out, these must not
-# move (see bench.ingest_publisher). Metrics, then
-# the log's channel resyncs (warnings, so logged at the benchmark's level): a resync that finds the
-# subscribers already past the restart position moves no metric.
+# move (see bench.ingest_publisher). Metrics, then the log's channel resyncs (warnings, so logged at
+# the benchmark's level): a resync that finds the subscribers already past the restart position
+# moves no metric.
 POD_COUNTER_METRICS: Final = (
     "eva_ws_events_replayed_total",
     'eva_ws_resumes_total{outcome="unrecovered"}',
